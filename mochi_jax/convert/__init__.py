@@ -1,0 +1,29 @@
+"""Checkpoint converters (PyTorch safetensors -> our orbax checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mochi_jax.convert import dit as _dit
+from mochi_jax.convert.common import ConversionError, TensorSource, read_metadata, write
+
+__all__ = ["ConversionError", "TensorSource", "convert_dit", "read_metadata"]
+
+
+def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=True):
+    """Convert a genmo or diffusers DiT checkpoint into our orbax layout; returns (out_dir, DiTConfig).
+
+    Every key and shape is checked before anything is written.
+    """
+    import numpy as np
+    import jax.numpy as jnp
+
+    src, layout = _dit.open_dit(src_path)
+    cfg = _dit.check(src, layout)
+    arch = {k: v for k, v in dataclasses.asdict(cfg).items()
+            if k in ("depth", "num_heads", "head_dim", "text_width", "t5_dim", "in_channels", "patch_size",
+                     "time_embed_dim")}
+    meta = {"model": "mochi_dit", "source": str(src_path), "source_layout": layout, "config": arch}
+    out = write(_dit.plan(cfg, layout), src, out_dir, np.dtype(jnp.dtype(dtype)), meta,
+                overwrite=overwrite, progress=progress)
+    return out, cfg

@@ -1,0 +1,216 @@
+"""Streaming checkpoint conversion: read safetensors one tensor at a time, validate every key
+and shape before anything is written, write an orbax checkpoint leaf by leaf, atomically.
+
+The pieces every model converter shares:
+  * `TensorSource` - the tensors of one file, a folder of shards (with or without an
+    `*.index.json`), read lazily with `safetensors.safe_open`. Pickle formats are refused.
+  * `Leaf` - one output array: its path in our pytree, shape, and a function that builds it
+    from the source (reading only the tensors it needs).
+  * `validate` / `write` - check a plan against the source, then stream it into orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted; the message names the file and key."""
+
+
+class TensorSource:
+    """Lazy view of the tensors in one safetensors file or a folder of them.
+
+    `prefixes` are stripped from key names (e.g. 'model.diffusion_model.' of ComfyUI files).
+    """
+
+    def __init__(self, path: str | os.PathLike, prefixes: Sequence[str] = ()):
+        self.path = Path(path)
+        self.files = _safetensors_files(self.path)
+        self._where: dict[str, tuple[Path, str]] = {}  # key -> (file, key in file)
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for f in self.files:
+            for raw_key, shape, dtype in _read_header(f):
+                key = raw_key
+                for p in prefixes:
+                    if key.startswith(p):
+                        key = key[len(p):]
+                        break
+                if key in self._where:
+                    raise ConversionError(f"key {key!r} appears twice: in {self._where[key][0]} and {f}")
+                self._where[key] = (f, raw_key)
+                self._meta[key] = (shape, dtype)
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key][0]
+
+    def get(self, key: str) -> np.ndarray:
+        """Read one tensor as a NumPy array (bfloat16 stays bfloat16 via ml_dtypes)."""
+        from safetensors import safe_open
+
+        f, raw = self._where[key]
+        try:
+            with safe_open(str(f), framework="flax") as h:
+                return np.asarray(h.get_tensor(raw))
+        except Exception as e:  # truncated data, bad dtype, ...
+            raise ConversionError(f"cannot read tensor {raw!r} from {f}: {e}") from e
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise ConversionError(f"{path} does not exist")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ConversionError(
+                f"{path}: pickled PyTorch checkpoints are not read (unpickling runs arbitrary code); "
+                f"convert it to safetensors first, e.g. safetensors.torch.save_file(torch.load(f, "
+                f"weights_only=True), 'model.safetensors')")
+        if path.suffix != ".safetensors":
+            raise ConversionError(f"{path}: expected a .safetensors file")
+        return [path]
+    index = sorted(path.glob("*.safetensors.index.json"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except Exception as e:
+            raise ConversionError(f"{index[0]}: not a valid safetensors index ({e})") from e
+        files = sorted({path / v for v in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise ConversionError(f"{index[0]} names shard files that do not exist: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        extra = f" (found pickled files {pickles}, which are not read)" if pickles else ""
+        raise ConversionError(f"{path}: no .safetensors files{extra}")
+    return files
+
+
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _read_header(f: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
+    """Parse a safetensors header and check that the file holds all the bytes it promises."""
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as h:
+            n = int.from_bytes(h.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(h.read(n))
+    except Exception as e:
+        raise ConversionError(f"{f}: not a valid safetensors file (truncated or corrupt: {e})") from e
+    end = 0
+    out = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        shape = tuple(int(s) for s in info["shape"])
+        dtype = info["dtype"]
+        start, stop = info["data_offsets"]
+        if stop - start != int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES.get(dtype, 0):
+            raise ConversionError(f"{f}: tensor {key!r} has {stop - start} bytes for shape {shape} {dtype}")
+        end = max(end, stop)
+        out.append((key, shape, dtype))
+    if 8 + n + end > size:
+        raise ConversionError(f"{f}: file is truncated ({size} bytes, its header promises {8 + n + end})")
+    return out
+
+
+@dataclasses.dataclass
+class Leaf:
+    """One output array. `build(src)` returns it (already in its final layout)."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    keys: tuple[str, ...]  # source keys it reads, for validation
+    build: Callable[["TensorSource"], np.ndarray]
+
+
+def validate(src: TensorSource, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Every expected key present with its shape, and nothing else. Raises naming the key and file."""
+    found = src.keys()
+    missing = sorted(set(expected) - found)
+    extra = sorted(found - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys (not in {src.path}): {missing[:20]}" + (" ..." if len(missing) > 20 else ""))
+    if extra:
+        problems.append("unexpected keys: " + ", ".join(f"{k!r} in {src.file_of(k)}" for k in extra[:20])
+                        + (" ..." if len(extra) > 20 else ""))
+    for k in sorted(set(expected) & found):
+        if tuple(src.shape(k)) != tuple(expected[k]):
+            problems.append(f"key {k!r} in {src.file_of(k)} has shape {tuple(src.shape(k))}, "
+                            f"expected {tuple(expected[k])}")
+    if problems:
+        raise ConversionError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def nest(flat: Mapping[tuple[str, ...], object]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike, dtype,
+          metadata: Mapping, overwrite: bool = False, progress: bool = True) -> Path:
+    """Build each leaf, cast it to `dtype` and add it to an orbax checkpoint, one leaf at a time.
+
+    The checkpoint appears at `out_dir` only when complete (orbax stages a partial save in a
+    side directory and renames it on finalize), so a crash never leaves a loadable half.
+    `metadata` (JSON) is stored as the checkpoint's custom metadata.
+    """
+    from orbax.checkpoint.experimental.v1 import partial
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists():
+        if not overwrite:
+            raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
+        shutil.rmtree(out_dir)
+    for stale in out_dir.parent.glob(out_dir.name + ".partial_save*"):
+        shutil.rmtree(stale)  # left by an earlier, interrupted conversion
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for i, leaf in enumerate(tqdm(leaves, desc=f"converting -> {out_dir.name}", disable=not progress,
+                                  unit="tensor")):
+        arr = leaf.build(src)
+        if tuple(arr.shape) != tuple(leaf.shape):
+            raise ConversionError(f"internal: {'/'.join(leaf.path)} built with shape {arr.shape}, "
+                                  f"expected {leaf.shape}")
+        arr = np.ascontiguousarray(arr.astype(dtype if arr.dtype.kind == "f" else arr.dtype))
+        partial.save(out_dir, nest({leaf.path: arr}),
+                     custom_metadata=dict(metadata) if i == 0 else None)
+        del arr
+    partial.finalize(out_dir)
+    return out_dir
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The custom metadata stored by `write` (e.g. the model architecture)."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    meta = ocp.pytree_metadata(Path(path).absolute()) if hasattr(ocp, "pytree_metadata") else ocp.metadata(
+        Path(path).absolute())
+    cm = meta.custom_metadata
+    return json.loads(cm) if isinstance(cm, str) else dict(cm or {})

@@ -1,0 +1,231 @@
+"""DiT weights: genmo original (`dit.safetensors`) or diffusers (`transformer/`) -> our pytree.
+
+Both layouts are first seen through genmo's key names (`genmo_shapes`, `read_genmo`); the
+diffusers layout is mapped onto them (q/k/v concatenated, SwiGLU and final-modulation halves
+swapped). Then every genmo tensor becomes one of our leaves (kernels transposed to [in, out],
+blocks 0..depth-2 stacked for the scan, the last block separate).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, validate
+from mochi_jax.models.dit import DiTConfig
+
+GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def detect_layout(src: TensorSource) -> str:
+    keys = src.keys()
+    if any(k.startswith("transformer_blocks.") for k in keys):
+        return "diffusers"
+    if any(k.startswith("blocks.") for k in keys):
+        return "genmo"
+    raise ConversionError(f"{src.path}: neither a genmo DiT checkpoint (blocks.N.*) nor a diffusers "
+                          f"transformer (transformer_blocks.N.*); first keys: {sorted(keys)[:5]}")
+
+
+def open_dit(path) -> tuple[TensorSource, str]:
+    """Open `path` (a file, a folder of shards, or a diffusers repo with transformer/)."""
+    path = Path(path)
+    if path.is_dir() and (path / "transformer").is_dir():
+        path = path / "transformer"
+    src = TensorSource(path, prefixes=GENMO_PREFIXES)
+    return src, detect_layout(src)
+
+
+# ----------------------------------------------------------------------------- architecture
+
+def _need(src: TensorSource, key: str) -> tuple[int, ...]:
+    if key not in src.keys():
+        raise ConversionError(f"{src.path}: key {key!r} is missing (needed to infer the architecture)")
+    return src.shape(key)
+
+
+def infer_config(src: TensorSource, layout: str) -> DiTConfig:
+    d = layout == "diffusers"
+    block_re = re.compile(r"^(transformer_blocks|blocks)\.(\d+)\.")
+    depth = 1 + max((int(m.group(2)) for k in src.keys() if (m := block_re.match(k))), default=-1)
+    width, in_ch, p, _ = _need(src, "patch_embed.proj.weight" if d else "x_embedder.proj.weight")
+    head_dim = _need(src, "transformer_blocks.0.attn1.norm_q.weight" if d else "blocks.0.attn.q_norm_x.weight")[0]
+    text_width, t5_dim = _need(src, "time_embed.caption_proj.weight" if d else "t5_yproj.weight")
+    time_dim = _need(src, "time_embed.timestep_embedder.linear_1.weight" if d else "t_embedder.mlp.0.weight")[1]
+    if width % head_dim or depth < 2:
+        raise ConversionError(f"{src.path}: inconsistent architecture (width {width}, head dim {head_dim}, "
+                              f"depth {depth})")
+    return DiTConfig(depth=depth, num_heads=width // head_dim, head_dim=head_dim, text_width=text_width,
+                     t5_dim=t5_dim, in_channels=in_ch, patch_size=p, time_embed_dim=time_dim)
+
+
+# ----------------------------------------------------------------------------- genmo key space
+
+def genmo_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a genmo-layout DiT checkpoint with its shape (PyTorch [out, in])."""
+    w, tw, t5, p, c = cfg.width, cfg.text_width, cfg.t5_dim, cfg.patch_size, cfg.in_channels
+    s = {
+        "x_embedder.proj.weight": (w, c, p, p), "x_embedder.proj.bias": (w,),
+        "t_embedder.mlp.0.weight": (w, cfg.time_embed_dim), "t_embedder.mlp.0.bias": (w,),
+        "t_embedder.mlp.2.weight": (w, w), "t_embedder.mlp.2.bias": (w,),
+        "t5_y_embedder.to_kv.weight": (2 * t5, t5), "t5_y_embedder.to_kv.bias": (2 * t5,),
+        "t5_y_embedder.to_q.weight": (t5, t5), "t5_y_embedder.to_q.bias": (t5,),
+        "t5_y_embedder.to_out.weight": (w, t5), "t5_y_embedder.to_out.bias": (w,),
+        "t5_yproj.weight": (tw, t5), "t5_yproj.bias": (tw,),
+        "pos_frequencies": (3, cfg.num_heads, cfg.head_dim // 2),
+        "final_layer.mod.weight": (2 * w, w), "final_layer.mod.bias": (2 * w,),
+        "final_layer.linear.weight": (p * p * c, w), "final_layer.linear.bias": (p * p * c,),
+    }
+    for n in range(cfg.depth):
+        s.update(block_shapes(cfg, n))
+    return s
+
+
+def block_shapes(cfg: DiTConfig, n: int) -> dict[str, tuple[int, ...]]:
+    w, tw, hd = cfg.width, cfg.text_width, cfg.head_dim
+    last = n == cfg.depth - 1
+    b = f"blocks.{n}."
+    s = {
+        b + "mod_x.weight": (4 * w, w), b + "mod_x.bias": (4 * w,),
+        b + "mod_y.weight": ((tw if last else 4 * tw), w), b + "mod_y.bias": ((tw if last else 4 * tw),),
+        b + "attn.qkv_x.weight": (3 * w, w), b + "attn.qkv_y.weight": (3 * w, tw),
+        b + "attn.q_norm_x.weight": (hd,), b + "attn.k_norm_x.weight": (hd,),
+        b + "attn.q_norm_y.weight": (hd,), b + "attn.k_norm_y.weight": (hd,),
+        b + "attn.proj_x.weight": (w, w), b + "attn.proj_x.bias": (w,),
+        b + "mlp_x.w1.weight": (2 * cfg.mlp_inner(w), w), b + "mlp_x.w2.weight": (w, cfg.mlp_inner(w)),
+    }
+    if not last:
+        s.update({
+            b + "attn.proj_y.weight": (tw, w), b + "attn.proj_y.bias": (tw,),
+            b + "mlp_y.w1.weight": (2 * cfg.mlp_inner(tw), tw), b + "mlp_y.w2.weight": (tw, cfg.mlp_inner(tw)),
+        })
+    return s
+
+
+def _swap_halves(x: np.ndarray) -> np.ndarray:
+    h = x.shape[0] // 2
+    return np.concatenate([x[h:], x[:h]], axis=0)
+
+
+def _diffusers_sources(genmo_key: str, cfg: DiTConfig) -> tuple[list[str], Callable]:
+    """diffusers keys holding one genmo tensor, and how to combine them."""
+    ident = lambda xs: xs[0]  # noqa: E731
+    cat = lambda xs: np.concatenate(xs, axis=0)  # noqa: E731
+    swap = lambda xs: _swap_halves(xs[0])  # noqa: E731
+    top = {
+        "x_embedder.proj.": "patch_embed.proj.", "t_embedder.mlp.0.": "time_embed.timestep_embedder.linear_1.",
+        "t_embedder.mlp.2.": "time_embed.timestep_embedder.linear_2.", "t5_y_embedder.": "time_embed.pooler.",
+        "t5_yproj.": "time_embed.caption_proj.", "final_layer.linear.": "proj_out.",
+    }
+    if genmo_key == "pos_frequencies":
+        return ["pos_frequencies"], ident
+    if genmo_key.startswith("final_layer.mod."):
+        return ["norm_out.linear." + genmo_key.rsplit(".", 1)[1]], swap
+    for g, d in top.items():
+        if genmo_key.startswith(g):
+            return [d + genmo_key[len(g):]], ident
+    m = re.match(r"blocks\.(\d+)\.(.*)$", genmo_key)
+    n, rest = int(m.group(1)), m.group(2)
+    b = f"transformer_blocks.{n}."
+    suffix = rest.rsplit(".", 1)[1]
+    last = n == cfg.depth - 1
+    table = {
+        "mod_x": ([b + "norm1.linear"], ident),
+        "mod_y": ([b + ("norm1_context.linear_1" if last else "norm1_context.linear")], ident),
+        "attn.qkv_x": ([b + f"attn1.to_{c}" for c in "qkv"], cat),
+        "attn.qkv_y": ([b + f"attn1.add_{c}_proj" for c in "qkv"], cat),
+        "attn.q_norm_x": ([b + "attn1.norm_q"], ident), "attn.k_norm_x": ([b + "attn1.norm_k"], ident),
+        "attn.q_norm_y": ([b + "attn1.norm_added_q"], ident), "attn.k_norm_y": ([b + "attn1.norm_added_k"], ident),
+        "attn.proj_x": ([b + "attn1.to_out.0"], ident), "attn.proj_y": ([b + "attn1.to_add_out"], ident),
+        "mlp_x.w1": ([b + "ff.net.0.proj"], swap), "mlp_x.w2": ([b + "ff.net.2"], ident),
+        "mlp_y.w1": ([b + "ff_context.net.0.proj"], swap), "mlp_y.w2": ([b + "ff_context.net.2"], ident),
+    }
+    keys, fn = table[rest.rsplit(".", 1)[0]]
+    return [k + "." + suffix for k in keys], fn
+
+
+def source_shapes(cfg: DiTConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    """Every key the source file must hold, with its shape, in the source's own names."""
+    g = genmo_shapes(cfg)
+    if layout == "genmo":
+        return g
+    out = {}
+    for gk, shape in g.items():
+        keys, _ = _diffusers_sources(gk, cfg)
+        for k in keys:  # concatenated q/k/v split evenly along rows
+            out[k] = (shape[0] // len(keys),) + tuple(shape[1:])
+    return out
+
+
+def read_genmo(src: TensorSource, layout: str, cfg: DiTConfig, genmo_key: str) -> np.ndarray:
+    if layout == "genmo":
+        return src.get(genmo_key)
+    keys, fn = _diffusers_sources(genmo_key, cfg)
+    return fn([src.get(k) for k in keys])
+
+
+# ----------------------------------------------------------------------------- our leaves
+
+def _to_ours(genmo_key: str, x: np.ndarray, cfg: DiTConfig) -> np.ndarray:
+    """One genmo tensor -> the layout of our leaf (Dense kernels [in, out], patch conv flattened)."""
+    if genmo_key == "x_embedder.proj.weight":  # [D, C, p, p] -> [(p1, p2, c), D]
+        return x.transpose(2, 3, 1, 0).reshape(-1, x.shape[0])
+    if genmo_key.endswith(".weight") and x.ndim == 2:
+        return x.T
+    return x
+
+
+def _our_path(genmo_key: str, cfg: DiTConfig) -> tuple[tuple[str, ...], int | None]:
+    """genmo key -> (our path, layer index within the scan stack or None)."""
+    parts = genmo_key.split(".")
+    if parts[-1] == "weight" and not parts[-2].endswith("norm_x") and not parts[-2].endswith("norm_y"):
+        parts[-1] = "kernel"
+    parts = [p for p in parts if p != "proj"] if parts[0] == "x_embedder" else parts
+    parts = [{"0": "mlp_0", "2": "mlp_2"}.get(p, p) for p in parts if p != "mlp"] \
+        if parts[0] == "t_embedder" else parts
+    if parts[0] == "blocks":
+        n = int(parts[1])
+        if n == cfg.depth - 1:
+            return ("last_block", *parts[2:]), None
+        return ("blocks", *parts[2:]), n
+    return tuple(parts), None
+
+
+def plan(cfg: DiTConfig, layout: str) -> list[Leaf]:
+    """Our leaves, each built from its genmo tensor(s); scanned blocks stacked on axis 0."""
+    groups: dict[tuple[str, ...], list[tuple[int | None, str]]] = {}
+    for gk in genmo_shapes(cfg):
+        path, n = _our_path(gk, cfg)
+        groups.setdefault(path, []).append((n, gk))
+    shapes = genmo_shapes(cfg)
+    leaves = []
+    for path, members in groups.items():
+        members.sort(key=lambda m: -1 if m[0] is None else m[0])
+        one = _to_ours(members[0][1], np.broadcast_to(np.float32(0), shapes[members[0][1]]), cfg).shape
+        stacked = members[0][0] is not None
+        shape = (len(members), *one) if stacked else one
+        gkeys = [gk for _, gk in members]
+
+        def build(src, gkeys=gkeys, stacked=stacked, shape=shape):
+            if not stacked:
+                return _to_ours(gkeys[0], read_genmo(src, layout, cfg, gkeys[0]), cfg)
+            out = None
+            for i, gk in enumerate(gkeys):  # one block at a time: peak memory is one stacked leaf
+                x = _to_ours(gk, read_genmo(src, layout, cfg, gk), cfg)
+                if out is None:
+                    out = np.empty(shape, x.dtype)
+                out[i] = x
+            return out
+
+        leaves.append(Leaf(path=path, shape=tuple(shape), keys=tuple(gkeys), build=build))
+    return leaves
+
+
+def check(src: TensorSource, layout: str) -> DiTConfig:
+    """Infer the architecture and validate every key and shape; raises ConversionError."""
+    cfg = infer_config(src, layout)
+    validate(src, source_shapes(cfg, layout))
+    return cfg

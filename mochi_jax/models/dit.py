@@ -1,0 +1,309 @@
+"""AsymmDiT, the Mochi 1 diffusion transformer, as Flax Linen modules.
+
+Parameter names follow genmo's original checkpoint (blocks.N.attn.qkv_x, mod_x, mlp_x.w1,
+...), with Flax conventions: Dense kernels are [in, out]; the 47 symmetric blocks are stacked
+on a leading layer axis under 'blocks' (one nn.scan); the last block is 'last_block'.
+
+Call convention (the reference's tensors):
+    latents  [B, C=12, T, H, W]   (DiT-space, i.e. normalised latents)
+    t5_feats [B, L, 4096]
+    t5_mask  [B, L] bool, True on real tokens (a prefix: T5 pads at the end)
+    timestep [B] = 1000 * (1 - sigma)   (sigma = 1 is pure noise)
+    -> velocity prediction [B, C, T, H, W] in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mochi_jax.models import layers
+from mochi_jax.models.layers import Dense, RMSNorm, rms_norm
+from mochi_jax.models.lora import LoraTarget
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    depth: int = 48
+    num_heads: int = 24
+    head_dim: int = 128
+    text_width: int = 1536  # width of the text stream (diffusers: pooled_projection_dim)
+    t5_dim: int = 4096
+    in_channels: int = 12
+    patch_size: int = 2
+    time_embed_dim: int = 256
+    pool_heads: int = 8
+    norm_eps: float = 1e-6  # modulated RMS norms and the final LayerNorm
+    qk_norm_eps: float = 1e-5
+    rope_base_area: int = 192 * 192
+    param_dtype: str = "bfloat16"  # frozen weights
+    compute_dtype: str = "bfloat16"  # matmuls and attention; norms, softmax, modulation are fp32
+    attention: str = "xla"  # 'xla' | 'cudnn'
+    remat: str = "full"  # a key of layers.REMAT_POLICIES
+    scan_layers: bool = True  # False: an unrolled Python loop (for tests and debugging)
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @staticmethod
+    def mlp_inner(width: int) -> int:
+        return (4 * width * 2) // 3
+
+    @classmethod
+    def from_dict(cls, d) -> "DiTConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown DiT config fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal features in [cos, sin] order, frequencies exp(-ln(max_period) * i / (dim/2))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_positions(t: int, h: int, w: int, base_area: int) -> jnp.ndarray:
+    """[t*h*w, 3] positions (frame, row, column) of the visual tokens, in token order.
+
+    Rows and columns are cell centres of a grid spanning [-h*s/2, h*s/2] (resp. w) with
+    s = sqrt(base_area / (h*w)), so every resolution covers the same area.
+    """
+    s = (base_area / (h * w)) ** 0.5
+
+    def centres(n):
+        edges = jnp.linspace(-n * s / 2, n * s / 2, n + 1, dtype=jnp.float32)
+        return (edges[:-1] + edges[1:]) / 2
+
+    grid = jnp.meshgrid(jnp.arange(t, dtype=jnp.float32), centres(h), centres(w), indexing="ij")
+    return jnp.stack(grid, axis=-1).reshape(-1, 3)
+
+
+def rope_cos_sin(pos_frequencies, positions):
+    """pos_frequencies [3, H, D/2], positions [N, 3] -> cos, sin of [N, H, D/2] (float32)."""
+    angles = jnp.einsum("nd,dhf->nhf", positions, pos_frequencies.astype(jnp.float32))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved (even, odd) pairs of the head dim. x [B, N, H, D] float32."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    rot = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)
+    return rot.reshape(x.shape)
+
+
+def patchify(latents, p: int):
+    """[B, C, T, H, W] -> [B, T*(H/p)*(W/p), p*p*C], tokens in (t, h, w) order, features (p1, p2, c)."""
+    b, c, t, h, w = latents.shape
+    x = latents.reshape(b, c, t, h // p, p, w // p, p)
+    x = x.transpose(0, 2, 3, 5, 4, 6, 1)  # b t hp wp p1 p2 c
+    return x.reshape(b, t * (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x, t: int, hp: int, wp: int, p: int):
+    """Inverse of patchify: [B, t*hp*wp, p*p*C] -> [B, C, t, hp*p, wp*p]."""
+    b = x.shape[0]
+    x = x.reshape(b, t, hp, wp, p, p, -1)
+    x = x.transpose(0, 6, 1, 2, 4, 3, 5)  # b c t hp p1 wp p2
+    return x.reshape(b, -1, t, hp * p, wp * p)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class _Base(nn.Module):
+    cfg: DiTConfig
+    lora_targets: Sequence[LoraTarget] = ()
+
+    def dense(self, features, name, use_bias=True, **kw):
+        return Dense(features, use_bias=use_bias, param_dtype=jnp.dtype(self.cfg.param_dtype),
+                     compute_dtype=jnp.dtype(self.cfg.compute_dtype), lora_targets=self.lora_targets,
+                     name=name, **kw)
+
+
+class AttentionPool(_Base):
+    """Pool T5 features into one vector: the masked mean queries [mean; tokens]."""
+
+    @nn.compact
+    def __call__(self, feats, mask):
+        cfg = self.cfg
+        b, l, d = feats.shape
+        heads, hd = cfg.pool_heads, d // cfg.pool_heads
+        m = mask.astype(jnp.float32)[..., None]
+        pooled = jnp.sum(feats.astype(jnp.float32) * m, axis=1, keepdims=True) / jnp.maximum(
+            jnp.sum(m, axis=1, keepdims=True), 1.0)  # [B, 1, D]
+        seq = jnp.concatenate([pooled, feats.astype(jnp.float32)], axis=1)  # [B, 1+L, D]
+        kv = self.dense(2 * d, "to_kv")(seq).reshape(b, 1 + l, 2, heads, hd)
+        q = self.dense(d, "to_q")(pooled).reshape(b, 1, heads, hd)
+        key_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
+        out = layers.attention(q, kv[:, :, 0], kv[:, :, 1], key_mask, impl="xla")
+        return self.dense(cfg.width, "to_out")(out.reshape(b, d))
+
+
+class TimestepEmbedder(_Base):
+    @nn.compact
+    def __call__(self, timestep):
+        h = timestep_embedding(timestep, self.cfg.time_embed_dim)
+        h = self.dense(self.cfg.width, "mlp_0")(h)
+        return self.dense(self.cfg.width, "mlp_2")(nn.silu(h))
+
+
+class FeedForward(_Base):
+    """SwiGLU: w2(silu(a) * g) where [a, g] = w1(x) (genmo's half order)."""
+
+    hidden: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        a, g = jnp.split(self.dense(2 * self.hidden, "w1", use_bias=False)(x), 2, axis=-1)
+        return self.dense(x.shape[-1], "w2", use_bias=False)(nn.silu(a) * g)
+
+
+class JointAttention(_Base):
+    """Attention over [visual tokens; text tokens] with one softmax; padding text is never a key."""
+
+    last: bool = False
+
+    @nn.compact
+    def __call__(self, x, y, y_mask, rope):
+        cfg = self.cfg
+        h, hd = cfg.num_heads, cfg.head_dim
+        cdt = jnp.dtype(cfg.compute_dtype)
+        b, n, _ = x.shape
+        pdt = jnp.dtype(cfg.param_dtype)
+
+        def qkv(inp, proj, norm_q, norm_k):
+            q, k, v = jnp.split(self.dense(3 * h * hd, proj, use_bias=False)(inp)
+                                .reshape(inp.shape[0], inp.shape[1], 3 * h, hd), 3, axis=2)
+            q = RMSNorm(cfg.qk_norm_eps, pdt, name=norm_q)(q)
+            k = RMSNorm(cfg.qk_norm_eps, pdt, name=norm_k)(k)
+            return q, k, v
+
+        qx, kx, vx = qkv(x, "qkv_x", "q_norm_x", "k_norm_x")
+        qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
+        qy, ky, vy = qkv(y, "qkv_y", "q_norm_y", "k_norm_y")
+        q = jnp.concatenate([qx, qy], axis=1).astype(cdt)
+        k = jnp.concatenate([kx, ky], axis=1).astype(cdt)
+        v = jnp.concatenate([vx, vy], axis=1).astype(cdt)
+        key_mask = jnp.concatenate([jnp.ones((b, n), bool), y_mask], axis=1)
+        out = layers.attention(q, k, v, key_mask, impl=cfg.attention).reshape(b, -1, h * hd)
+        out_x = self.dense(cfg.width, "proj_x")(out[:, :n])
+        out_y = None if self.last else self.dense(cfg.text_width, "proj_y")(out[:, n:])
+        return out_x, out_y
+
+
+class Block(_Base):
+    """One joint block. The last block (last=True) updates only the visual stream."""
+
+    last: bool = False
+
+    @nn.compact
+    def __call__(self, carry, c, y_mask, rope_cos, rope_sin):
+        x, y = carry  # float32 residual streams [B, N, 3072], [B, L, 1536]
+        cfg = self.cfg
+        eps = cfg.norm_eps
+        cdt = jnp.dtype(cfg.compute_dtype)
+        sc = nn.silu(c)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(
+            self.dense(4 * cfg.width, "mod_x")(sc).astype(jnp.float32)[:, None], 4, axis=-1)
+        if self.last:
+            scale_msa_y = self.dense(cfg.text_width, "mod_y")(sc).astype(jnp.float32)[:, None]
+        else:
+            scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = jnp.split(
+                self.dense(4 * cfg.text_width, "mod_y")(sc).astype(jnp.float32)[:, None], 4, axis=-1)
+
+        x_in = (rms_norm(x, eps) * (1 + scale_msa)).astype(cdt)
+        y_in = (rms_norm(y, eps) * (1 + scale_msa_y)).astype(cdt)
+        attn_x, attn_y = JointAttention(cfg, self.lora_targets, last=self.last, name="attn")(
+            x_in, y_in, y_mask, (rope_cos, rope_sin))
+
+        x = x + rms_norm(attn_x, eps) * jnp.tanh(gate_msa)
+        mlp_x = FeedForward(cfg, self.lora_targets, hidden=cfg.mlp_inner(cfg.width), name="mlp_x")
+        x = x + rms_norm(mlp_x((rms_norm(x, eps) * (1 + scale_mlp)).astype(cdt)), eps) * jnp.tanh(gate_mlp)
+        if not self.last:
+            y = y + rms_norm(attn_y, eps) * jnp.tanh(gate_msa_y)
+            mlp_y = FeedForward(cfg, self.lora_targets, hidden=cfg.mlp_inner(cfg.text_width), name="mlp_y")
+            y = y + rms_norm(mlp_y((rms_norm(y, eps) * (1 + scale_mlp_y)).astype(cdt)), eps) * jnp.tanh(
+                gate_mlp_y)
+        return (x, y), None
+
+
+class FinalLayer(_Base):
+    @nn.compact
+    def __call__(self, x, c):
+        cfg = self.cfg
+        shift, scale = jnp.split(self.dense(2 * cfg.width, "mod")(nn.silu(c)).astype(jnp.float32)[:, None],
+                                 2, axis=-1)
+        x32 = x.astype(jnp.float32)
+        mu = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
+        x32 = (x32 - mu) * jax.lax.rsqrt(var + cfg.norm_eps)
+        x = (x32 * (1 + scale) + shift).astype(jnp.dtype(cfg.compute_dtype))
+        return self.dense(cfg.patch_size ** 2 * cfg.in_channels, "linear")(x)
+
+
+class MochiDiT(_Base):
+    """The full AsymmDiT. See the module docstring for the call convention."""
+
+    @nn.compact
+    def __call__(self, latents, t5_feats, t5_mask, timestep):
+        cfg = self.cfg
+        b, ch, t, hgt, wid = latents.shape
+        p = cfg.patch_size
+        if ch != cfg.in_channels or hgt % p or wid % p:
+            raise ValueError(f"latents must be [B, {cfg.in_channels}, T, H, W] with H and W divisible by {p}, "
+                             f"got {latents.shape}")
+        hp, wp = hgt // p, wid // p
+        cdt = jnp.dtype(cfg.compute_dtype)
+        t5_mask = t5_mask.astype(bool)
+
+        # Conditioning vector c [B, width] and text tokens y [B, L, text_width].
+        c = TimestepEmbedder(cfg, self.lora_targets, name="t_embedder")(timestep).astype(jnp.float32)
+        c = c + AttentionPool(cfg, self.lora_targets, name="t5_y_embedder")(t5_feats, t5_mask).astype(jnp.float32)
+        y = self.dense(cfg.text_width, "t5_yproj")(t5_feats.astype(cdt)).astype(jnp.float32)
+
+        x = self.dense(cfg.width, "x_embedder")(patchify(latents, p).astype(cdt)).astype(jnp.float32)
+        pos_freq = self.param("pos_frequencies", nn.initializers.normal(0.02),
+                              (3, cfg.num_heads, cfg.head_dim // 2), jnp.float32)
+        rope = rope_cos_sin(pos_freq, rope_positions(t, hp, wp, cfg.rope_base_area))
+
+        block_args = (c, t5_mask, *rope)
+        n_sym = cfg.depth - 1
+        if cfg.scan_layers:
+            block = layers.remat(Block, cfg.remat)
+            scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast,) * len(block_args), length=n_sym)
+            (x, y), _ = scanned(cfg, self.lora_targets, name="blocks")((x, y), *block_args)
+        else:
+            block = layers.remat(Block, cfg.remat)
+            for i in range(n_sym):
+                (x, y), _ = block(cfg, self.lora_targets, name=f"blocks_{i}")((x, y), *block_args)
+        (x, _), _ = layers.remat(Block, cfg.remat)(cfg, self.lora_targets, last=True, name="last_block")(
+            (x, y), *block_args)
+
+        out = FinalLayer(cfg, self.lora_targets, name="final_layer")(x, c)
+        return unpatchify(out.astype(jnp.float32), t, hp, wp, p)
+
+
+def stack_unrolled(params: dict, depth: int) -> dict:
+    """Turn an unrolled tree (blocks_0 .. blocks_{depth-2}) into the scanned layout ('blocks')."""
+    names = [f"blocks_{i}" for i in range(depth - 1)]
+    out = {k: v for k, v in params.items() if k not in names}
+    out["blocks"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    return out
+
+
+def param_count(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

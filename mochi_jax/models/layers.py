@@ -1,0 +1,134 @@
+"""Layers shared by the Mochi models: a Dense that can carry LoRA, RMS norms,
+one attention function with several backends, and named remat policies."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mochi_jax.models.lora import LoraTarget, find_target
+
+Dtype = Any
+
+
+def as_dtype(name_or_dtype) -> jnp.dtype:
+    """'bfloat16' / 'float32' / jnp dtype -> jnp dtype."""
+    return jnp.dtype(name_or_dtype)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel + bias, with an optional low-rank adapter.
+
+    The frozen weights live in the 'params' collection (kernel [in, out], bias [out]).
+    When the module's path (e.g. 'blocks/attn/qkv_x') matches one of `lora_targets`,
+    it also owns 'lora' variables a [in, r] and b [r, out] (b starts at zero) and adds
+    (alpha / r) * dropout(x) @ a @ b. LoRA dropout is active only when a 'dropout' rng is
+    passed to `apply`. Without a matching target the module is exactly the plain Dense.
+    """
+
+    features: int
+    use_bias: bool = True
+    param_dtype: Dtype = jnp.float32
+    compute_dtype: Dtype = jnp.float32
+    lora_targets: Sequence[LoraTarget] = ()
+    kernel_init: Any = nn.initializers.xavier_uniform()
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        cdt = self.compute_dtype
+        y = jnp.dot(x.astype(cdt), kernel.astype(cdt))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(cdt)
+        target = find_target(self.lora_targets, "/".join(self.path))
+        if target is not None and target.rank > 0:
+            y = y + self._lora(x, in_features, target).astype(y.dtype)
+        return y
+
+    def _lora(self, x, in_features: int, target: LoraTarget):
+        bound = 1.0 / math.sqrt(in_features)  # PEFT's kaiming_uniform(a=sqrt(5)) for A
+        a = self.variable(
+            "lora", "a",
+            lambda: jax.random.uniform(self.make_rng("params"), (in_features, target.rank),
+                                       jnp.float32, -bound, bound))
+        b = self.variable("lora", "b", lambda: jnp.zeros((target.rank, self.features), jnp.float32))
+        if target.dropout > 0.0 and self.has_rng("dropout"):
+            x = nn.Dropout(rate=target.dropout, deterministic=False)(x)
+        cdt = self.compute_dtype
+        h = jnp.dot(x.astype(cdt), a.value.astype(cdt))
+        return jnp.dot(h, b.value.astype(cdt)) * target.scale
+
+
+def rms_norm(x, eps: float):
+    """RMS-normalise the last axis in float32 (no learned weight)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learned weight over the last axis, computed in float32."""
+
+    eps: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, self.eps) * w.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- attention
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def attention(q, k, v, key_mask=None, impl: str = "xla"):
+    """Softmax attention, [B, S, H, D] layout, scale 1/sqrt(D).
+
+    key_mask: [B, Sk] bool, True for keys that may be attended to. The 'cudnn' path turns it
+    into per-sample key lengths, so it must be a prefix mask (valid keys first, padding as a
+    suffix), which is how the DiT orders its sequence (visual tokens, then text).
+    The 'xla' path accepts any mask; its logits and softmax run in float32.
+    """
+    if impl == "xla":
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if impl == "cudnn":
+        lengths = None
+        if key_mask is not None:
+            lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+# ----------------------------------------------------------------------------- remat
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls only
+}
+
+
+def remat(module_cls, policy: str, static_argnums=()):
+    """Wrap a Linen module class in nn.remat under a named policy ('none' returns it as is)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
+                    static_argnums=static_argnums)

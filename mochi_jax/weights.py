@@ -1,0 +1,46 @@
+"""Load converted weights (written by tools/convert_weights.py) into memory or straight into shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from mochi_jax.convert.common import read_metadata
+from mochi_jax.models.dit import DiTConfig
+
+
+def load_tree(path, dtype=None, shardings=None):
+    """Restore a converted checkpoint. `shardings`: a pytree of jax.sharding.Sharding matching the
+    checkpoint (each process then reads only its shards); `dtype` casts floating leaves."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    path = Path(path).absolute()
+    meta = ocp.metadata(path).metadata
+
+    def abstract(m, s=None):
+        dt = m.dtype
+        if dtype is not None and jnp.issubdtype(dt, jnp.floating):
+            dt = jnp.dtype(dtype)
+        return jax.ShapeDtypeStruct(m.shape, dt, sharding=s)
+
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: one, meta)
+    target = jax.tree_util.tree_map(abstract, meta, shardings)
+    return ocp.load(path, target)
+
+
+def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
+    """(DiTConfig, params) from a converted DiT checkpoint. `overrides` set non-architecture fields
+    of the config (compute_dtype, attention, remat, ...); param_dtype follows `dtype` if given."""
+    meta = read_metadata(path)
+    if meta.get("model") != "mochi_dit":
+        raise ValueError(f"{path} is not a converted Mochi DiT checkpoint (metadata: {meta})")
+    params = load_tree(path, dtype=dtype, shardings=shardings)
+    fields = dict(meta["config"], **overrides)
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    fields.setdefault("param_dtype", jnp.dtype(leaf.dtype).name)
+    return DiTConfig.from_dict(fields), params
