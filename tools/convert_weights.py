@@ -2,9 +2,11 @@
 """Convert official Mochi PyTorch checkpoints (safetensors) into mochi_jax orbax checkpoints.
 
     python tools/convert_weights.py dit  SRC OUT [--dtype bfloat16] [--overwrite]
+    python tools/convert_weights.py t5   SRC OUT [--dtype bfloat16] [--overwrite]
 
-SRC: genmo's `dit.safetensors` (ComfyUI prefixes accepted), a diffusers `transformer/` folder
-(sharded, with its index JSON) or the diffusers repo root. The layout is detected from the keys.
+dit: SRC is genmo's `dit.safetensors` (ComfyUI prefixes accepted), a diffusers `transformer/`
+folder (sharded, with its index JSON) or the diffusers repo root; the layout is detected from
+the keys. t5: SRC is the diffusers repo's `text_encoder/` folder, the repo root, or one file.
 Tensors are read one at a time; every key and shape is checked before anything is written, and
 the output appears only when complete. Pickled files (.pt/.bin/.ckpt) are refused.
 """
@@ -15,7 +17,7 @@ import sys
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=["dit"], help="which model the checkpoint holds")
+    ap.add_argument("model", choices=["dit", "t5"], help="which model the checkpoint holds")
     ap.add_argument("src", help="source checkpoint file or folder")
     ap.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
@@ -30,6 +32,10 @@ def main(argv=None):
         if args.model == "dit":
             out, cfg = convert.convert_dit(args.src, args.out, args.dtype, args.overwrite, not args.quiet)
             print(f"wrote {out}: Mochi DiT depth {cfg.depth}, width {cfg.width}, {args.dtype}")
+        elif args.model == "t5":
+            out, cfg = convert.convert_t5(args.src, args.out, args.dtype, args.overwrite, not args.quiet)
+            print(f"wrote {out}: T5 encoder {cfg.num_layers} layers, d_model {cfg.d_model}, "
+                  f"{cfg.num_heads}x{cfg.d_kv} heads, {args.dtype}")
     except convert.ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@ import dataclasses
 
 from mochi_jax.convert import dit as _dit
 from mochi_jax.convert.common import ConversionError, TensorSource, read_metadata, write
+from mochi_jax.convert.t5 import convert_t5, load_t5
 
-__all__ = ["ConversionError", "TensorSource", "convert_dit", "read_metadata"]
+__all__ = ["ConversionError", "TensorSource", "convert_dit", "convert_t5", "load_t5", "read_metadata"]
 
 
 def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=True):

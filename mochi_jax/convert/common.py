@@ -210,7 +210,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
     """The custom metadata stored by `write` (e.g. the model architecture)."""
     import orbax.checkpoint.experimental.v1 as ocp
 
-    meta = ocp.pytree_metadata(Path(path).absolute()) if hasattr(ocp, "pytree_metadata") else ocp.metadata(
-        Path(path).absolute())
+    meta = ocp.metadata(Path(path).absolute())
     cm = meta.custom_metadata
     return json.loads(cm) if isinstance(cm, str) else dict(cm or {})

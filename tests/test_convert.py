@@ -1,0 +1,118 @@
+"""The DiT converter's error discipline: every bad input named, nothing half-written."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dit_ref import diffusers_to_genmo, make_reference, our_config
+from mochi_jax import convert
+from mochi_jax.convert import common
+from mochi_jax.weights import load_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def genmo_sd():
+    return diffusers_to_genmo(make_reference(our_config("h2d16"), seed=0).state_dict())
+
+
+def _save(sd, path):
+    save_file(sd, str(path))
+    return path
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("convert_weights", ROOT / "tools" / "convert_weights.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_comfyui_prefix_and_cli(genmo_sd, tmp_path, capsys):
+    src = _save({"model.diffusion_model." + k: v for k, v in genmo_sd.items()}, tmp_path / "comfy.safetensors")
+    main = _cli()
+    assert main(["dit", str(src), str(tmp_path / "out"), "--dtype", "float32", "--quiet"]) == 0
+    assert "depth 3" in capsys.readouterr().out
+    cfg, params = load_dit(tmp_path / "out")
+    np.testing.assert_array_equal(params["pos_frequencies"], genmo_sd["pos_frequencies"].numpy())
+    np.testing.assert_array_equal(params["last_block"]["attn"]["proj_x"]["kernel"],
+                                  genmo_sd["blocks.2.attn.proj_x.weight"].numpy().T)
+    # an existing output is not replaced without --overwrite
+    assert main(["dit", str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["dit", str(src), str(tmp_path / "out"), "--quiet", "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert load_dit(tmp_path / "out")[0].param_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("case", ["missing", "extra", "shape"])
+def test_bad_keys_are_named(genmo_sd, tmp_path, case):
+    sd = dict(genmo_sd)
+    if case == "missing":
+        del sd["blocks.1.mlp_y.w2.weight"]
+        expect = "blocks.1.mlp_y.w2.weight"
+    elif case == "extra":
+        sd["blocks.0.attn.extra.weight"] = torch.zeros(3)
+        expect = "blocks.0.attn.extra.weight"
+    else:
+        sd["blocks.1.attn.proj_x.weight"] = torch.zeros(32, 31)
+        expect = r"blocks.1.attn.proj_x.weight.*\(32, 31\), expected \(32, 32\)"
+    src = _save(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(convert.ConversionError, match=expect) as e:
+        convert.convert_dit(src, tmp_path / "out", progress=False)
+    assert "bad.safetensors" in str(e.value) or case == "missing"
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_corrupt_and_pickled_files_are_refused(genmo_sd, tmp_path):
+    src = _save(genmo_sd, tmp_path / "dit.safetensors")
+    data = src.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[:-100])
+    with pytest.raises(convert.ConversionError, match="trunc.safetensors.*truncated"):
+        convert.convert_dit(tmp_path / "trunc.safetensors", tmp_path / "out", progress=False)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(convert.ConversionError, match="junk.safetensors.*not a valid safetensors"):
+        convert.convert_dit(tmp_path / "junk.safetensors", tmp_path / "out", progress=False)
+    torch.save({"a": torch.zeros(1)}, tmp_path / "dit.pt")
+    with pytest.raises(convert.ConversionError, match="pickled"):
+        convert.convert_dit(tmp_path / "dit.pt", tmp_path / "out", progress=False)
+    with pytest.raises(convert.ConversionError, match="does not exist"):
+        convert.convert_dit(tmp_path / "nope", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_folder_with_missing_shard(tmp_path):
+    model = make_reference(our_config("h2d16"), seed=1)
+    model.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")
+    shards = sorted((tmp_path / "transformer").glob("*.safetensors"))
+    shards[1].unlink()
+    with pytest.raises(convert.ConversionError, match=shards[1].name):
+        convert.convert_dit(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_crash_mid_write_leaves_nothing_loadable(genmo_sd, tmp_path, monkeypatch):
+    src = _save(genmo_sd, tmp_path / "dit.safetensors")
+    real_get = common.TensorSource.get
+    calls = {"n": 0}
+
+    def flaky_get(self, key):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C halfway
+        return real_get(self, key)
+
+    monkeypatch.setattr(common.TensorSource, "get", flaky_get)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert_dit(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(common.TensorSource, "get", real_get)
+    out, _ = convert.convert_dit(src, tmp_path / "out", dtype="float32", progress=False)  # retry is clean
+    _, params = load_dit(out)
+    assert not list(tmp_path.glob("out.partial_save*"))
+    leaves = jax.tree_util.tree_leaves(params)
+    assert sum(x.size for x in leaves) == sum(v.numel() for v in genmo_sd.values())
