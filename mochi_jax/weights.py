@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from mochi_jax.convert.common import read_metadata
-from mochi_jax.models.dit import DiTConfig
+from mochi_jax.models.dit import DiTConfig, stack_unrolled, unstacked_shardings
 
 
 def load_tree(path, dtype=None, shardings=None):
@@ -34,12 +33,17 @@ def load_tree(path, dtype=None, shardings=None):
 
 
 def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
-    """(DiTConfig, params) from a converted DiT checkpoint. `overrides` set non-architecture fields
-    of the config (compute_dtype, attention, remat, ...); param_dtype follows `dtype` if given."""
+    """(DiTConfig, params) from a converted DiT checkpoint, in the scanned layout.
+
+    `shardings`: NamedShardings for the scanned params (e.g. FSDP); each process then reads only
+    its shards and the blocks are stacked straight into them. `dtype` casts the weights;
+    `overrides` set non-architecture config fields (compute_dtype, attention, remat, ...)."""
     meta = read_metadata(path)
     if meta.get("model") != "mochi_dit":
         raise ValueError(f"{path} is not a converted Mochi DiT checkpoint (metadata: {meta})")
-    params = load_tree(path, dtype=dtype, shardings=shardings)
+    depth = int(meta["config"]["depth"])
+    disk = unstacked_shardings(shardings, depth) if shardings is not None else None
+    params = stack_unrolled(load_tree(path, dtype=dtype, shardings=disk), depth, shardings)
     fields = dict(meta["config"], **overrides)
     leaf = jax.tree_util.tree_leaves(params)[0]
     fields.setdefault("param_dtype", jnp.dtype(leaf.dtype).name)

@@ -25,6 +25,7 @@ def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
             if k in ("depth", "num_heads", "head_dim", "text_width", "t5_dim", "in_channels", "patch_size",
                      "time_embed_dim")}
     meta = {"model": "mochi_dit", "source": str(src_path), "source_layout": layout, "config": arch}
-    out = write(_dit.plan(cfg, layout), src, out_dir, np.dtype(jnp.dtype(dtype)), meta,
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = write(_dit.plan(cfg, layout), src, out_dir, np_dtype, meta,
                 overwrite=overwrite, progress=progress)
     return out, cfg

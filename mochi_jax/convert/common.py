@@ -3,7 +3,8 @@ and shape before anything is written, write an orbax checkpoint leaf by leaf, at
 
 The pieces every model converter shares:
   * `TensorSource` - the tensors of one file, a folder of shards (with or without an
-    `*.index.json`), read lazily with `safetensors.safe_open`. Pickle formats are refused.
+    `*.index.json`): headers parsed and checked up front, each tensor read on demand with one
+    positioned read of its bytes. Pickle formats are refused.
   * `Leaf` - one output array: its path in our pytree, shape, and a function that builds it
     from the source (reading only the tensors it needs).
   * `validate` / `write` - check a plan against the source, then stream it into orbax.
@@ -12,11 +13,12 @@ The pieces every model converter shares:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -38,8 +40,9 @@ class TensorSource:
         self.files = _safetensors_files(self.path)
         self._where: dict[str, tuple[Path, str]] = {}  # key -> (file, key in file)
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}  # absolute byte range in its file
         for f in self.files:
-            for raw_key, shape, dtype in _read_header(f):
+            for raw_key, shape, dtype, offsets in _read_header(f):
                 key = raw_key
                 for p in prefixes:
                     if key.startswith(p):
@@ -49,6 +52,7 @@ class TensorSource:
                     raise ConversionError(f"key {key!r} appears twice: in {self._where[key][0]} and {f}")
                 self._where[key] = (f, raw_key)
                 self._meta[key] = (shape, dtype)
+                self._offsets[key] = offsets
 
     def keys(self) -> set[str]:
         return set(self._where)
@@ -60,15 +64,33 @@ class TensorSource:
         return self._where[key][0]
 
     def get(self, key: str) -> np.ndarray:
-        """Read one tensor as a NumPy array (bfloat16 stays bfloat16 via ml_dtypes)."""
-        from safetensors import safe_open
+        """Read one tensor as a NumPy array (bfloat16 stays bfloat16 via ml_dtypes).
 
+        A plain positioned read of exactly this tensor's bytes: no memory map, so the
+        process never holds more of the file than the tensor being converted."""
         f, raw = self._where[key]
+        shape, dtype = self._meta[key]
+        start, stop = self._offsets[key]
         try:
-            with safe_open(str(f), framework="flax") as h:
-                return np.asarray(h.get_tensor(raw))
-        except Exception as e:  # truncated data, bad dtype, ...
+            with open(f, "rb") as h:
+                h.seek(start)
+                data = h.read(stop - start)
+            if len(data) != stop - start:
+                raise ValueError(f"read {len(data)} of {stop - start} bytes")
+            return np.frombuffer(data, dtype=_np_dtype(dtype)).reshape(shape)
+        except Exception as e:  # truncated data, unknown dtype, ...
             raise ConversionError(f"cannot read tensor {raw!r} from {f}: {e}") from e
+
+
+def _np_dtype(st_dtype: str) -> np.dtype:
+    import ml_dtypes
+
+    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+             "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    if st_dtype not in table:
+        raise ValueError(f"unsupported safetensors dtype {st_dtype}")
+    return np.dtype(table[st_dtype])
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -106,7 +128,7 @@ _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16"
               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _read_header(f: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
+def _read_header(f: Path) -> list[tuple[str, tuple[int, ...], str, tuple[int, int]]]:
     """Parse a safetensors header and check that the file holds all the bytes it promises."""
     size = f.stat().st_size
     try:
@@ -128,7 +150,7 @@ def _read_header(f: Path) -> Iterable[tuple[str, tuple[int, ...], str]]:
         if stop - start != int(np.prod(shape, dtype=np.int64)) * _ST_DTYPES.get(dtype, 0):
             raise ConversionError(f"{f}: tensor {key!r} has {stop - start} bytes for shape {shape} {dtype}")
         end = max(end, stop)
-        out.append((key, shape, dtype))
+        out.append((key, shape, dtype, (8 + n + start, 8 + n + stop)))
     if 8 + n + end > size:
         raise ConversionError(f"{f}: file is truncated ({size} bytes, its header promises {8 + n + end})")
     return out
@@ -174,12 +196,15 @@ def nest(flat: Mapping[tuple[str, ...], object]) -> dict:
 
 
 def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike, dtype,
-          metadata: Mapping, overwrite: bool = False, progress: bool = True) -> Path:
-    """Build each leaf, cast it to `dtype` and add it to an orbax checkpoint, one leaf at a time.
+          metadata: Mapping, overwrite: bool = False, progress: bool = True,
+          batch_bytes: int = 64 * 2 ** 20) -> Path:
+    """Build each leaf, cast it to `dtype` and add it to an orbax checkpoint.
 
-    The checkpoint appears at `out_dir` only when complete (orbax stages a partial save in a
-    side directory and renames it on finalize), so a crash never leaves a loadable half.
-    `metadata` (JSON) is stored as the checkpoint's custom metadata.
+    Leaves are written in batches of at most `batch_bytes` (or one leaf, if larger), so host
+    memory stays near one batch: orbax stages a copy of what it writes, about 3x a batch at
+    the peak. The checkpoint appears at `out_dir` only when complete (orbax stages a partial
+    save in a side directory and renames it on finalize), so a crash never leaves a loadable
+    half. `metadata` (JSON) is stored as the checkpoint's custom metadata.
     """
     from orbax.checkpoint.experimental.v1 import partial
     from tqdm import tqdm
@@ -192,18 +217,42 @@ def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike,
     for stale in out_dir.parent.glob(out_dir.name + ".partial_save*"):
         shutil.rmtree(stale)  # left by an earlier, interrupted conversion
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for i, leaf in enumerate(tqdm(leaves, desc=f"converting -> {out_dir.name}", disable=not progress,
-                                  unit="tensor")):
+    batch: dict[tuple[str, ...], np.ndarray] = {}
+    size, first = 0, True
+
+    def flush():
+        nonlocal batch, size, first
+        if batch:
+            partial.save(out_dir, nest(batch), custom_metadata=dict(metadata) if first else None)
+            batch, size, first = {}, 0, False
+            _release_freed_memory()
+
+    for leaf in tqdm(leaves, desc=f"converting -> {out_dir.name}", disable=not progress, unit="tensor"):
         arr = leaf.build(src)
         if tuple(arr.shape) != tuple(leaf.shape):
             raise ConversionError(f"internal: {'/'.join(leaf.path)} built with shape {arr.shape}, "
                                   f"expected {leaf.shape}")
-        arr = np.ascontiguousarray(arr.astype(dtype if arr.dtype.kind == "f" else arr.dtype))
-        partial.save(out_dir, nest({leaf.path: arr}),
-                     custom_metadata=dict(metadata) if i == 0 else None)
+        arr = np.ascontiguousarray(arr.astype(dtype if arr.dtype.kind == "f" else arr.dtype, copy=False))
+        if batch and size + arr.nbytes > batch_bytes:
+            flush()
+        batch[leaf.path] = arr
+        size += arr.nbytes
         del arr
+    flush()
     partial.finalize(out_dir)
     return out_dir
+
+
+def _release_freed_memory():
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so that the resident
+    size stays near one tensor instead of creeping up with every leaf written."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -2,8 +2,8 @@
 
 Both layouts are first seen through genmo's key names (`genmo_shapes`, `read_genmo`); the
 diffusers layout is mapped onto them (q/k/v concatenated, SwiGLU and final-modulation halves
-swapped). Then every genmo tensor becomes one of our leaves (kernels transposed to [in, out],
-blocks 0..depth-2 stacked for the scan, the last block separate).
+swapped). Then every genmo tensor becomes one leaf of our checkpoint (kernels transposed to
+[in, out]; blocks kept unrolled as blocks_N and last_block, stacked for the scan at load time).
 """
 
 from __future__ import annotations
@@ -178,49 +178,32 @@ def _to_ours(genmo_key: str, x: np.ndarray, cfg: DiTConfig) -> np.ndarray:
     return x
 
 
-def _our_path(genmo_key: str, cfg: DiTConfig) -> tuple[tuple[str, ...], int | None]:
-    """genmo key -> (our path, layer index within the scan stack or None)."""
+def _our_path(genmo_key: str, cfg: DiTConfig) -> tuple[str, ...]:
+    """genmo key -> its path in the checkpoint we write (the unrolled layout: blocks_N, last_block)."""
     parts = genmo_key.split(".")
     if parts[-1] == "weight" and not parts[-2].endswith("norm_x") and not parts[-2].endswith("norm_y"):
         parts[-1] = "kernel"
-    parts = [p for p in parts if p != "proj"] if parts[0] == "x_embedder" else parts
-    parts = [{"0": "mlp_0", "2": "mlp_2"}.get(p, p) for p in parts if p != "mlp"] \
-        if parts[0] == "t_embedder" else parts
+    if parts[0] == "x_embedder":
+        parts = [p for p in parts if p != "proj"]
+    if parts[0] == "t_embedder":
+        parts = [{"0": "mlp_0", "2": "mlp_2"}.get(p, p) for p in parts if p != "mlp"]
     if parts[0] == "blocks":
         n = int(parts[1])
-        if n == cfg.depth - 1:
-            return ("last_block", *parts[2:]), None
-        return ("blocks", *parts[2:]), n
-    return tuple(parts), None
+        return ("last_block" if n == cfg.depth - 1 else f"blocks_{n}", *parts[2:])
+    return tuple(parts)
 
 
 def plan(cfg: DiTConfig, layout: str) -> list[Leaf]:
-    """Our leaves, each built from its genmo tensor(s); scanned blocks stacked on axis 0."""
-    groups: dict[tuple[str, ...], list[tuple[int | None, str]]] = {}
-    for gk in genmo_shapes(cfg):
-        path, n = _our_path(gk, cfg)
-        groups.setdefault(path, []).append((n, gk))
-    shapes = genmo_shapes(cfg)
+    """One output leaf per genmo tensor, so the converter holds one tensor at a time.
+
+    The checkpoint keeps the blocks unrolled (blocks_0 .. blocks_{depth-2}, last_block): the
+    loader (`mochi_jax.weights.load_dit`) stacks them for the scan, leaf by leaf, directly
+    into the requested shardings."""
     leaves = []
-    for path, members in groups.items():
-        members.sort(key=lambda m: -1 if m[0] is None else m[0])
-        one = _to_ours(members[0][1], np.broadcast_to(np.float32(0), shapes[members[0][1]]), cfg).shape
-        stacked = members[0][0] is not None
-        shape = (len(members), *one) if stacked else one
-        gkeys = [gk for _, gk in members]
-
-        def build(src, gkeys=gkeys, stacked=stacked, shape=shape):
-            if not stacked:
-                return _to_ours(gkeys[0], read_genmo(src, layout, cfg, gkeys[0]), cfg)
-            out = None
-            for i, gk in enumerate(gkeys):  # one block at a time: peak memory is one stacked leaf
-                x = _to_ours(gk, read_genmo(src, layout, cfg, gk), cfg)
-                if out is None:
-                    out = np.empty(shape, x.dtype)
-                out[i] = x
-            return out
-
-        leaves.append(Leaf(path=path, shape=tuple(shape), keys=tuple(gkeys), build=build))
+    for gk, shape in genmo_shapes(cfg).items():
+        ours = _to_ours(gk, np.broadcast_to(np.float32(0), shape), cfg).shape
+        leaves.append(Leaf(path=_our_path(gk, cfg), shape=tuple(ours), keys=(gk,),
+                           build=lambda src, gk=gk: _to_ours(gk, read_genmo(src, layout, cfg, gk), cfg)))
     return leaves
 
 
