@@ -3,9 +3,7 @@ one attention function with several backends, and named remat policies."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -106,12 +104,15 @@ def attention(q, k, v, key_mask=None, impl: str = "xla"):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     if impl == "cudnn":
-        lengths = None
-        if key_mask is not None:
-            lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+        return fused_attention(q, k, v, key_mask, "cudnn")
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+def fused_attention(q, k, v, key_mask, implementation):
+    """jax.nn.dot_product_attention with the prefix `key_mask` given as per-sample key lengths.
+    'cudnn' needs bfloat16/float16 inputs on an NVIDIA GPU; 'xla' runs anywhere (tests)."""
+    lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
 # ----------------------------------------------------------------------------- remat
