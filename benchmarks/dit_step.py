@@ -9,7 +9,6 @@ visual and text qkv and output projections).
 """
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics

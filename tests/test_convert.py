@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dit_ref import diffusers_to_genmo, make_reference, our_config
 from mochi_jax import convert

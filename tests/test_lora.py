@@ -1,6 +1,5 @@
 """LoRA as a separate pytree: zero-B identity, parity with diffusers + PEFT, merge, gradients."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -3,10 +3,13 @@
 
     python tools/convert_weights.py dit  SRC OUT [--dtype bfloat16] [--overwrite]
     python tools/convert_weights.py t5   SRC OUT [--dtype bfloat16] [--overwrite]
+    python tools/convert_weights.py vae  SRC OUT [--dtype bfloat16] [--overwrite]
 
 dit: SRC is genmo's `dit.safetensors` (ComfyUI prefixes accepted), a diffusers `transformer/`
 folder (sharded, with its index JSON) or the diffusers repo root; the layout is detected from
 the keys. t5: SRC is the diffusers repo's `text_encoder/` folder, the repo root, or one file.
+vae: SRC is the diffusers repo root or its `vae/` folder, or genmo's folder holding
+`encoder.safetensors` and `decoder.safetensors`.
 Tensors are read one at a time; every key and shape is checked before anything is written, and
 the output appears only when complete. Pickled files (.pt/.bin/.ckpt) are refused.
 """
@@ -17,7 +20,7 @@ import sys
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", choices=["dit", "t5"], help="which model the checkpoint holds")
+    ap.add_argument("model", choices=["dit", "t5", "vae"], help="which model the checkpoint holds")
     ap.add_argument("src", help="source checkpoint file or folder")
     ap.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
@@ -36,6 +39,10 @@ def main(argv=None):
             out, cfg = convert.convert_t5(args.src, args.out, args.dtype, args.overwrite, not args.quiet)
             print(f"wrote {out}: T5 encoder {cfg.num_layers} layers, d_model {cfg.d_model}, "
                   f"{cfg.num_heads}x{cfg.d_kv} heads, {args.dtype}")
+        elif args.model == "vae":
+            out, cfg = convert.convert_vae(args.src, args.out, args.dtype, args.overwrite, not args.quiet)
+            print(f"wrote {out}: Mochi VAE (encoder {cfg.encoder_channels}, decoder {cfg.decoder_channels}), "
+                  f"{args.dtype}")
     except convert.ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mochi_jax.models import layers
-from mochi_jax.models.layers import Dense, RMSNorm, rms_norm
+from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, rms_norm
 from mochi_jax.models.lora import LoraTarget
 
 
@@ -58,11 +58,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d) -> "DiTConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown DiT config fields: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "DiT")
 
 
 # ----------------------------------------------------------------------------- helpers

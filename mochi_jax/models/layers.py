@@ -3,6 +3,7 @@ one attention function with several backends, and named remat policies."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -15,9 +16,14 @@ from mochi_jax.models.lora import LoraTarget, find_target
 Dtype = Any
 
 
-def as_dtype(name_or_dtype) -> jnp.dtype:
-    """'bfloat16' / 'float32' / jnp dtype -> jnp dtype."""
-    return jnp.dtype(name_or_dtype)
+def config_from_dict(cls, d, what: str):
+    """Build the frozen config dataclass `cls` from a dict / ConfigDict; unknown fields are an
+    error naming them, lists (JSON, ConfigDict) become tuples."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} config fields: {sorted(unknown)}")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
 class Dense(nn.Module):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mochi_jax.models.layers import Dense, RMSNorm
+from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +55,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d) -> "T5Config":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown T5 config fields: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "T5")
 
     def arch(self) -> dict:
         """The architecture fields (what a converted checkpoint fixes)."""
