@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from mochi_jax.convert.common import read_metadata
-from mochi_jax.models.dit import DiTConfig, stack_unrolled, unstacked_shardings
+from mochi_jax.models.dit import DiTConfig, stack_unrolled
+from mochi_jax.models.layers import unstack_shardings
 
 
 def load_tree(path, dtype=None, shardings=None):
@@ -42,7 +43,7 @@ def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, 
     if meta.get("model") != "mochi_dit":
         raise ValueError(f"{path} is not a converted Mochi DiT checkpoint (metadata: {meta})")
     depth = int(meta["config"]["depth"])
-    disk = unstacked_shardings(shardings, depth) if shardings is not None else None
+    disk = unstack_shardings(shardings, "blocks", depth - 1) if shardings is not None else None
     params = stack_unrolled(load_tree(path, dtype=dtype, shardings=disk), depth, shardings)
     fields = dict(meta["config"], **overrides)
     leaf = jax.tree_util.tree_leaves(params)[0]

@@ -4,10 +4,13 @@ sharded safetensors with `model.safetensors.index.json`) -> our pytree (models/t
     shared.weight [V, D]                                         -> shared/embedding
     encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight [buckets, H]
                                                                  -> relative_attention_bias/embedding
-    encoder.block.N.layer.0.layer_norm.weight                    -> blocks/attn_norm/weight [N, ...]
-    encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight       -> blocks/attn/{q,k,v,o}/kernel (transposed)
-    encoder.block.N.layer.1.layer_norm.weight                    -> blocks/ff_norm/weight
-    encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight -> blocks/ff/{wi_0,wi_1,wo}/kernel (transposed)
+    encoder.block.N.layer.0.layer_norm.weight                    -> blocks_N/attn_norm/weight
+    encoder.block.N.layer.0.SelfAttention.{q,k,v,o}.weight       -> blocks_N/attn/{q,k,v,o}/kernel (transposed)
+    encoder.block.N.layer.1.layer_norm.weight                    -> blocks_N/ff_norm/weight
+    encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight -> blocks_N/ff/{wi_0,wi_1,wo}/kernel (transposed)
+
+On disk the layers stay unrolled (blocks_N), so conversion holds one tensor at a time; `load_t5`
+stacks them into `blocks/...` with a leading layer axis for the scan, into shardings if given.
     encoder.final_layer_norm.weight                              -> final_norm/weight
 
 `encoder.embed_tokens.weight` is the tied copy of `shared.weight`; when a file holds both they
@@ -156,9 +159,8 @@ def check(src: TensorSource) -> T5Config:
 
 # ----------------------------------------------------------------------------- our leaves
 
-def plan(cfg: T5Config, src_keys: set[str], dtype=None) -> list[Leaf]:
-    """Our leaves. Block weights are stacked on axis 0 (one block at a time, cast to `dtype`
-    as they arrive, so the peak is one stacked leaf in the output dtype)."""
+def plan(cfg: T5Config, src_keys: set[str]) -> list[Leaf]:
+    """Our leaves, one per source tensor, so the converter holds one tensor at a time."""
     embed_key = EMBED if EMBED in src_keys else TIED
     leaves = [
         Leaf(("shared", "embedding"), (cfg.vocab_size, cfg.d_model), (embed_key,), lambda s: s.get(embed_key)),
@@ -166,22 +168,11 @@ def plan(cfg: T5Config, src_keys: set[str], dtype=None) -> list[Leaf]:
              lambda s: s.get(REL_BIAS)),
     ]
     shapes = source_shapes(cfg, src_keys)
-    for ours in _block_keys(0):
-        keys = tuple(_block_keys(n)[ours] for n in range(cfg.num_layers))
-        one = shapes[keys[0]][::-1]  # Linear [out, in] -> kernel [in, out]; norms unchanged
-        shape = (cfg.num_layers, *one)
-
-        def build(src, keys=keys, shape=shape):
-            out = None
-            for n, key in enumerate(keys):
-                x = src.get(key)
-                x = x.T if x.ndim == 2 else x
-                if out is None:
-                    out = np.empty(shape, x.dtype if dtype is None else dtype)
-                out[n] = x
-            return out
-
-        leaves.append(Leaf(("blocks", *ours.split("/")), shape, keys, build))
+    for n in range(cfg.num_layers):  # layers stay unrolled (blocks_N) on disk; load_t5 stacks them
+        for ours, key in _block_keys(n).items():
+            one = shapes[key][::-1]  # Linear [out, in] -> kernel [in, out]; norms unchanged
+            leaves.append(Leaf((f"blocks_{n}", *ours.split("/")), one, (key,),
+                               lambda s, key=key: s.get(key).T))
     leaves.append(Leaf(("final_norm", "weight"), (cfg.d_model,), (FINAL_NORM,), lambda s: s.get(FINAL_NORM)))
     return leaves
 
@@ -201,7 +192,7 @@ def convert_t5(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=Tr
     cfg = check(src)
     cfg = dataclasses.replace(cfg, param_dtype=np_dtype.name)
     meta = {"model": "t5_encoder", "source": str(src_path), "config": cfg.arch()}
-    out = write(plan(cfg, src.keys(), np_dtype), src, out_dir, np_dtype, meta, overwrite=overwrite,
+    out = write(plan(cfg, src.keys()), src, out_dir, np_dtype, meta, overwrite=overwrite,
                 progress=progress)
     return out, cfg
 
@@ -217,12 +208,15 @@ def load_t5(path, dtype=None, shardings=None, **overrides) -> tuple[T5Config, di
     import jax
     import jax.numpy as jnp
 
+    from mochi_jax.models.layers import stack_layers, unstack_shardings
     from mochi_jax.weights import load_tree
 
     meta = read_metadata(path)
     if meta.get("model") != "t5_encoder":
         raise ValueError(f"{path} is not a converted T5 encoder checkpoint (metadata: {meta})")
-    params = load_tree(path, dtype=dtype, shardings=shardings)
+    n = int(meta["config"]["num_layers"])
+    disk = unstack_shardings(shardings, "blocks", n) if shardings is not None else None
+    params = stack_layers(load_tree(path, dtype=dtype, shardings=disk), "blocks", n, shardings)
     fields = dict(meta["config"], **overrides)
     fields.setdefault("param_dtype", jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name)
     return T5Config.from_dict(fields), params

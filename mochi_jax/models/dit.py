@@ -294,34 +294,9 @@ class MochiDiT(_Base):
 
 
 def stack_unrolled(params: dict, depth: int, shardings=None) -> dict:
-    """Turn an unrolled tree (blocks_0 .. blocks_{depth-2}) into the scanned layout ('blocks').
-
-    Leaf by leaf, so at most one stacked leaf exists twice; `shardings` (for the scanned
-    layout, optional) places each stacked leaf directly where it belongs."""
-    from flax import traverse_util
-
-    names = [f"blocks_{i}" for i in range(depth - 1)]
-    layers = [traverse_util.flatten_dict(params[n]) for n in names]
-    target = traverse_util.flatten_dict(shardings["blocks"]) if shardings is not None else {}
-    stacked = {}
-    for path in list(layers[0]):
-        xs = [layer.pop(path) for layer in layers]
-        stacked[path] = jax.jit(lambda *a: jnp.stack(a), out_shardings=target.get(path))(*xs)
-        del xs
-    out = {k: v for k, v in params.items() if k not in names}
-    out["blocks"] = traverse_util.unflatten_dict(stacked)
-    return out
-
-
-def unstacked_shardings(shardings: dict, depth: int) -> dict:
-    """Shardings of the scanned layout -> the same for the unrolled one (the layer axis dropped)."""
-    def drop_layer_axis(sh):
-        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
-
-    per_layer = jax.tree_util.tree_map(drop_layer_axis, shardings["blocks"])
-    out = {k: v for k, v in shardings.items() if k != "blocks"}
-    out.update({f"blocks_{i}": per_layer for i in range(depth - 1)})
-    return out
+    """Turn an unrolled tree (blocks_0 .. blocks_{depth-2}) into the scanned layout ('blocks');
+    `shardings` (for the scanned layout) places each stacked leaf directly."""
+    return layers.stack_layers(params, "blocks", depth - 1, shardings)
 
 
 def param_count(params) -> int:

@@ -121,6 +121,39 @@ def fused_attention(q, k, v, key_mask, implementation):
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
 
 
+# ----------------------------------------------------------------------------- layer stacks
+
+def stack_layers(tree: dict, name: str, n: int, shardings=None) -> dict:
+    """{name_0 .. name_{n-1}: layer} -> {name: layers stacked on a leading axis}, as scanned
+    modules expect. Checkpoints keep layers unrolled so conversion holds one tensor at a time;
+    this stacks them leaf by leaf (at most one stacked leaf exists twice), each straight into
+    shardings[name] (for the stacked layout) when given."""
+    from flax import traverse_util
+
+    names = [f"{name}_{i}" for i in range(n)]
+    flat = [traverse_util.flatten_dict(tree[k]) for k in names]
+    target = traverse_util.flatten_dict(shardings[name]) if shardings is not None else {}
+    stacked = {}
+    for path in list(flat[0]):
+        xs = [layer.pop(path) for layer in flat]
+        stacked[path] = jax.jit(lambda *a: jnp.stack(a), out_shardings=target.get(path))(*xs)
+        del xs
+    out = {k: v for k, v in tree.items() if k not in names}
+    out[name] = traverse_util.unflatten_dict(stacked)
+    return out
+
+
+def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
+    """NamedShardings of the stacked layout -> the unrolled one (the leading layer axis dropped)."""
+    def drop_layer_axis(sh):
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+
+    out = {k: v for k, v in shardings.items() if k != name}
+    per_layer = jax.tree_util.tree_map(drop_layer_axis, shardings[name])
+    out.update({f"{name}_{i}": per_layer for i in range(n)})
+    return out
+
+
 # ----------------------------------------------------------------------------- remat
 
 REMAT_POLICIES = {
