@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from mochi_jax.convert.common import read_metadata
-from mochi_jax.models.dit import DiTConfig, stack_unrolled
-from mochi_jax.models.layers import unstack_shardings
+from mochi_jax.models.dit import DiTConfig
+from mochi_jax.models.layers import stack_layers, unstack_shardings
 
 
 def load_tree(path, dtype=None, shardings=None):
@@ -33,19 +33,32 @@ def load_tree(path, dtype=None, shardings=None):
     return ocp.load(path, target)
 
 
+def load_model(path, model: str, cfg_cls, dtype=None, shardings=None, overrides=None, stack=None):
+    """(config, params) from a checkpoint written by tools/convert_weights.py.
+
+    `model`: the metadata's model name ('mochi_dit', ...), checked. `stack(arch) -> (name, n)`:
+    the unrolled layers name_0 .. name_{n-1} on disk to stack for a scan, straight into
+    `shardings` (given for the stacked layout). The config is the stored architecture plus
+    `overrides`; param_dtype follows the loaded weights."""
+    meta = read_metadata(path)
+    if meta.get("model") != model:
+        raise ValueError(f"{path} is not a converted {model} checkpoint (metadata: {meta})")
+    if stack is None:
+        params = load_tree(path, dtype=dtype, shardings=shardings)
+    else:
+        name, n = stack(meta["config"])
+        disk = unstack_shardings(shardings, name, n) if shardings is not None else None
+        params = stack_layers(load_tree(path, dtype=dtype, shardings=disk), name, n, shardings)
+    fields = dict(meta["config"], **(overrides or {}))
+    fields.setdefault("param_dtype", jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name)
+    return cfg_cls.from_dict(fields), params
+
+
 def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
     """(DiTConfig, params) from a converted DiT checkpoint, in the scanned layout.
 
     `shardings`: NamedShardings for the scanned params (e.g. FSDP); each process then reads only
     its shards and the blocks are stacked straight into them. `dtype` casts the weights;
     `overrides` set non-architecture config fields (compute_dtype, attention, remat, ...)."""
-    meta = read_metadata(path)
-    if meta.get("model") != "mochi_dit":
-        raise ValueError(f"{path} is not a converted Mochi DiT checkpoint (metadata: {meta})")
-    depth = int(meta["config"]["depth"])
-    disk = unstack_shardings(shardings, "blocks", depth - 1) if shardings is not None else None
-    params = stack_unrolled(load_tree(path, dtype=dtype, shardings=disk), depth, shardings)
-    fields = dict(meta["config"], **overrides)
-    leaf = jax.tree_util.tree_leaves(params)[0]
-    fields.setdefault("param_dtype", jnp.dtype(leaf.dtype).name)
-    return DiTConfig.from_dict(fields), params
+    return load_model(path, "mochi_dit", DiTConfig, dtype, shardings, overrides,
+                      stack=lambda arch: ("blocks", int(arch["depth"]) - 1))

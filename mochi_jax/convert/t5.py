@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, read_metadata, validate, write
+from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, validate, write
 from mochi_jax.models.t5 import T5Config
 
 EMBED, TIED = "shared.weight", "encoder.embed_tokens.weight"
@@ -205,18 +205,7 @@ def load_t5(path, dtype=None, shardings=None, **overrides) -> tuple[T5Config, di
     shards. `overrides` set non-architecture config fields (compute_dtype, ...); param_dtype
     follows the loaded weights.
     """
-    import jax
-    import jax.numpy as jnp
+    from mochi_jax.weights import load_model
 
-    from mochi_jax.models.layers import stack_layers, unstack_shardings
-    from mochi_jax.weights import load_tree
-
-    meta = read_metadata(path)
-    if meta.get("model") != "t5_encoder":
-        raise ValueError(f"{path} is not a converted T5 encoder checkpoint (metadata: {meta})")
-    n = int(meta["config"]["num_layers"])
-    disk = unstack_shardings(shardings, "blocks", n) if shardings is not None else None
-    params = stack_layers(load_tree(path, dtype=dtype, shardings=disk), "blocks", n, shardings)
-    fields = dict(meta["config"], **overrides)
-    fields.setdefault("param_dtype", jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name)
-    return T5Config.from_dict(fields), params
+    return load_model(path, "t5_encoder", T5Config, dtype, shardings, overrides,
+                      stack=lambda arch: ("blocks", int(arch["num_layers"])))

@@ -351,20 +351,9 @@ def convert_vae(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
 def load_vae(path, dtype=None, shardings=None, **overrides) -> tuple[VAEConfig, dict]:
     """(VAEConfig, params) from a converted VAE checkpoint. `overrides` set non-architecture fields
     (compute_dtype, tile_size, chunk_frames, ...); param_dtype follows the stored (or cast) dtype."""
-    import jax
-    import jax.numpy as jnp
+    from mochi_jax.weights import load_model
 
-    from mochi_jax.convert.common import read_metadata
-    from mochi_jax.weights import load_tree
-
-    meta = read_metadata(path)
-    if meta.get("model") != "mochi_vae":
-        raise ValueError(f"{path} is not a converted Mochi VAE checkpoint (metadata: {meta})")
-    params = load_tree(path, dtype=dtype, shardings=shardings)
-    fields = dict(meta["config"], **overrides)
-    leaf = jax.tree_util.tree_leaves(params)[0]
-    fields.setdefault("param_dtype", jnp.dtype(leaf.dtype).name)
-    return VAEConfig.from_dict(fields), params
+    return load_model(path, "mochi_vae", VAEConfig, dtype, shardings, overrides)
 
 
 def read_vae(src_path, dtype="float32") -> tuple[VAEConfig, dict]:
