@@ -62,3 +62,33 @@ def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, 
     `overrides` set non-architecture config fields (compute_dtype, attention, remat, ...)."""
     return load_model(path, "mochi_dit", DiTConfig, dtype, shardings, overrides,
                       stack=lambda arch: ("blocks", int(arch["depth"]) - 1))
+
+
+def save_model(path, params, model: str, arch: dict, unstack=None, dtype=None, overwrite=False,
+               progress=False, extra_metadata=None):
+    """Write `params` as a checkpoint `load_model` reads: the layout tools/convert_weights.py writes
+    (orbax, custom metadata {'model', 'config': arch}). `unstack=(name, n)` writes the scanned
+    layers params[name] unrolled as name_0 .. name_{n-1}; `dtype` casts floating leaves. Used for
+    merged LoRA checkpoints and the demo's random tiny models; appears atomically like a conversion."""
+    import numpy as np
+    from flax import traverse_util
+
+    from mochi_jax.convert.common import Leaf, write
+
+    flat = {}
+    for p, x in traverse_util.flatten_dict(params).items():
+        if unstack is not None and p[0] == unstack[0]:
+            for i in range(unstack[1]):
+                flat[(f"{unstack[0]}_{i}",) + p[1:]] = (x, i)
+        else:
+            flat[p] = (x, None)
+
+    def build(x, i):
+        return lambda _src: np.asarray(x if i is None else x[i])
+
+    leaves = [Leaf(p, tuple(x.shape[1:] if i is not None else x.shape), (), build(x, i))
+              for p, (x, i) in flat.items()]
+    meta = {"model": model, "config": arch, **(extra_metadata or {})}
+    first = np.asarray(jax.tree_util.tree_leaves(params)[0])
+    np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else first.dtype
+    return write(leaves, None, path, np_dtype, meta, overwrite=overwrite, progress=progress)

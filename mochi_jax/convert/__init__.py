@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from mochi_jax.convert import dit as _dit
 from mochi_jax.convert.common import ConversionError, TensorSource, read_metadata, write
 from mochi_jax.convert.t5 import convert_t5, load_t5
@@ -23,10 +21,7 @@ def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
 
     src, layout = _dit.open_dit(src_path)
     cfg = _dit.check(src, layout)
-    arch = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k in ("depth", "num_heads", "head_dim", "text_width", "t5_dim", "in_channels", "patch_size",
-                     "time_embed_dim")}
-    meta = {"model": "mochi_dit", "source": str(src_path), "source_layout": layout, "config": arch}
+    meta = {"model": "mochi_dit", "source": str(src_path), "source_layout": layout, "config": cfg.arch()}
     np_dtype = np.dtype(jnp.dtype(dtype))
     out = write(_dit.plan(cfg, layout), src, out_dir, np_dtype, meta,
                 overwrite=overwrite, progress=progress)

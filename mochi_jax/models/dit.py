@@ -60,6 +60,13 @@ class DiTConfig:
     def from_dict(cls, d) -> "DiTConfig":
         return config_from_dict(cls, d, "DiT")
 
+    ARCH_FIELDS = ("depth", "num_heads", "head_dim", "text_width", "t5_dim", "in_channels", "patch_size",
+                   "time_embed_dim")
+
+    def arch(self) -> dict:
+        """The architecture fields (what a converted checkpoint fixes)."""
+        return {k: getattr(self, k) for k in self.ARCH_FIELDS}
+
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -1,0 +1,82 @@
+"""Tiny random-initialised Mochi models for the demo and the tests: no download needed.
+
+`write_demo_models(root)` writes, in exactly the layout tools/convert_weights.py produces,
+    root/dit        a 3-block DiT (2 heads x 16, text width 32, T5 width 32)
+    root/vae        a VAE with 32-64 channels and one resnet per stage (x6 time, x8 space)
+    root/t5         a 2-layer T5 encoder (d_model 32)
+    root/tokenizer  a SentencePiece model trained on a few sentences (spiece.model)
+so that every command (prepare, train, sample) runs end to end on a laptop CPU in minutes. The
+weights are random: videos sampled from them are noise, but shapes, code paths, checkpoints and
+files are those of the real model. Re-running reuses what exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+DIT = dict(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, in_channels=12, patch_size=2,
+           time_embed_dim=32)
+VAE = dict(encoder_channels=(32, 32, 64, 64), decoder_channels=(32, 64, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
+           encoder_attention=(False, False, False, False, True))
+T5 = dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=256)
+
+CORPUS = [
+    "a red ball bounces across a white floor",
+    "a blue square slides slowly to the left",
+    "a green circle grows and shrinks in the centre",
+    "a yellow stripe moves from top to bottom",
+    "the camera pans over a field of coloured dots",
+    "two shapes orbit each other against a dark background",
+    "a video of simple moving shapes in bright colours",
+    "the quick brown fox jumps over the lazy dog",
+]
+
+
+def _tokenizer(folder: Path) -> Path:
+    import sentencepiece as spm
+
+    model = folder / "spiece.model"
+    if model.exists():
+        return model
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 4))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=100, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        hard_vocab_limit=False, minloglevel=2)
+    corpus.unlink()
+    return model
+
+
+def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, Path]:
+    """Write (or reuse) the tiny random models under `root`; returns {'dit', 'vae', 't5', 'tokenizer'} paths."""
+    from mochi_jax.models import vae as vae_lib
+    from mochi_jax.models.dit import DiTConfig, MochiDiT
+    from mochi_jax.models.t5 import T5Config, init_params
+    from mochi_jax.weights import save_model
+
+    root = Path(root)
+    paths = {"dit": root / "dit", "vae": root / "vae", "t5": root / "t5", "tokenizer": root / "tokenizer"}
+    k_dit, k_vae, k_t5 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    if not paths["dit"].exists():
+        cfg = DiTConfig(**DIT, param_dtype="float32", compute_dtype="float32", remat="none")
+        x = jnp.zeros((1, cfg.in_channels, 1, 2, 2))
+        params = MochiDiT(cfg).init(k_dit, x, jnp.zeros((1, 4, cfg.t5_dim)), jnp.ones((1, 4), bool),
+                                    jnp.zeros((1,)))["params"]
+        # RoPE frequencies start at zero in the reference; make them random so RoPE does something.
+        params["pos_frequencies"] = 0.1 * jax.random.normal(k_dit, params["pos_frequencies"].shape)
+        save_model(paths["dit"], params, "mochi_dit", cfg.arch(), unstack=("blocks", cfg.depth - 1),
+                   progress=progress)
+    if not paths["vae"].exists():
+        cfg = vae_lib.VAEConfig(**VAE)
+        save_model(paths["vae"], vae_lib.init(k_vae, cfg), "mochi_vae", cfg.arch_dict(), progress=progress)
+    if not paths["t5"].exists():
+        cfg = T5Config(**T5, param_dtype="float32", compute_dtype="float32")
+        save_model(paths["t5"], init_params(cfg, k_t5), "t5_encoder", cfg.arch(),
+                   unstack=("blocks", cfg.num_layers), progress=progress)
+    _tokenizer(paths["tokenizer"])
+    return paths
