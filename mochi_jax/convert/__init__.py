@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from mochi_jax.convert import dit as _dit
+from mochi_jax.convert.clip import convert_clip, load_clip
 from mochi_jax.convert.common import ConversionError, TensorSource, read_metadata, write
 from mochi_jax.convert.t5 import convert_t5, load_t5
 from mochi_jax.convert.vae import convert_vae, load_vae
 
-__all__ = ["ConversionError", "TensorSource", "convert_dit", "convert_t5", "convert_vae", "load_t5", "load_vae",
-           "read_metadata"]
+__all__ = ["ConversionError", "TensorSource", "convert_clip", "convert_dit", "convert_t5", "convert_vae", "load_clip",
+           "load_t5", "load_vae", "read_metadata"]
 
 
 def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=True):

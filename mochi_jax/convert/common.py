@@ -232,7 +232,9 @@ def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike,
         if tuple(arr.shape) != tuple(leaf.shape):
             raise ConversionError(f"internal: {'/'.join(leaf.path)} built with shape {arr.shape}, "
                                   f"expected {leaf.shape}")
+        shape = arr.shape  # np.ascontiguousarray makes 0-d arrays 1-d; keep scalars scalar
         arr = np.ascontiguousarray(arr.astype(dtype if arr.dtype.kind == "f" else arr.dtype, copy=False))
+        arr = arr.reshape(shape)
         if batch and size + arr.nbytes > batch_bytes:
             flush()
         batch[leaf.path] = arr
