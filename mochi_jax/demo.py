@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DIT = dict(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, in_channels=12, patch_size=2,
            time_embed_dim=32)
@@ -52,6 +53,22 @@ def _tokenizer(folder: Path) -> Path:
     return model
 
 
+def random_like(shapes, key) -> dict:
+    """Random weights for a tree of ShapeDtypeStructs (from jax.eval_shape of an init, so nothing is
+    compiled): normal / sqrt(fan_in) for matrices and kernels, ones for norm weights, zeros for biases."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(shapes)
+    out = {}
+    for i, (path, s) in enumerate(sorted(flat.items())):
+        if len(s.shape) >= 2:
+            fan_in = max(1, int(np.prod(s.shape[:-1])) // (s.shape[0] if path[0] == "blocks" else 1))
+            out[path] = jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype) / np.sqrt(fan_in)
+        else:
+            out[path] = (jnp.ones if path[-1] in ("scale", "weight") else jnp.zeros)(s.shape, s.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
 def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, Path]:
     """Write (or reuse) the tiny random models under `root`; returns {'dit', 'vae', 't5', 'tokenizer'} paths."""
     from mochi_jax.models import vae as vae_lib
@@ -65,18 +82,20 @@ def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, 
     if not paths["dit"].exists():
         cfg = DiTConfig(**DIT, param_dtype="float32", compute_dtype="float32", remat="none")
         x = jnp.zeros((1, cfg.in_channels, 1, 2, 2))
-        params = MochiDiT(cfg).init(k_dit, x, jnp.zeros((1, 4, cfg.t5_dim)), jnp.ones((1, 4), bool),
-                                    jnp.zeros((1,)))["params"]
-        # RoPE frequencies start at zero in the reference; make them random so RoPE does something.
-        params["pos_frequencies"] = 0.1 * jax.random.normal(k_dit, params["pos_frequencies"].shape)
+        shapes = jax.eval_shape(lambda: MochiDiT(cfg).init(
+            k_dit, x, jnp.zeros((1, 4, cfg.t5_dim)), jnp.ones((1, 4), bool), jnp.zeros((1,)))["params"])
+        params = random_like(shapes, k_dit)
+        params["pos_frequencies"] = 0.1 * jax.random.normal(k_dit, shapes["pos_frequencies"].shape)
         save_model(paths["dit"], params, "mochi_dit", cfg.arch(), unstack=("blocks", cfg.depth - 1),
                    progress=progress)
     if not paths["vae"].exists():
         cfg = vae_lib.VAEConfig(**VAE)
-        save_model(paths["vae"], vae_lib.init(k_vae, cfg), "mochi_vae", cfg.arch_dict(), progress=progress)
+        shapes = jax.eval_shape(lambda: vae_lib.init(k_vae, cfg))  # traced, not compiled: fast
+        save_model(paths["vae"], random_like(shapes, k_vae), "mochi_vae", cfg.arch_dict(), progress=progress)
     if not paths["t5"].exists():
         cfg = T5Config(**T5, param_dtype="float32", compute_dtype="float32")
-        save_model(paths["t5"], init_params(cfg, k_t5), "t5_encoder", cfg.arch(),
+        shapes = jax.eval_shape(lambda: init_params(cfg, k_t5))
+        save_model(paths["t5"], random_like(shapes, k_t5), "t5_encoder", cfg.arch(),
                    unstack=("blocks", cfg.num_layers), progress=progress)
     _tokenizer(paths["tokenizer"])
     return paths

@@ -1,0 +1,46 @@
+"""Settings of `python -m mochi_jax.prepare`: `get_config('' | 'demo')`.
+
+    python -m mochi_jax.prepare --config=configs/prepare.py --config.input_dir=clips --config.output_dir=cache
+    python -m mochi_jax.prepare --config=configs/prepare.py:demo          # tiny random models, synthetic clips
+
+The default preset is the official fine-tuner's data recipe: the first 37 frames at 30 fps,
+resized to cover and centre-cropped to 480x848, encoded by the converted VAE and T5 (see
+tools/convert_weights.py). `tokenizer` is a folder holding spiece.model (the diffusers repo
+root or its tokenizer/ folder both work).
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "default", "demo"):
+        raise ValueError(f"unknown prepare preset {arg!r}; choose '' (default) or 'demo'")
+    cfg = ml_collections.ConfigDict(dict(
+        input_dir="clips",          # videos (.mp4 .mov .webm .mkv) with same-named .txt captions
+        output_dir="cache",         # manifest.json + clips/<name>.safetensors
+        vae="ckpt/vae",             # converted checkpoints
+        t5="ckpt/t5",
+        tokenizer="ckpt/tokenizer",
+        fps=30.0,                   # frames are picked at this rate from the source
+        num_frames=37,              # 6k+1 frames -> k+1 latent frames
+        buckets=((480, 848),),      # (H, W) pixel sizes; each clip takes the closest aspect ratio
+        upscale=True,               # False: skip clips smaller than their bucket instead of enlarging
+        max_length=256,             # T5 tokens
+        text_batch_size=8,          # captions per T5 call
+        vae_dtype="float32",        # weights cast on load; "" keeps the stored dtype
+        t5_dtype="",
+        tiled=False,                # tiled VAE encoding (bounded memory, approximate)
+        tile_size=(256, 256),
+        tile_overlap=(64, 64),
+        previews=False,             # decode each cached mean and write input | reconstruction mp4s
+        overwrite=False,            # re-encode every clip even if the cache already has it
+        make_demo=False,            # write the demo models and synthetic clips if they are missing
+        demo_clips=4,               # how many synthetic clips make_demo writes
+    ))
+    if arg == "demo":
+        root = "runs/demo"
+        cfg.update(dict(
+            input_dir=f"{root}/clips", output_dir=f"{root}/cache",
+            vae=f"{root}/models/vae", t5=f"{root}/models/t5", tokenizer=f"{root}/models/tokenizer",
+            num_frames=13, buckets=((48, 80),), tile_size=(32, 32), tile_overlap=(16, 16), make_demo=True))
+    return cfg

@@ -1,0 +1,203 @@
+"""Reading and writing video clips (imageio-ffmpeg) the way the Mochi fine-tuner consumes them.
+
+    frames = read_clip("clip.mp4", num_frames=37, fps=30, size=(480, 848))  # uint8 [37, 480, 848, 3]
+    write_mp4("out.mp4", frames, fps=30)                                     # libx264, atomic
+    x = to_unit(frames)                                                       # float32 in [-1, 1]
+
+`read_clip` resamples in time by picking source frame floor(i * src_fps / fps) for output frame
+i (the source rate comes from the container metadata), keeps the first `num_frames`, resizes
+to *cover* the target (aspect ratio preserved, the short side fits) and centre-crops it.
+
+Resizing is our own separable triangle (bilinear) filter in numpy, widened by the scale factor
+when shrinking so that it averages instead of aliasing (the same idea as PIL's BILINEAR). It
+is deterministic, has no extra dependency, and resizes one frame at a time so memory stays at
+the size of the output clip.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
+
+
+class VideoError(ValueError):
+    """A clip that cannot be used. `kind` is one of 'zero-byte', 'unreadable', 'too short', 'too small'."""
+
+    def __init__(self, path, kind: str, detail: str):
+        super().__init__(f"{path}: {kind}: {detail}")
+        self.path, self.kind, self.detail = str(path), kind, detail
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def to_unit(frames) -> np.ndarray:
+    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
+    return np.asarray(frames, np.float32) / 127.5 - 1.0
+
+
+def from_unit(x) -> np.ndarray:
+    """float in [-1, 1] (values outside are clipped) -> uint8 in [0, 255]."""
+    return np.round((np.clip(np.asarray(x, np.float32), -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- resizing
+
+def resize_weights(n_in: int, n_out: int, offset: int = 0, count: int | None = None) -> np.ndarray:
+    """[count, n_in] float32 rows mapping n_in samples to output samples offset..offset+count of an
+    n_out-sample resize (pixel centres aligned, triangle filter widened by 1/scale when shrinking,
+    rows renormalised at the borders)."""
+    count = n_out - offset if count is None else count
+    scale = n_out / n_in
+    support = max(1.0, 1.0 / scale)
+    centres = (np.arange(offset, offset + count) + 0.5) / scale - 0.5  # in input pixel coordinates
+    w = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None, :] - centres[:, None]) / support)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def cover_crop(height: int, width: int, size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For a height x width frame and target size (H, W): ((resized H, resized W), (top, left))
+    of the resize that covers the target with the aspect ratio kept, and its centre crop."""
+    th, tw = size
+    scale = max(th / height, tw / width)
+    rh, rw = max(th, round(height * scale)), max(tw, round(width * scale))
+    return (rh, rw), ((rh - th) // 2, (rw - tw) // 2)
+
+
+class _Resizer:
+    """Cover-resize + centre-crop of [H, W, 3] uint8 frames to `size` with precomputed matrices."""
+
+    def __init__(self, height: int, width: int, size):
+        (rh, rw), (top, left) = cover_crop(height, width, size)
+        self.rows = resize_weights(height, rh, top, size[0])  # [H_out, H_in]
+        self.cols = resize_weights(width, rw, left, size[1])  # [W_out, W_in]
+        self.identity = (height, width) == tuple(size)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return frame
+        x = np.einsum("oh,hwc->owc", self.rows, frame.astype(np.float32))
+        x = np.einsum("pw,owc->opc", self.cols, x)
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def resize_cover(frames, size) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, size[0], size[1], 3]: cover-resize, then centre-crop."""
+    frames = np.asarray(frames)
+    resize = _Resizer(frames.shape[1], frames.shape[2], size)
+    return np.stack([resize(f) for f in frames])
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _open(path):
+    """(frame generator positioned after the metadata, metadata) or VideoError."""
+    import imageio_ffmpeg
+
+    path = Path(path)
+    try:
+        nbytes = path.stat().st_size
+    except OSError as e:
+        raise VideoError(path, "unreadable", f"cannot stat the file ({e.strerror or e})") from e
+    if nbytes == 0:
+        raise VideoError(path, "zero-byte", "the file is empty (0 bytes)")
+    try:
+        gen = imageio_ffmpeg.read_frames(str(path))
+        meta = next(gen)
+    except Exception as e:  # ffmpeg's messages are long; keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VideoError(path, "unreadable", f"ffmpeg cannot open it ({first})") from e
+    fps, size = meta.get("fps") or 0.0, meta.get("size")
+    if not size or fps <= 0 or not math.isfinite(fps):
+        gen.close()
+        raise VideoError(path, "unreadable", f"no frame size or frame rate in its metadata ({meta})")
+    return gen, meta
+
+
+def probe(path) -> tuple[int, int, float]:
+    """(height, width, fps) of a video from its container metadata, or VideoError."""
+    gen, meta = _open(path)
+    gen.close()
+    w, h = meta["size"]
+    return h, w, float(meta["fps"])
+
+
+def read_clip(path, num_frames: int, fps: float = 30, size=(480, 848), upscale: bool = True) -> np.ndarray:
+    """The first `num_frames` frames of `path` at `fps`, cover-resized and centre-cropped to size
+    (H, W): uint8 [num_frames, H, W, 3]. Decoding stops as soon as the last needed frame is read.
+
+    Raises VideoError naming the file when it is empty, cannot be decoded, has fewer than
+    num_frames frames at `fps`, or (with upscale=False) is smaller than `size` in either side.
+    """
+    gen, meta = _open(path)
+    w, h = meta["size"]
+    src_fps = float(meta["fps"])
+    if not upscale and (h < size[0] or w < size[1]):
+        gen.close()
+        raise VideoError(path, "too small", f"{w}x{h} (WxH) is smaller than the {size[1]}x{size[0]} bucket "
+                                            "and upscaling is off")
+    # Output frame i shows source frame floor(i * src_fps / fps) (tiny epsilon against 2.9999...).
+    picks = [math.floor(i * src_fps / fps + 1e-6) for i in range(num_frames)]
+    resize = _Resizer(h, w, size)
+    out, n_src = [], 0
+    try:
+        for index, raw in enumerate(gen):
+            n_src = index + 1
+            frame = np.frombuffer(raw, np.uint8)
+            if frame.size != h * w * 3:
+                raise VideoError(path, "unreadable", f"frame {index} has {frame.size} bytes, expected {h * w * 3}")
+            while len(out) < num_frames and picks[len(out)] == index:
+                out.append(resize(frame.reshape(h, w, 3)))
+            if len(out) == num_frames:
+                break
+    except VideoError:
+        raise
+    except Exception as e:
+        raise VideoError(path, "unreadable", f"decoding failed after {n_src} frames ({type(e).__name__}: "
+                                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    finally:
+        gen.close()
+    if n_src == 0:
+        raise VideoError(path, "unreadable", "ffmpeg decoded no frames")
+    if len(out) < num_frames:
+        raise VideoError(path, "too short", f"{len(out)} frames at {fps:g} fps ({n_src} source frames at "
+                                            f"{src_fps:g} fps), need {num_frames}")
+    return np.stack(out)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
+    """Write uint8 [T, H, W, 3] frames as an H.264 mp4 (yuv420p; imageio-ffmpeg quality 0-10).
+
+    Odd heights or widths are padded by one repeated edge row / column (yuv420p needs even
+    sizes). The file is written under a temporary name in the same folder and renamed when
+    complete, so `path` is either absent or a whole video.
+    """
+    import imageio_ffmpeg
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.mp4'}")
+    try:
+        writer = imageio_ffmpeg.write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, quality=quality,
+                                             codec="libx264", macro_block_size=1, ffmpeg_log_level="error")
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+        writer.close()
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError(f"ffmpeg wrote nothing for {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
