@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -260,21 +259,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    from absl import app, flags, logging
+def main():
+    from mochi_jax import cli
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<field>=...")
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every restore at INFO; -v 0 brings it back
-        logging.set_verbosity(logging.WARNING)
-    # ffmpeg runs in a subprocess (fork + exec, no Python in the child): JAX's fork warning does not apply.
-    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-    prepare(_CONFIG.value)
+    cli.run("configs/prepare.py", prepare, "prepare settings: configs/prepare.py[:demo]")
 
 
-if __name__ == "__main__":  # the flag is defined here so that importing this module defines no flags
-    from absl import app
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/prepare.py", "prepare settings (configs/prepare.py)")
-    app.run(main)
+if __name__ == "__main__":
+    main()

@@ -104,7 +104,8 @@ def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guida
         feats = jnp.concatenate([uncond[0], feats])
         mask = jnp.concatenate([uncond[1], mask])
     step = _step_fn(cfg, tuple(targets), guided)
-    z = jnp.asarray(noise, jnp.float32)
+    # committed like the weights, so the first step compiles the same program as the later ones
+    z = jax.device_put(jnp.asarray(noise, jnp.float32), jax.tree_util.tree_leaves(params)[0].sharding)
     it = range(len(sigmas) - 1)
     if progress:
         from tqdm import tqdm

@@ -8,7 +8,6 @@ import re
 import jax
 import numpy as np
 import pytest
-import torch
 from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file

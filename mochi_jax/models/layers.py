@@ -4,6 +4,7 @@ one attention function with several backends, and named remat policies."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -136,11 +137,17 @@ def stack_layers(tree: dict, name: str, n: int, shardings=None) -> dict:
     stacked = {}
     for path in list(flat[0]):
         xs = [layer.pop(path) for layer in flat]
-        stacked[path] = jax.jit(lambda *a: jnp.stack(a), out_shardings=target.get(path))(*xs)
+        stacked[path] = _stacker(target.get(path))(*xs)
         del xs
     out = {k: v for k, v in tree.items() if k not in names}
     out[name] = traverse_util.unflatten_dict(stacked)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(sharding):
+    """jit(stack) into `sharding`, one per sharding so equal layer shapes compile once."""
+    return jax.jit(lambda *a: jnp.stack(a), out_shardings=sharding)
 
 
 def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
