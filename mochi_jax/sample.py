@@ -50,34 +50,31 @@ def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "video"
 
 
-def run(cfg) -> list[Path]:
-    """Render cfg.num_videos videos of cfg.prompt; returns the mp4 paths."""
+def render(cfg):
+    """Yield (seed, uint8 frames [F, H, W, 3]) for cfg.num_videos videos of cfg.prompt."""
     import jax
 
     from mochi_jax import sampling
     from mochi_jax.convert import load_vae
     from mochi_jax.text import TextEncoder
-    from mochi_jax.video import write_mp4
     from mochi_jax.weights import load_dit
 
     t0 = time.time()
     shape = sampling.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # validate before loading anything
     sigmas = sampling.sigma_schedule(cfg.steps, cfg.threshold_noise)
+    dit_cfg, params = load_dit(cfg.dit, dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
+                               attention=cfg.attention, remat="none")
+    lora = load_loras(cfg.loras, dit_cfg)  # a bad LoRA file fails here, before any heavy work
     text = TextEncoder.load(cfg.t5, cfg.tokenizer)
     feats, mask = text([cfg.prompt, cfg.negative_prompt], zero_empty=cfg.zero_empty_negative)
     feats, mask = np.asarray(feats), np.asarray(mask)
     del text
-    dit_cfg, params = load_dit(cfg.dit, dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                               attention=cfg.attention, remat="none")
-    lora = load_loras(cfg.loras, dit_cfg)
     vae_cfg, vae_params = load_vae(cfg.vae, compute_dtype=cfg.compute_dtype)
     print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of {cfg.num_frames} "
           f"frames at {cfg.height}x{cfg.width}, {cfg.steps} steps, cfg {cfg.guidance}"
           + (f", LoRAs {cfg.loras}" if lora else ""), flush=True)
 
-    out_dir = Path(cfg.out_dir)
     seeds = [cfg.seed + i for i in range(cfg.num_videos)]
-    paths = []
     for start in range(0, len(seeds), cfg.batch_size):
         batch = seeds[start:start + cfg.batch_size]
         n = len(batch)
@@ -86,9 +83,17 @@ def run(cfg) -> list[Path]:
         z = sampling.denoise(dit_cfg, params, sampling.initial_noise(batch, shape), cond, uncond, sigmas,
                              cfg.guidance, lora=lora, progress=True)
         frames = sampling.decode_frames(vae_cfg, vae_params, jax.device_get(z), tiled=cfg.tiled_decode)
-        for seed, clip in zip(batch, frames):
-            paths.append(write_mp4(out_dir / f"{slug(cfg.prompt)}_seed{seed}.mp4", clip, fps=cfg.fps))
-            print(f"wrote {paths[-1]}", flush=True)
+        yield from zip(batch, frames)
+
+
+def run(cfg) -> list[Path]:
+    """Render and write <out_dir>/<prompt slug>_seed<seed>.mp4 for every video; returns the paths."""
+    from mochi_jax.video import write_mp4
+
+    paths = []
+    for seed, frames in render(cfg):
+        paths.append(write_mp4(Path(cfg.out_dir) / f"{slug(cfg.prompt)}_seed{seed}.mp4", frames, fps=cfg.fps))
+        print(f"wrote {paths[-1]}", flush=True)
     return paths
 
 

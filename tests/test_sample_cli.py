@@ -1,0 +1,111 @@
+"""`python -m mochi_jax.sample`: prompt -> mp4 with several LoRAs at their own strengths, deterministic,
+bad LoRA files refused before rendering."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from configs import sample as sample_config
+from mochi_jax import lora_io, sample
+from mochi_jax.demo import write_demo_models
+from mochi_jax.models import lora as lora_lib
+from mochi_jax.weights import load_dit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    paths = write_demo_models(root / "models")
+    cfg, _ = load_dit(paths["dit"])
+    targets = lora_lib.targets_from_config({k: dict(v, rank=2, alpha=4.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
+    files = []
+    for i, save in enumerate((lora_io.save_genmo, lora_io.save_diffusers)):
+        from mochi_jax.models.dit import MochiDiT
+        import jax.numpy as jnp
+
+        p = cfg.patch_size
+        shapes = jax.eval_shape(lambda: MochiDiT(cfg, targets).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 12, 1, p, p)), jnp.zeros((1, 1, cfg.t5_dim)),
+            jnp.ones((1, 1), bool), jnp.zeros((1,)))["lora"])
+        leaves, tree = jax.tree_util.tree_flatten(shapes)
+        keys = jax.random.split(jax.random.PRNGKey(10 + i), len(leaves))
+        factors = jax.tree_util.tree_unflatten(tree, [0.5 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+        f = root / f"lora{i}.safetensors"
+        save(f, factors, targets)
+        files.append(f)
+    return root, files
+
+
+def _cfg(root, **kw):
+    cfg = sample_config.get_config("demo")
+    m = root / "models"
+    cfg.dit, cfg.vae, cfg.t5, cfg.tokenizer = str(m / "dit"), str(m / "vae"), str(m / "t5"), str(m / "tokenizer")
+    cfg.num_frames, cfg.height, cfg.width, cfg.steps = 7, 32, 48, 3
+    cfg.out_dir = str(root / "out")
+    cfg.update(kw)
+    return cfg
+
+
+def _frames(cfg):
+    return dict(sample.render(cfg))
+
+
+def test_parse_loras():
+    assert sample.parse_loras("a.safetensors:0.8, b.safetensors,c:-1e-1") == [
+        ("a.safetensors", 0.8), ("b.safetensors", 1.0), ("c", -0.1)]
+    assert sample.parse_loras("") == []
+
+
+def test_loras_at_strength_zero_give_the_base_video_and_rendering_is_deterministic(setup):
+    root, files = setup
+    base = _frames(_cfg(root, num_videos=2, batch_size=2))
+    assert sorted(base) == [12345, 12346] and base[12345].shape == (7, 32, 48, 3)
+    assert not np.array_equal(base[12345], base[12346])  # different seeds, different noise
+    alone = _frames(_cfg(root, seed=12346))  # rendered alone = rendered in a batch
+    np.testing.assert_array_equal(alone[12346], base[12346])
+    zero = _frames(_cfg(root, loras=f"{files[0]}:0,{files[1]}:0.0"))
+    diff = np.abs(zero[12345].astype(int) - base[12345])  # another program: rounding may flip a pixel
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
+    styled = _frames(_cfg(root, loras=f"{files[0]}:1.0,{files[1]}:-0.5"))
+    assert np.abs(styled[12345].astype(int) - base[12345]).mean() > 1.0
+    again = _frames(_cfg(root, loras=f"{files[0]}:1.0,{files[1]}:-0.5"))
+    np.testing.assert_array_equal(again[12345], styled[12345])
+
+
+def test_bad_lora_is_refused_naming_the_key(setup):
+    root, files = setup
+    tensors = load_file(str(files[0]))
+    key = next(k for k in tensors if k.endswith("lora_B"))
+    tensors[key] = tensors[key][:, :1]  # wrong rank
+    bad = root / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={"kwargs": '{"qkv_proj_lora_rank": 2, "qkv_proj_lora_alpha": 2, '
+                                                      '"out_proj_lora_rank": 2, "out_proj_lora_alpha": 2}'})
+    with pytest.raises(lora_io.LoraFormatError, match=key.replace(".", r"\.")):
+        _frames(_cfg(root, loras=str(bad)))
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        _frames(_cfg(root, loras="nope.safetensors"))
+
+
+def test_command_line_writes_mp4(setup):
+    root, files = setup
+    out = root / "cli"
+    m = root / "models"
+    cmd = [sys.executable, "-m", "mochi_jax.sample", "--config=configs/sample.py:demo",
+           f"--config.dit={m / 'dit'}", f"--config.vae={m / 'vae'}", f"--config.t5={m / 't5'}",
+           f"--config.tokenizer={m / 'tokenizer'}", "--config.num_frames=7", "--config.height=32",
+           "--config.width=48", "--config.steps=2", f"--config.out_dir={out}", "--config.prompt=a blue square",
+           f"--config.loras={files[1]}:0.7"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    video = out / "a_blue_square_seed12345.mp4"
+    assert video.is_file()
+    frames = iio.imread(video)
+    assert frames.shape[0] == 7 and frames.shape[1:3] == (32, 48)
