@@ -26,6 +26,13 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.batch_size = 1  # per step, over all devices and processes
     c.resume = True  # continue from the latest checkpoint in run_dir/checkpoints
     c.log_every = 10
+    # Device mesh (see mochi_jax/sharding.py): sizes of the data / fsdp / sequence / tensor axes, one
+    # of them -1 for "the rest". The batch is split over data x fsdp; frozen weights, LoRA factors
+    # and optimizer state over fsdp; visual tokens over sequence; heads and MLP columns over tensor.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+    # Multi-host: jax.distributed.initialize(). On TPU pods, Slurm and Open MPI the cluster is detected;
+    # elsewhere give the coordinator ("host:port" of process 0), the process count and this process's id.
+    c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator="", num_processes=0, process_id=-1))
 
     c.model = ml_collections.ConfigDict(dict(
         dit="ckpt/dit",  # converted with tools/convert_weights.py dit
@@ -65,6 +72,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         vae="ckpt/vae", t5="ckpt/t5", tokenizer="ckpt/tokenizer",
         tiled_decode=True,
         fps=30,
+        # held-out clips (the last ones of the cache, by name) and the sigmas of the validation loss
+        holdout=0,
+        loss_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9],
+        # CLIP-T and temporal consistency of the validation videos (see mochi_jax.evaluate), if set
+        clip_checkpoint="", clip_tokenizer="",
     ))
     c.demo_root = ""  # demo only: where the tiny models, clips and cache are made
     c.prepare = ml_collections.ConfigDict()  # demo only: the prepare settings run before training
@@ -102,4 +114,5 @@ def demo(c: ml_collections.ConfigDict, root: str = "runs/demo") -> ml_collection
     c.validation.t5 = f"{root}/models/t5"
     c.validation.tokenizer = f"{root}/models/tokenizer"
     c.validation.tiled_decode = False
+    c.validation.holdout = 1
     return c

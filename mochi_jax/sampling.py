@@ -25,6 +25,7 @@ import numpy as np
 from mochi_jax.models import vae as vae_lib
 from mochi_jax.models.dit import DiTConfig, MochiDiT
 from mochi_jax.models.lora import LoraTarget
+from mochi_jax.sharding import replicated_like
 
 
 def sigma_schedule(num_steps: int = 64, threshold: float = 0.025, linear_steps: int | None = None) -> np.ndarray:
@@ -105,7 +106,7 @@ def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guida
         mask = jnp.concatenate([uncond[1], mask])
     step = _step_fn(cfg, tuple(targets), guided)
     # committed like the weights, so the first step compiles the same program as the later ones
-    z = jax.device_put(jnp.asarray(noise, jnp.float32), jax.tree_util.tree_leaves(params)[0].sharding)
+    z = jax.device_put(jnp.asarray(noise, jnp.float32), replicated_like(jax.tree_util.tree_leaves(params)[0]))
     it = range(len(sigmas) - 1)
     if progress:
         from tqdm import tqdm

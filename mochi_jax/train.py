@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mochi_jax import sharding as sharding_lib
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import vae as vae_lib
-from mochi_jax.models.dit import MochiDiT
+from mochi_jax.models.dit import DiTConfig, MochiDiT
 
 # ----------------------------------------------------------------------------- loss
 
@@ -70,7 +71,8 @@ def flow_loss(model, params, lora, batch, noise, formulation: str = "normalized"
     mask = batch["t5_mask"].astype(bool) & ~drop[:, None]
     cdt = jnp.dtype(model.cfg.compute_dtype)
     pred = model.apply({"params": params, "lora": lora}, z_sigma.astype(cdt), feats.astype(cdt), mask,
-                       1000.0 * (1.0 - sigma), rngs={"dropout": noise["lora_rng"]})
+                       1000.0 * (1.0 - sigma),
+                       rngs={} if noise.get("lora_rng") is None else {"dropout": noise["lora_rng"]})
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
@@ -98,9 +100,13 @@ def make_optimizer(o):
 # ----------------------------------------------------------------------------- one step
 
 
-def make_train_step(model, optimizer, formulation: str, caption_dropout: float):
-    """jit(step)(state, params, batch) -> (state, metrics). A step whose loss or gradients are not
-    finite is not applied (state unchanged except the step counter) and reported in metrics['finite']."""
+def make_train_step(model, optimizer, formulation: str, caption_dropout: float, mesh=None, shardings=None):
+    """step(state, params, batch) -> (state, metrics), jitted. A step whose loss or gradients are not
+    finite is not applied (state unchanged except the step counter) and reported in metrics['finite'].
+
+    With a `mesh` and `shardings` (from `train_shardings`), the step is one SPMD program over the
+    mesh: its inputs and outputs keep their shardings and the model's activation annotations
+    apply. `step.jitted` is the underlying jax.jit (lower it inside `sharding.activate(mesh)`)."""
 
     def step(state, params, batch):
         noise = draw_noise(jax.random.fold_in(state["rng"], state["step"]), batch, caption_dropout)
@@ -117,21 +123,59 @@ def make_train_step(model, optimizer, formulation: str, caption_dropout: float):
         new = {"step": state["step"] + 1, "lora": lora, "opt": opt, "rng": state["rng"]}
         return new, {"loss": loss, "grad_norm": gnorm, "finite": finite}
 
-    return jax.jit(step, donate_argnums=(0,))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    sh = shardings
+    jitted = jax.jit(step, in_shardings=(sh["state"], sh["params"], sh["batch"]),
+                     out_shardings=(sh["state"], sh["replicated"]), donate_argnums=(0,))
+
+    def sharded_step(state, params, batch):
+        with sharding_lib.activate(mesh):
+            return jitted(state, params, batch)
+
+    sharded_step.jitted = jitted
+    return sharded_step
 
 
-def init_lora(model, cfg, key, t5_len: int = 1):
+def train_shardings(model, optimizer, mesh) -> dict:
+    """NamedShardings of everything the step touches: 'params' (frozen base: FSDP over 'embed'),
+    'state' (LoRA factors like the kernels they adapt, optimizer moments like the LoRA, step and rng
+    replicated), 'batch' (leading axis over data x fsdp) and 'replicated'."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    cfg = model.cfg
+    rep = NamedSharding(mesh, PartitionSpec())
+    params = jax.eval_shape(lambda: MochiDiT(cfg).init(jax.random.PRNGKey(0), *_dummy_inputs(cfg))["params"])
+    lora = jax.eval_shape(lambda: init_lora(model, cfg, jax.random.PRNGKey(0)))
+    lora_sh = sharding_lib.param_shardings(sharding_lib.dit_logical_axes(lora, lora=True), lora, mesh)
+    opt = jax.eval_shape(optimizer.init, lora)
+    return {
+        "params": sharding_lib.param_shardings(sharding_lib.dit_logical_axes(params), params, mesh),
+        "state": {"step": rep, "lora": lora_sh, "opt": sharding_lib.like_tree_shardings(opt, lora, lora_sh, rep),
+                  "rng": rep},
+        "batch": {k: sharding_lib.batch_sharding(mesh, n) for k, n in
+                  (("mean", 5), ("logvar", 5), ("t5_feats", 3), ("t5_mask", 2))},
+        "replicated": rep,
+    }
+
+
+def _dummy_inputs(cfg, t5_len: int = 1):
+    p = cfg.patch_size
+    return (jnp.zeros((1, cfg.in_channels, 1, p, p)), jnp.zeros((1, t5_len, cfg.t5_dim)),
+            jnp.ones((1, t5_len), bool), jnp.zeros((1,)))
+
+
+def init_lora(model, cfg, key):
     """Fresh LoRA factors (a: PEFT's uniform init, b: zeros) without materialising the base weights:
     the jitted init returns only the 'lora' collection, so XLA drops everything else."""
-    p = cfg.patch_size
-    args = (jnp.zeros((1, cfg.in_channels, 1, p, p)), jnp.zeros((1, t5_len, cfg.t5_dim)),
-            jnp.ones((1, t5_len), bool), jnp.zeros((1,)))
+    args = _dummy_inputs(cfg)
     return jax.jit(lambda k: model.init(k, *args).get("lora", {}))(key)
 
 
 def init_state(model, optimizer, seed: int, sharding) -> dict:
-    """The initial train state {step, lora, opt, rng}, committed to `sharding` (the step's outputs
-    are committed; an uncommitted first input would compile the step a second time)."""
+    """The initial train state {step, lora, opt, rng}, committed to `sharding` (one sharding, or a
+    tree like the state, e.g. train_shardings(...)['state']): the step's outputs are committed, and
+    an uncommitted first input would compile the step a second time."""
     key = jax.random.PRNGKey(seed)
     lora = init_lora(model, model.cfg, jax.random.fold_in(key, 1))
     state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": optimizer.init(lora),
@@ -194,7 +238,8 @@ def _validation_inputs(cfg):
     return (feats[:n], mask[:n]), (feats[n:], mask[n:])
 
 
-def _render_validation(cfg, dit_cfg, params, lora, targets, vae, text, step: int, run_dir: Path) -> list[str]:
+def _render_validation(cfg, dit_cfg, params, lora, targets, vae, text, step: int, run_dir: Path):
+    """Render the validation prompts with fixed seeds; returns [(path, uint8 frames)]."""
     from mochi_jax import sampling
     from mochi_jax.video import write_mp4
 
@@ -208,8 +253,26 @@ def _render_validation(cfg, dit_cfg, params, lora, targets, vae, text, step: int
     out = []
     for i, clip in enumerate(frames):
         path = run_dir / "samples" / f"step{step:06d}_prompt{i}_seed{seeds[i]}.mp4"
-        write_mp4(path, clip, fps=v.fps)
-        out.append(str(path))
+        out.append((str(write_mp4(path, clip, fps=v.fps)), clip))
+    return out
+
+
+def validation_loss(model, params, lora, clips, sigmas, seed: int, formulation: str) -> dict:
+    """The flow loss of held-out clips at fixed sigmas with fixed noise (the posterior noise too) and
+    no caption dropout: a deterministic curve that tells learning from overfitting. Returns
+    {'val_loss': mean, 'val_loss/sigma_0.1': ..., ...}."""
+    fn = jax.jit(lambda lo, batch, noise: flow_loss(model, params, lo, batch, noise, formulation))
+    per_sigma = {float(s): [] for s in sigmas}
+    for i, clip in enumerate(clips):
+        batch = {k: np.asarray(v)[None] for k, v in clip.items()}
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        base = draw_noise(key, batch)  # the same n and eps at every sigma and every validation round
+        for s in per_sigma:
+            noise = {"n": base["n"], "eps": base["eps"], "sigma": jnp.full((1,), s, jnp.float32),
+                     "drop": jnp.zeros((1,), bool), "lora_rng": None}
+            per_sigma[s].append(float(fn(lora, batch, noise)))
+    out = {f"val_loss/sigma_{s:g}": float(np.mean(v)) for s, v in per_sigma.items()}
+    out["val_loss"] = float(np.mean(list(out.values())))
     return out
 
 
@@ -222,34 +285,50 @@ def train(cfg) -> Path:
     import orbax.checkpoint as ocp
 
     from mochi_jax.cache import Cache
+    from mochi_jax.convert import read_metadata
     from mochi_jax.data import make_loader
     from mochi_jax.lora_io import save_diffusers, save_genmo
     from mochi_jax.weights import load_dit
 
+    if cfg.distributed.enabled:
+        d = cfg.distributed
+        jax.distributed.initialize(coordinator_address=d.coordinator or None,
+                                   num_processes=d.num_processes or None,
+                                   process_id=d.process_id if d.process_id >= 0 else None)
     if cfg.demo_root:
         _prepare_demo(cfg)
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.to_json(indent=2))
 
-    n_proc = jax.process_count()
-    if cfg.batch_size % n_proc:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {n_proc} processes")
+    mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
+    n_proc, n_batch = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch or cfg.batch_size % n_proc:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
+                         f"{dict(mesh.shape)}) and by the {n_proc} processes; change --config.batch_size or "
+                         f"--config.mesh.*")
     cache = Cache(cfg.cache)
-    loader = make_loader(cache, cfg.batch_size // n_proc, cfg.seed)
+    v = cfg.validation
+    if not 0 <= v.holdout < len(cache):
+        raise ValueError(f"validation.holdout = {v.holdout} must leave training clips (the cache has {len(cache)})")
+    train_idx = list(range(len(cache) - v.holdout))  # the last `holdout` clips (by name) are held out
+    loader = make_loader(cache, cfg.batch_size // n_proc, cfg.seed, indices=train_idx)
+    heldout = [cache[i] for i in range(len(cache) - v.holdout, len(cache))]
 
     m = cfg.model
-    dit_cfg, params = load_dit(m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
-                               remat=m.remat)
     targets = lora_lib.targets_from_config(cfg.lora.to_dict())
     if not targets:
         raise ValueError("no LoRA targets with rank > 0 in config.lora")
-    model = MochiDiT(dit_cfg, targets)
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
+    arch = DiTConfig.from_dict({**read_metadata(m.dit)["config"], "param_dtype": m.param_dtype, **overrides})
+    model = MochiDiT(arch, targets)
     optimizer = make_optimizer(cfg.optim)
-    state = init_state(model, optimizer, cfg.seed, jax.tree_util.tree_leaves(params)[0].sharding)
-    lora = state["lora"]
-    _log(f"base: {m.dit} (depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype}); "
-         f"LoRA: {lora_lib.count(lora):,} trainable parameters on "
+    shardings = train_shardings(model, optimizer, mesh)
+    dit_cfg, params = load_dit(m.dit, dtype=m.param_dtype, shardings=shardings["params"], **overrides)
+    state = init_state(model, optimizer, cfg.seed, shardings["state"])
+    _log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices, {n_proc} process(es); base: {m.dit} "
+         f"(depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype}); LoRA: "
+         f"{lora_lib.count(state['lora']):,} trainable parameters on "
          + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in targets))
 
     mngr = ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
@@ -265,16 +344,38 @@ def train(cfg) -> Path:
         raise ValueError(f"{run_dir / 'checkpoints'} already holds checkpoints; set --config.resume=True "
                          f"to continue them or choose another run_dir")
 
-    step_fn = make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout)
+    step_fn = make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, shardings)
     schedule = lr_schedule(cfg.optim)
     metrics = _Metrics(run_dir)
-    v = cfg.validation
-    validate = v.every > 0 and len(v.prompts) > 0
-    if validate:
+    render = v.every > 0 and len(v.prompts) > 0
+    if render:
         from mochi_jax.convert import load_vae
 
         text = _validation_inputs(cfg)
         vae = load_vae(v.vae, compute_dtype=m.compute_dtype)
+        scorer = None
+        if v.clip_checkpoint:
+            from mochi_jax.evaluate import Scorer
+
+            scorer = Scorer(v.clip_checkpoint, v.clip_tokenizer)
+            prompt_emb = scorer.text(list(v.prompts))
+
+    def validate(step):
+        vals = {}
+        if heldout:
+            vals.update(validation_loss(model, params, state["lora"], heldout, v.loss_sigmas, cfg.seed,
+                                        cfg.loss.formulation))
+        if render:
+            videos = _render_validation(cfg, dit_cfg, params, state["lora"], targets, vae, text, step, run_dir)
+            _log(f"step {step}: validation videos {', '.join(p for p, _ in videos)}")
+            if scorer is not None:
+                from mochi_jax.evaluate import video_metrics
+
+                per = [video_metrics(f, scorer.images(f), prompt_emb[i]) for i, (_, f) in enumerate(videos)]
+                vals.update({f"val/{k}": float(np.mean([p[k] for p in per])) for k in per[0]})
+        if vals:
+            metrics.write(step, vals)
+            _log(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in vals.items()))
 
     def save(step):
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -293,7 +394,8 @@ def train(cfg) -> Path:
 
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
         while step < cfg.steps:
-            batch = next(loader)
+            batch = {k: jax.make_array_from_process_local_data(shardings["batch"][k], v)
+                     for k, v in next(loader).items()}
             state, out = step_fn(state, params, batch)
             step += 1
             bar.update(1)
@@ -319,9 +421,8 @@ def train(cfg) -> Path:
                 bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop["signal"] is not None:
                 save(step)
-            if validate and (step % v.every == 0 or step == cfg.steps):
-                paths = _render_validation(cfg, dit_cfg, params, state["lora"], targets, vae, text, step, run_dir)
-                _log(f"step {step}: validation videos {', '.join(paths)}")
+            if v.every > 0 and (step % v.every == 0 or step == cfg.steps):
+                validate(step)
             if stop["signal"] is not None:
                 mngr.wait_until_finished()
                 _log(f"signal {stop['signal']}: saved step {step}; resume with the same command")

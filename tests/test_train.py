@@ -43,14 +43,25 @@ def _lora(run_dir):
 
 
 def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
+    from mochi_jax.evaluate import write_demo_clip
+
+    clip, clip_tok = Path(demo_root) / "clip", Path(demo_root) / "clip_tokenizer"
+    write_demo_clip(clip, clip_tok)
     cfg = _cfg(demo_root, "full", steps=12, log_every=4)
     cfg.checkpoint.every = 6
     cfg.validation.every = 12
+    cfg.validation.clip_checkpoint, cfg.validation.clip_tokenizer = str(clip), str(clip_tok)
     run = train.train(cfg)
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [4, 8, 12]
-    assert all(np.isfinite(x["loss"]) and x["lr"] > 0 and x["steps_per_s"] > 0 for x in lines)
+    train_lines = [x for x in lines if "loss" in x]
+    assert [x["step"] for x in train_lines] == [4, 8, 12]
+    assert all(np.isfinite(x["loss"]) and x["lr"] > 0 and x["steps_per_s"] > 0 for x in train_lines)
+    val = [x for x in lines if "val_loss" in x]
+    assert len(val) == 1 and val[0]["step"] == 12
+    assert set(val[0]) >= {"val_loss", "val_loss/sigma_0.1", "val_loss/sigma_0.9", "val/clip_t",
+                           "val/consecutive_consistency", "val/subject_consistency", "val/flicker"}
+    assert all(np.isfinite(v) for v in val[0].values())
     assert any((run / "tensorboard").iterdir())
     videos = list((run / "samples").glob("step000012_*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0

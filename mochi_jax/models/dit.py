@@ -26,6 +26,11 @@ import numpy as np
 from mochi_jax.models import layers
 from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, rms_norm
 from mochi_jax.models.lora import LoraTarget
+from mochi_jax.sharding import constrain
+
+# Logical names of the activations (mapped to mesh axes by mochi_jax.sharding.RULES).
+TOKENS = ("batch", "seq", "act_embed")  # visual stream [B, N, width]: tokens split over 'sequence'
+TEXT = ("batch", None, "act_embed")  # text stream [B, L, text_width]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,12 +201,16 @@ class JointAttention(_Base):
         qx, kx, vx = qkv(x, "qkv_x", "q_norm_x", "k_norm_x")
         qx, kx = apply_rope(qx, *rope), apply_rope(kx, *rope)
         qy, ky, vy = qkv(y, "qkv_y", "q_norm_y", "k_norm_y")
-        q = jnp.concatenate([qx, qy], axis=1).astype(cdt)
-        k = jnp.concatenate([kx, ky], axis=1).astype(cdt)
-        v = jnp.concatenate([vx, vy], axis=1).astype(cdt)
+        # Sequence parallelism: tokens arrive split over 'sequence'; attention needs every key, so
+        # q/k/v switch to heads split, tokens whole (an all-to-all), and back afterwards.
+        heads_split = ("batch", None, "act_heads", None)
+        q = constrain(jnp.concatenate([qx, qy], axis=1).astype(cdt), heads_split)
+        k = constrain(jnp.concatenate([kx, ky], axis=1).astype(cdt), heads_split)
+        v = constrain(jnp.concatenate([vx, vy], axis=1).astype(cdt), heads_split)
         key_mask = jnp.concatenate([jnp.ones((b, n), bool), y_mask], axis=1)
-        out = layers.attention(q, k, v, key_mask, impl=cfg.attention).reshape(b, -1, h * hd)
-        out_x = self.dense(cfg.width, "proj_x")(out[:, :n])
+        out = constrain(layers.attention(q, k, v, key_mask, impl=cfg.attention), heads_split)
+        out = out.reshape(b, -1, h * hd)
+        out_x = constrain(self.dense(cfg.width, "proj_x")(out[:, :n]), TOKENS)
         out_y = None if self.last else self.dense(cfg.text_width, "proj_y")(out[:, n:])
         return out_x, out_y
 
@@ -214,6 +223,7 @@ class Block(_Base):
     @nn.compact
     def __call__(self, carry, c, y_mask, rope_cos, rope_sin):
         x, y = carry  # float32 residual streams [B, N, 3072], [B, L, 1536]
+        x, y = constrain(x, TOKENS), constrain(y, TEXT)
         cfg = self.cfg
         eps = cfg.norm_eps
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -277,6 +287,7 @@ class MochiDiT(_Base):
         y = self.dense(cfg.text_width, "t5_yproj")(t5_feats.astype(cdt)).astype(jnp.float32)
 
         x = self.dense(cfg.width, "x_embedder")(patchify(latents, p).astype(cdt)).astype(jnp.float32)
+        x = constrain(x, TOKENS)
         pos_freq = self.param("pos_frequencies", nn.initializers.normal(0.02),
                               (3, cfg.num_heads, cfg.head_dim // 2), jnp.float32)
         rope = rope_cos_sin(pos_freq, rope_positions(t, hp, wp, cfg.rope_base_area))

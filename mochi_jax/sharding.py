@@ -1,0 +1,191 @@
+"""Sharding as data: a device mesh from config axes, and logical-axis rules that map the names
+on every parameter dimension and activation annotation to mesh axes.
+
+Mesh axes (any may have size 1):
+  data      pure data parallelism: the batch is split, weights are replicated
+  fsdp      the batch is split AND the frozen weights, LoRA factors and optimizer state are
+            sharded along their model dimension ('embed'); XLA all-gathers each layer's weights
+            when it runs (ZeRO-3 / FSDP)
+  sequence  visual tokens are split between devices (context parallelism for long clips). In
+            attention the layout switches to heads-split / tokens-whole with an all-to-all
+            (DeepSpeed-Ulysses), so every device sees every key of its heads: exact, and the
+            number of heads must be divisible by the axis size.
+  tensor    heads and MLP columns are split (Megatron-style tensor parallelism)
+
+    mesh = make_mesh({"data": 2, "fsdp": -1})           # -1: whatever devices are left
+    shardings = param_shardings(dit_logical_axes(abstract_params), abstract_params, mesh)
+    with activate(mesh):                                 # activation annotations inside jit
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "sequence", "tensor")
+
+# logical name -> mesh axis (or axes). Parameters: 'embed' (model width), 'heads' / 'mlp' (the
+# expanded side of projections), 'layers' (the scan axis, never split). Activations: 'batch',
+# 'seq' (visual tokens), 'act_heads' (heads inside attention: Ulysses over 'sequence').
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("seq", "sequence"),
+    ("act_heads", ("sequence", "tensor")),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+)
+
+
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+    """A Mesh with axes AXES from {axis: size}; missing axes have size 1, one axis may be -1 (the rest)."""
+    devices = list(jax.devices() if devices is None else devices)
+    unknown = set(sizes) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {AXES}")
+    shape = [int(sizes.get(a, 1)) for a in AXES]
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh sizes {dict(sizes)}: each axis is a positive size, at most one is -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(sizes)} does not divide the {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices, "
+                         f"there are {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def spec(names, shape, mesh: Mesh, rules=RULES) -> P:
+    """PartitionSpec for one array: each logical name's mesh axes, dropping any axis already used
+    by an earlier dimension or whose size does not divide the dimension (then it stays replicated)."""
+    table = dict(rules)
+    used, out = set(), []
+    for name, dim in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        keep = []
+        for a in axes:
+            size = mesh.shape[a]
+            if a in used or size == 1 or dim % (math.prod(mesh.shape[k] for k in keep) * size):
+                continue
+            keep.append(a)
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    return P(*out)
+
+
+def param_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=RULES):
+    """NamedShardings for a tree of arrays / ShapeDtypeStructs, from a matching tree of logical names."""
+    return jax.tree_util.tree_map(
+        lambda names, x: NamedSharding(mesh, spec(names, x.shape, mesh, rules)), axes_tree, shapes_tree,
+        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def replicated_like(x):
+    """A sharding that places a whole copy of an array on every device `x` lives on."""
+    s = x.sharding
+    return NamedSharding(s.mesh, P()) if isinstance(s, NamedSharding) else s
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=RULES):
+    """Within this context, jit traces see the mesh and the rules, so the models' activation
+    annotations (flax `nn.with_logical_constraint`) become sharding constraints. Outside it they
+    are no-ops (one device)."""
+    import flax.linen as nn
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x, names):
+    """Annotate activation `x` with logical names (one per dimension). A no-op outside `activate`
+    (one device); inside, a sharding constraint. Visual tokens may split unevenly (XLA pads the
+    last shard); the batch and the attention heads must divide their mesh axes, or this raises
+    saying which."""
+    from flax.core.spmd import get_logical_axis_rules
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    table = dict(get_logical_axis_rules())
+    out = []
+    for name, dim in zip(names, x.shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(a for a in (axes or ()) if mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if dim % size and name != "seq":
+            what = {"act_heads": "attention heads", "batch": "the batch"}.get(name, name)
+            raise ValueError(f"{what}: {dim} is not divisible by the mesh axes {axes} of total size {size}")
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return jax.lax.with_sharding_constraint(x, P(*out))
+
+
+# ----------------------------------------------------------------------------- the DiT's names
+
+# (layer name, parameter) -> logical names of its dimensions ([in, out] kernels, [out] biases).
+_DIT = {
+    "x_embedder": (None, "embed"),
+    "mlp_0": (None, "embed"), "mlp_2": ("embed", None),
+    "to_kv": ("embed", "mlp"), "to_q": ("embed", "mlp"), "to_out": ("mlp", "embed"),
+    "t5_yproj": ("embed", None),
+    "mod_x": ("embed", "mlp"), "mod_y": ("embed", "mlp"), "mod": ("embed", "mlp"),
+    "qkv_x": ("embed", "heads"), "qkv_y": ("embed", "heads"),
+    "proj_x": ("heads", "embed"), "proj_y": ("heads", "embed"),
+    "w1": ("embed", "mlp"), "w2": ("mlp", "embed"),
+    "linear": ("embed", None),
+}
+
+
+def dit_logical_axes(tree, lora: bool = False):
+    """A tree like the DiT's params (or, with lora=True, its LoRA factors) whose leaves are tuples of
+    logical names, one per dimension: blocks/attn/qkv_x/kernel -> ('layers', 'embed', 'heads');
+    LoRA a [in, r] takes the kernel's input name, b [r, out] its output name."""
+    from flax import traverse_util
+
+    out = {}
+    for path, x in traverse_util.flatten_dict(tree).items():
+        stacked = path[0] == "blocks"
+        layer, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
+        kernel = _DIT.get(layer, (None, None))
+        if leaf == "kernel":
+            names = kernel
+        elif leaf == "bias":
+            names = kernel[1:]
+        elif leaf == "a" and lora:
+            names = (kernel[0], None)
+        elif leaf == "b" and lora:
+            names = (None, kernel[1])
+        else:  # norm weights, pos_frequencies
+            names = (None,) * (len(x.shape) - stacked)
+        names = (("layers",) if stacked else ()) + tuple(names)
+        if len(names) != len(x.shape):
+            raise ValueError(f"internal: {'/'.join(path)} has shape {x.shape}, names {names}")
+        out[path] = names
+    return traverse_util.unflatten_dict(out)
+
+
+def like_tree_shardings(tree, sub, sub_shardings, replicated):
+    """Shardings for a tree (e.g. an optax state) whose subtrees shaped like `sub` (e.g. Adam's mu
+    and nu, shaped like the LoRA) take `sub_shardings`, and every other leaf `replicated`."""
+    target = jax.tree_util.tree_structure(sub)
+
+    def is_sub(x):
+        return jax.tree_util.tree_structure(x) == target
+
+    return jax.tree_util.tree_map(lambda x: sub_shardings if is_sub(x) else replicated, tree, is_leaf=is_sub)

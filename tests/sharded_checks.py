@@ -1,0 +1,151 @@
+"""Run by tests/test_sharded_train.py in a subprocess with 8 CPU devices (XLA_FLAGS must be set
+before jax is imported). Prints one JSON line of measurements; the test asserts on them."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mochi_jax import sharding, train  # noqa: E402
+from mochi_jax.demo import random_like  # noqa: E402
+from mochi_jax.models import lora as lora_lib  # noqa: E402
+from mochi_jax.models.dit import DiTConfig, MochiDiT  # noqa: E402
+
+assert len(jax.devices()) == 8
+CFG = DiTConfig(depth=3, num_heads=4, head_dim=8, text_width=24, t5_dim=16, time_embed_dim=32,
+                param_dtype="float32", compute_dtype="float32", remat="full")
+TARGETS = lora_lib.targets_from_config(
+    {k: dict(v, rank=4, alpha=8.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
+OPTIM = ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
+                                       schedule="constant", decay_steps=10, grad_clip=0.0, grad_accum=1))
+MESHES = {"data8": dict(data=8), "data2_fsdp4": dict(data=2, fsdp=4), "fsdp2_seq4": dict(fsdp=2, sequence=4),
+          "data2_seq4": dict(data=2, sequence=4)}
+
+
+def batch(b=8, t=2, h=4, w=8, L=6, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((b, L), bool)
+    for i in range(b):
+        mask[i, :1 + i % L] = True  # padding differs per sample
+    return {"mean": rng.standard_normal((b, 12, t, h, w)).astype(np.float32),
+            "logvar": rng.uniform(-3, -1, (b, 12, t, h, w)).astype(np.float32),
+            "t5_feats": rng.standard_normal((b, L, CFG.t5_dim)).astype(np.float32), "t5_mask": mask}
+
+
+def params():
+    shapes = jax.eval_shape(lambda: MochiDiT(CFG).init(jax.random.PRNGKey(0), *train._dummy_inputs(CFG))["params"])
+    p = random_like(shapes, jax.random.PRNGKey(3))
+    p["pos_frequencies"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), shapes["pos_frequencies"].shape)
+    return p
+
+
+def run(mesh_sizes, host_params, data, steps=2):
+    """Two training steps; returns (losses, grad norms, final LoRA as numpy, compiled memory)."""
+    model = MochiDiT(CFG, TARGETS)
+    opt = train.make_optimizer(OPTIM)
+    if mesh_sizes is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        state = train.init_state(model, opt, 0, one)
+        p = jax.device_put(host_params, one)
+        step = train.make_train_step(model, opt, "normalized", 0.3)
+        put = lambda b: b  # noqa: E731
+    else:
+        mesh = sharding.make_mesh(mesh_sizes)
+        sh = train.train_shardings(model, opt, mesh)
+        state = train.init_state(model, opt, 0, sh["state"])
+        p = jax.device_put(host_params, sh["params"])
+        step = train.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
+        put = lambda b: {k: jax.device_put(v, sh["batch"][k]) for k, v in b.items()}  # noqa: E731
+    losses, norms = [], []
+    for i in range(steps):
+        state, out = step(state, p, put(data[i]))
+        losses.append(float(out["loss"]))
+        norms.append(float(out["grad_norm"]))
+    return losses, norms, jax.tree_util.tree_map(np.asarray, state["lora"]), state
+
+
+def rel(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    num = sum(float(np.sum((np.float64(x) - y) ** 2)) for x, y in zip(la, lb))
+    den = sum(float(np.sum(np.float64(y) ** 2)) for y in lb)
+    return (num / den) ** 0.5
+
+
+def main():
+    out = {}
+    hp = params()
+    data = [batch(seed=s) for s in range(2)]
+    ref_losses, ref_norms, ref_lora, _ = run(None, hp, data)
+    out["single"] = {"loss": ref_losses, "grad_norm": ref_norms}
+    for name, sizes in MESHES.items():
+        losses, norms, lora, state = run(sizes, hp, data)
+        out[name] = {"loss": losses, "grad_norm": norms, "lora_rel": rel(lora, ref_lora),
+                     "lora_kernel_sharding": str(state["lora"]["blocks"]["attn"]["qkv_x"]["a"].sharding.spec)}
+
+    # visual tokens that do not divide the 'sequence' axis: 1 * 2 * 3 = 6 tokens over 4 devices
+    uneven = [batch(b=2, t=1, h=4, w=6, seed=5)]
+    single, _, lora1, _ = run(None, hp, uneven, steps=1)
+    sharded, _, lora8, _ = run(dict(data=2, sequence=4), hp, uneven, steps=1)
+    out["uneven"] = {"loss": [single[0], sharded[0]], "lora_rel": rel(lora8, lora1)}
+    # heads must divide sequence x tensor (4 heads over 8): a clear error
+    try:
+        run(dict(sequence=8), hp, [batch(b=1)], steps=1)
+        out["heads_error"] = "no error"
+    except ValueError as e:
+        out["heads_error"] = str(e)
+
+    # per-device parameter bytes of the compiled step fall as 1 / fsdp
+    model = MochiDiT(CFG, TARGETS)
+    opt = train.make_optimizer(OPTIM)
+    mem = {}
+    for f in (1, 2, 4, 8):
+        mesh = sharding.make_mesh(dict(data=8 // f, fsdp=f))
+        sh = train.train_shardings(model, opt, mesh)
+        ps = jax.eval_shape(params)
+        state = jax.eval_shape(lambda: train.init_state(model, opt, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
+        with sharding.activate(mesh):
+            compiled = train.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(state, ps, b).compile()
+        params_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(ps))
+        shard_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for s, x in
+                          zip(jax.tree_util.tree_leaves(sh["params"]), jax.tree_util.tree_leaves(ps)))
+        mem[f] = {"argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
+                  "param_shard_bytes": shard_bytes, "param_bytes": params_bytes}
+    out["memory"] = mem
+
+    # a checkpoint written on a (2, 4) mesh restores on (4, 2) and on one device with equal values
+    import orbax.checkpoint as ocp
+
+    _, _, _, state = run(dict(data=2, fsdp=4), hp, data, steps=1)
+    d = tempfile.mkdtemp()
+    mngr = ocp.CheckpointManager(d)
+    mngr.save(1, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+    saved = jax.tree_util.tree_map(np.asarray, state)
+    restored = {}
+    for name, target in (("fsdp2_data4", sharding.make_mesh(dict(data=4, fsdp=2))), ("single", None)):
+        if target is None:
+            shard = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+        else:
+            shard = train.train_shardings(MochiDiT(CFG, TARGETS), train.make_optimizer(OPTIM), target)["state"]
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard)
+        got = mngr.restore(1, args=ocp.args.StandardRestore(abstract))
+        same = all(np.array_equal(np.asarray(a), b) for a, b in
+                   zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(saved)))
+        placed = all(a.sharding == s for a, s in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(shard)))
+        restored[name] = {"equal": same, "placed": placed}
+    out["restore"] = restored
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
