@@ -72,7 +72,7 @@ def random_like(shapes, key) -> dict:
 def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, Path]:
     """Write (or reuse) the tiny random models under `root`; returns {'dit', 'vae', 't5', 'tokenizer'} paths."""
     from mochi_jax.models import vae as vae_lib
-    from mochi_jax.models.dit import DiTConfig, MochiDiT
+    from mochi_jax.models.dit import DiTConfig, abstract_variables
     from mochi_jax.models.t5 import T5Config, init_params
     from mochi_jax.weights import save_model
 
@@ -81,9 +81,7 @@ def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, 
     k_dit, k_vae, k_t5 = jax.random.split(jax.random.PRNGKey(seed), 3)
     if not paths["dit"].exists():
         cfg = DiTConfig(**DIT, param_dtype="float32", compute_dtype="float32", remat="none")
-        x = jnp.zeros((1, cfg.in_channels, 1, 2, 2))
-        shapes = jax.eval_shape(lambda: MochiDiT(cfg).init(
-            k_dit, x, jnp.zeros((1, 4, cfg.t5_dim)), jnp.ones((1, 4), bool), jnp.zeros((1,)))["params"])
+        shapes = abstract_variables(cfg)["params"]
         params = random_like(shapes, k_dit)
         params["pos_frequencies"] = 0.1 * jax.random.normal(k_dit, shapes["pos_frequencies"].shape)
         save_model(paths["dit"], params, "mochi_dit", cfg.arch(), unstack=("blocks", cfg.depth - 1),

@@ -39,7 +39,7 @@ import numpy as np
 
 from mochi_jax import metrics as M
 from mochi_jax import sampling
-from mochi_jax.models.dit import DiTConfig, MochiDiT
+from mochi_jax.models.dit import DiTConfig, abstract_variables
 from mochi_jax.models.lora import LoraTarget, _lora_nodes
 
 METRICS = {  # name -> what it measures (report.md's legend)
@@ -197,11 +197,7 @@ def dit_config(path, **overrides) -> DiTConfig:
 
 def param_shapes(cfg: DiTConfig) -> dict:
     """The DiT's parameter tree as ShapeDtypeStructs (traced, nothing allocated)."""
-    p = cfg.patch_size
-    args = (jnp.zeros((1, cfg.in_channels, 1, p, p)), jnp.zeros((1, 1, cfg.t5_dim)), jnp.ones((1, 1), bool),
-            jnp.zeros((1,)))
-    model = MochiDiT(dataclasses.replace(cfg, remat="none"))
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))["params"]
+    return abstract_variables(cfg)["params"]
 
 
 def check_fits(tree, shapes, source) -> None:
@@ -226,15 +222,10 @@ def check_fits(tree, shapes, source) -> None:
 def load_variant(path, strength: float, dit_cfg: DiTConfig, shapes) -> Variant:
     """A LoRA file in any supported format, or a training run directory, checked against the base."""
     from mochi_jax import lora_io
-    from mochi_jax.train import load_run_lora
+    from mochi_jax.sample import load_lora_or_run
 
     p = Path(path)
-    if p.is_dir():
-        tree, targets = load_run_lora(p)
-    elif p.is_file():
-        tree, targets, _ = lora_io.load_lora(p, cfg=dit_cfg)
-    else:
-        raise FileNotFoundError(f"LoRA {p} does not exist")
+    tree, targets = load_lora_or_run(p, dit_cfg)
     check_fits(tree, shapes, p)
     combined, _ = lora_io.combine([(tree, targets, strength)])
     name = p.stem if p.is_file() else p.name
@@ -280,17 +271,7 @@ _TRACES = [0]
 @functools.lru_cache(maxsize=16)
 def _batched_step(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
     """One Euler step of K variants at once: z [K, B, ...], adapters with a leading K axis."""
-    model = MochiDiT(cfg, targets)
-
-    def one(params, lora, z, feats, mask, sigma, sigma_next, guidance):
-        variables = {"params": params, **({"lora": lora} if targets else {})}
-        zin = jnp.concatenate([z, z]) if guided else z
-        t = jnp.full((zin.shape[0],), 1000.0 * (1.0 - sigma), jnp.float32)
-        v = model.apply(variables, zin.astype(jnp.dtype(cfg.compute_dtype)), feats, mask, t)
-        if guided:
-            v_u, v_c = jnp.split(v, 2)
-            v = v_u + guidance * (v_c - v_u)
-        return z + (sigma - sigma_next) * v
+    one = sampling.euler_step(cfg, targets, guided)
 
     def step(params, loras, z, feats, mask, sigma, sigma_next, guidance):
         _TRACES[0] += 1  # runs once per trace, i.e. per compilation

@@ -27,22 +27,26 @@ def parse_loras(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def load_loras(spec, dit_cfg):
-    """(factors, targets) of the combined adapter for 'path[:strength],...', or None for no LoRA.
-    A path may be a LoRA file in any supported format or a training run directory."""
+def load_lora_or_run(path, dit_cfg):
+    """(factors, targets) from a LoRA file in any supported format (checked against `dit_cfg`) or
+    from a training run directory (its latest checkpoint)."""
     from mochi_jax import lora_io
     from mochi_jax.train import load_run_lora
 
-    loras = []
-    for path, strength in parse_loras(spec) if isinstance(spec, str) else spec:
-        p = Path(path)
-        if p.is_dir():
-            tree, targets = load_run_lora(p)
-        elif p.is_file():
-            tree, targets, _ = lora_io.load_lora(p, cfg=dit_cfg)
-        else:
-            raise FileNotFoundError(f"LoRA {p} does not exist")
-        loras.append((tree, targets, strength))
+    p = Path(path)
+    if p.is_dir():
+        return load_run_lora(p)
+    if p.is_file():
+        return lora_io.load_lora(p, cfg=dit_cfg)[:2]
+    raise FileNotFoundError(f"LoRA {p} does not exist")
+
+
+def load_loras(spec, dit_cfg):
+    """(factors, targets) of the combined adapter for 'path[:strength],...', or None for no LoRA."""
+    from mochi_jax import lora_io
+
+    loras = [(*load_lora_or_run(path, dit_cfg), strength)
+             for path, strength in (parse_loras(spec) if isinstance(spec, str) else spec)]
     return lora_io.combine(loras) if loras else None
 
 

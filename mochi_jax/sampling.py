@@ -66,8 +66,9 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.normal(jax.random.PRNGKey(int(s)), tuple(shape), jnp.float32) for s in seeds])
 
 
-@functools.lru_cache(maxsize=16)
-def _step_fn(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
+def euler_step(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
+    """step(params, lora, z, feats, mask, sigma, sigma_next, guidance) -> z at sigma_next (not jitted):
+    with `guided`, feats / mask hold [uncond; cond] and z runs through the model twice in one batch."""
     model = MochiDiT(cfg, targets)
 
     def step(params, lora, z, feats, mask, sigma, sigma_next, guidance):
@@ -80,7 +81,12 @@ def _step_fn(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
             v = v_u + guidance * (v_c - v_u)
         return (z.astype(jnp.float32) + (sigma - sigma_next) * v).astype(z.dtype)
 
-    return jax.jit(step)
+    return step
+
+
+@functools.lru_cache(maxsize=16)
+def _step_fn(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
+    return jax.jit(euler_step(cfg, targets, guided))
 
 
 def compile_count() -> int:

@@ -25,7 +25,7 @@ import optax
 from mochi_jax import sharding as sharding_lib
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import vae as vae_lib
-from mochi_jax.models.dit import DiTConfig, MochiDiT
+from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables, dummy_inputs
 
 # ----------------------------------------------------------------------------- loss
 
@@ -145,7 +145,7 @@ def train_shardings(model, optimizer, mesh) -> dict:
 
     cfg = model.cfg
     rep = NamedSharding(mesh, PartitionSpec())
-    params = jax.eval_shape(lambda: MochiDiT(cfg).init(jax.random.PRNGKey(0), *_dummy_inputs(cfg))["params"])
+    params = abstract_variables(cfg)["params"]
     lora = jax.eval_shape(lambda: init_lora(model, cfg, jax.random.PRNGKey(0)))
     lora_sh = sharding_lib.param_shardings(sharding_lib.dit_logical_axes(lora, lora=True), lora, mesh)
     opt = jax.eval_shape(optimizer.init, lora)
@@ -159,16 +159,10 @@ def train_shardings(model, optimizer, mesh) -> dict:
     }
 
 
-def _dummy_inputs(cfg, t5_len: int = 1):
-    p = cfg.patch_size
-    return (jnp.zeros((1, cfg.in_channels, 1, p, p)), jnp.zeros((1, t5_len, cfg.t5_dim)),
-            jnp.ones((1, t5_len), bool), jnp.zeros((1,)))
-
-
 def init_lora(model, cfg, key):
     """Fresh LoRA factors (a: PEFT's uniform init, b: zeros) without materialising the base weights:
     the jitted init returns only the 'lora' collection, so XLA drops everything else."""
-    args = _dummy_inputs(cfg)
+    args = dummy_inputs(cfg)
     return jax.jit(lambda k: model.init(k, *args).get("lora", {}))(key)
 
 

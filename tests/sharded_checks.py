@@ -11,14 +11,13 @@ import json  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mochi_jax import sharding, train  # noqa: E402
 from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
-from mochi_jax.models.dit import DiTConfig, MochiDiT  # noqa: E402
+from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables  # noqa: E402
 
 assert len(jax.devices()) == 8
 CFG = DiTConfig(depth=3, num_heads=4, head_dim=8, text_width=24, t5_dim=16, time_embed_dim=32,
@@ -42,7 +41,7 @@ def batch(b=8, t=2, h=4, w=8, L=6, seed=0):
 
 
 def params():
-    shapes = jax.eval_shape(lambda: MochiDiT(CFG).init(jax.random.PRNGKey(0), *train._dummy_inputs(CFG))["params"])
+    shapes = abstract_variables(CFG)["params"]
     p = random_like(shapes, jax.random.PRNGKey(3))
     p["pos_frequencies"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), shapes["pos_frequencies"].shape)
     return p

@@ -317,5 +317,18 @@ def stack_unrolled(params: dict, depth: int, shardings=None) -> dict:
     return layers.stack_layers(params, "blocks", depth - 1, shardings)
 
 
+def dummy_inputs(cfg: DiTConfig, t5_len: int = 1):
+    """The smallest valid call arguments (one patch, one text token): enough to build the variables."""
+    p = cfg.patch_size
+    return (jnp.zeros((1, cfg.in_channels, 1, p, p)), jnp.zeros((1, t5_len, cfg.t5_dim)),
+            jnp.ones((1, t5_len), bool), jnp.zeros((1,)))
+
+
+def abstract_variables(cfg: DiTConfig, lora_targets: Sequence[LoraTarget] = ()) -> dict:
+    """{'params': ..., 'lora': ...} as ShapeDtypeStructs: traced, nothing allocated or compiled."""
+    model = MochiDiT(cfg, tuple(lora_targets))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(cfg)))
+
+
 def param_count(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
