@@ -33,6 +33,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         tile_size=(256, 256),
         tile_overlap=(64, 64),
         previews=False,             # decode each cached mean and write input | reconstruction mp4s
+        # Devices (this process's): how many to spread the encoders over, -1 = all, 1 = one device.
+        # With more than one, T5's weights are sharded as `mesh` says (mochi_jax/sharding.py: 'fsdp'
+        # splits the model width, 'tensor' heads and MLP columns, the text batch goes over data x
+        # fsdp where it divides); the VAE's weights are replicated and each clip is split spatially
+        # (latent width, then height) over all of them. Not a content setting: same cache either way.
+        devices=-1,
+        mesh=dict(data=1, fsdp=-1, tensor=1),
         overwrite=False,            # re-encode every clip even if the cache already has it
         make_demo=False,            # write the demo models and synthetic clips if they are missing
         demo_clips=4,               # how many synthetic clips make_demo writes

@@ -16,6 +16,11 @@ renamed, and the manifest is rewritten after every clip, so a killed run loses a
 in flight. Re-running skips the clips already cached (nothing is re-read or re-validated) unless
 `overwrite=True`; a cache made with different content settings (models, fps, frames, buckets,
 ...) is refused rather than mixed.
+
+Devices: by default every local device is used (`devices`, `mesh`; see Models). T5's weights are
+FSDP-sharded and each text batch is split between devices; the VAE's weights are replicated and
+each clip is split spatially, so one long clip's activations are spread over all devices. The
+cache is the same as one device makes (float rounding aside), so either may resume the other.
 """
 
 from __future__ import annotations
@@ -74,7 +79,15 @@ def choose_bucket(height: int, width: int, buckets) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- models
 
 class Models:
-    """The VAE and T5 of a prepare config, loaded once, with numpy in and out."""
+    """The VAE and T5 of a prepare config, loaded once, with numpy in and out.
+
+    On one device (cfg.devices=1, or a machine with one) everything lives on that device. On
+    several: T5's weights are sharded over `mesh` (cfg.mesh, logical names from t5_logical_axes)
+    and each text batch is split over data x fsdp where it divides; the VAE's weights are
+    replicated and each clip's pixels are split spatially (`spatial_split`) so one long clip's
+    encode is spread over all devices; XLA's SPMD partitioner exchanges the convolution halos and
+    all-reduces the GroupNorm statistics. Tiled encoding/decoding is not split (each device runs
+    the whole clip)."""
 
     def __init__(self, cfg):
         import jax
@@ -87,30 +100,195 @@ class Models:
             if not Path(path).exists():
                 raise FileNotFoundError(f"{what} not found at {path}: convert the weights with tools/convert_weights.py "
                                         f"(see the README) or set --config.{what.lower()}=...")
-        self.vae_cfg, self.vae_params = load_vae(cfg.vae, dtype=cfg.vae_dtype or None,
-                                                 tile_size=tuple(cfg.tile_size), tile_overlap=tuple(cfg.tile_overlap))
-        self.text = TextEncoder.load(cfg.t5, cfg.tokenizer, max_length=cfg.max_length, dtype=cfg.t5_dtype or None)
         self.tiled, self.batch = bool(cfg.tiled), int(cfg.text_batch_size)
+        self.mesh = prepare_mesh(cfg)
+        self._splits, self._t5 = {}, None
+        t5_shardings = vae_shardings = self.text_sharding = None
+        if self.mesh is not None:
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            from mochi_jax import sharding as sharding_lib
+
+            t5_shardings = _t5_shardings(cfg.t5, self.mesh)
+            vae_shardings = _same_for_every_leaf(cfg.vae, NamedSharding(self.mesh, PartitionSpec()))
+            # the text batch over every mesh axis that divides it (the T5 computes data-parallel)
+            batch_rule = (("batch", tuple(a for a in sharding_lib.AXES if a in self.mesh.shape)),)
+            rows = sharding_lib.spec(("batch",), (self.batch,), self.mesh, rules=batch_rule)[0]
+            self.text_sharding = NamedSharding(self.mesh, PartitionSpec(rows, None))
+        self.vae_cfg, self.vae_params = load_vae(cfg.vae, dtype=cfg.vae_dtype or None, shardings=vae_shardings,
+                                                 tile_size=tuple(cfg.tile_size), tile_overlap=tuple(cfg.tile_overlap))
+        self.text = TextEncoder.load(cfg.t5, cfg.tokenizer, max_length=cfg.max_length, dtype=cfg.t5_dtype or None,
+                                     shardings=t5_shardings)
         self._encode = jax.jit(vae_lib.encode, static_argnames=("cfg", "tiled"))
         self._decode = jax.jit(vae_lib.decode, static_argnames=("cfg", "tiled"))
+        if self.mesh is not None:
+            split = self.text_sharding.spec[0]
+            shape = {k: v for k, v in self.mesh.shape.items() if v > 1}
+            print(f"prepare: {self.mesh.devices.size} devices, mesh {shape}: T5 weights sharded, text batches of "
+                  f"{self.batch} " + (f"split over {split}" if split else "replicated (the batch does not divide)")
+                  + "; VAE weights replicated, " + ("tiled clips encoded whole on every device" if self.tiled
+                                                    else "each clip split spatially"))
+
+    # ------------------------------------------------------------------ placement
+
+    def _spatial(self, latent_hw):
+        """(sharding, encode, decode) for a clip of latent size (h, w): pixels [1, 3, T, H, W] and
+        latents [1, 12, t, h, w] split along the height over dh and the width over dw devices
+        (`spatial_split`), copies on any devices left, and the jitted VAE calls with their outputs
+        pinned to that sharding. (None, plain jits) on one device or when tiled."""
+        import jax
+
+        from mochi_jax.models import vae as vae_lib
+
+        key = tuple(int(v) for v in latent_hw)
+        if self.mesh is None or self.tiled:
+            return None, self._encode, self._decode
+        if key not in self._splits:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            n = self.mesh.devices.size
+            dh, dw = spatial_split(*key, n)
+            if dh * dw < n:
+                print(f"prepare: note: a {key[0]}x{key[1]}-latent clip ({8 * key[0]}x{8 * key[1]} pixels) "
+                      + (f"splits over {dh * dw} of the {n} devices ({dh} along the height x {dw} along the width; "
+                         f"neither side divides further), the other devices compute copies" if dh * dw > 1 else
+                         f"cannot be split over the {n} devices (neither latent side divides); every device "
+                         "encodes it whole"))
+            # the devices in the order of self.mesh, so the replicated weights share the device assignment
+            mesh = Mesh(self.mesh.devices.reshape(dh, dw, n // (dh * dw)), ("height", "width", "copies"))
+            sh = NamedSharding(mesh, PartitionSpec(None, None, None, "height", "width"))
+            self._splits[key] = (sh, jax.jit(vae_lib.encode, static_argnames=("cfg", "tiled"), out_shardings=(sh, sh)),
+                                 jax.jit(vae_lib.decode, static_argnames=("cfg", "tiled"), out_shardings=sh))
+        return self._splits[key]
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_call(self, pixels: np.ndarray):
+        """(the jitted encode for these pixels [1, 3, T, H, W], the pixels placed for it)."""
+        import jax
+
+        s = self.vae_cfg.spatial_factor
+        sh, enc, _ = self._spatial((pixels.shape[-2] // s, pixels.shape[-1] // s))
+        return enc, (pixels if sh is None else jax.device_put(pixels, sh))
 
     def encode_video(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [T, H, W, 3] -> (mean, logvar) float32 [12, t, h, w] in VAE space."""
-        pixels = np.moveaxis(to_unit(frames), -1, 0)[None]  # [1, 3, T, H, W]
-        mean, logvar = self._encode(self.vae_params, pixels, cfg=self.vae_cfg, tiled=self.tiled)
+        enc, pixels = self.encode_call(np.moveaxis(to_unit(frames), -1, 0)[None])  # [1, 3, T, H, W]
+        mean, logvar = enc(self.vae_params, pixels, cfg=self.vae_cfg, tiled=self.tiled)
         return np.asarray(mean[0], np.float32), np.asarray(logvar[0], np.float32)
 
     def decode(self, mean: np.ndarray) -> np.ndarray:
         """VAE-space latents [12, t, h, w] -> uint8 [T, H, W, 3]."""
-        pixels = self._decode(self.vae_params, mean[None], cfg=self.vae_cfg, tiled=self.tiled)
+        import jax
+
+        sh, _, dec = self._spatial(mean.shape[-2:])
+        z = mean[None] if sh is None else jax.device_put(mean[None], sh)
+        pixels = dec(self.vae_params, z, cfg=self.vae_cfg, tiled=self.tiled)
         return from_unit(np.moveaxis(np.asarray(pixels[0]), 0, -1))
+
+    def _text_batch(self, prompts: list[str]):
+        if self.mesh is None:
+            return self.text(prompts)
+        import jax
+
+        if self._t5 is None:
+            self._t5 = _batch_split_t5(self.text.cfg, self.text_sharding)
+        ids, mask = self.text.tokenizer(prompts)
+        return self._t5(self.text.params, *(jax.device_put(a, self.text_sharding) for a in (ids, mask)))
 
     def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Prompts -> (feats float32 [B, L, D], mask bool [B, L]); batches padded to one size (one compile)."""
         padded = list(prompts) + [""] * (-len(prompts) % self.batch)
-        feats, masks = zip(*(self.text(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)))
+        feats, masks = zip(*(self._text_batch(padded[i:i + self.batch]) for i in range(0, len(padded), self.batch)))
         n = len(prompts)
         return np.concatenate(feats)[:n].astype(np.float32), np.concatenate(masks)[:n].astype(bool)
+
+
+def prepare_mesh(cfg):
+    """The device mesh of a prepare run (cfg.devices of this process's devices, -1 = all, shaped by
+    cfg.mesh), or None when that is one device: then everything runs as on a single-device machine."""
+    import jax
+
+    from mochi_jax import sharding as sharding_lib
+
+    devices = jax.local_devices()
+    want = int(cfg.get("devices", -1))
+    if want == 0 or want < -1 or want > len(devices):
+        raise ValueError(f"devices={want}: choose -1 (all {len(devices)}) or 1..{len(devices)}")
+    devices = devices if want == -1 else devices[:want]
+    if len(devices) == 1:
+        return None
+    sizes = cfg.get("mesh", None)
+    sizes = dict(sizes.to_dict() if hasattr(sizes, "to_dict") else sizes or {"fsdp": -1})
+    return sharding_lib.make_mesh(sizes, devices)
+
+
+def spatial_split(latent_h: int, latent_w: int, n: int) -> tuple[int, int]:
+    """(dh, dw): how many devices split a clip's latent height and width. Each must divide its side
+    (then every encoder resolution, 8, 4, 2 and 1 pixels per latent, divides too) and dh * dw must
+    divide n; the most devices win, then the wider split: the width first, then the height, and
+    (1, 1) (no split) when neither side divides."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    best = (1, 1)
+    for dw in divisors:
+        for dh in divisors:
+            if (n % (dh * dw) or latent_w % dw or latent_h % dh
+                    or (dh * dw, dw) <= (best[0] * best[1], best[1])):
+                continue
+            best = (dh, dw)
+    return best
+
+
+def _batch_split_t5(t5_cfg, text_sharding):
+    """The jitted T5 encoder (ids, mask [B, L] -> features, mask) for sharded weights: every Dense
+    and RMSNorm sees and returns activations [B, L, features] split along the batch only, as
+    `text_sharding` splits ids, and whole along the features. XLA then all-gathers each layer's
+    weights as it runs (FSDP) and every device computes its own prompts exactly as one device
+    would; left to itself XLA may keep the weights split and add up partial products from the
+    devices, which rounds differently (in bfloat16, visibly)."""
+    import flax.linen as nn
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from mochi_jax.models.layers import Dense, RMSNorm
+    from mochi_jax.models.t5 import T5Encoder
+
+    rows = NamedSharding(text_sharding.mesh, PartitionSpec(text_sharding.spec[0], None, None))
+
+    def keep_rows(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, (Dense, RMSNorm)):
+            return next_fun(*args, **kwargs)
+        x = jax.lax.with_sharding_constraint(args[0], rows)
+        return jax.lax.with_sharding_constraint(next_fun(x, *args[1:], **kwargs), rows)
+
+    @jax.jit
+    def run(params, ids, mask):
+        with nn.intercept_methods(keep_rows):
+            return T5Encoder(t5_cfg).apply({"params": params}, ids, mask)
+
+    return run
+
+
+def _t5_shardings(path, mesh):
+    """NamedShardings for the converted T5 at `path` (stacked layout) from its logical axes, or None
+    if `path` is no converted T5 (load_t5 then says what is wrong)."""
+    from mochi_jax import sharding as sharding_lib
+    from mochi_jax.convert.common import read_metadata
+    from mochi_jax.models import t5 as t5_lib
+
+    meta = read_metadata(path)
+    if meta.get("model") != "t5_encoder" or "config" not in meta:
+        return None
+    abstract = t5_lib.abstract_params(t5_lib.T5Config.from_dict(meta["config"]))
+    return sharding_lib.param_shardings(t5_lib.t5_logical_axes(abstract), abstract, mesh)
+
+
+def _same_for_every_leaf(path, sharding):
+    """`sharding` for every array of the checkpoint at `path` (a tree like the stored one)."""
+    import jax
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    return jax.tree_util.tree_map(lambda _: sharding, ocp.metadata(Path(path).absolute()).metadata)
 
 
 def load_models(cfg) -> Models:

@@ -63,7 +63,7 @@ def test_scan_equals_unrolled():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "offload_dots"])
 def test_remat_policies_change_nothing(policy):
     cfg = our_config("h2d16")
     inp = random_inputs(cfg)

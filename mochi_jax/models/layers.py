@@ -168,6 +168,9 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
     "dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls only
+    # weight-matmul outputs are saved in host memory (pinned) instead of the accelerator's, and
+    # brought back for the backward pass: dots_no_batch's recompute savings at 'full''s device memory
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
