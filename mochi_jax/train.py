@@ -112,7 +112,7 @@ def make_train_step(model, optimizer, formulation: str, caption_dropout: float, 
         noise = draw_noise(jax.random.fold_in(state["rng"], state["step"]), batch, caption_dropout)
         loss, grads = jax.value_and_grad(lambda lo: flow_loss(model, params, lo, batch, noise, formulation))(
             state["lora"])
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
         def apply(_):
