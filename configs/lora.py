@@ -39,7 +39,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         param_dtype="bfloat16",  # frozen base weights
         compute_dtype="bfloat16",  # matmuls; norms, softmax, loss in float32
         attention="xla",  # 'cudnn' on NVIDIA GPUs
-        remat="full",  # none | full | dots | dots_no_batch
+        remat="full",  # none | full | dots | dots_no_batch | offload_dots
+        remat_groups="",  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = remat everywhere
     ))
     # LoRA targets: {name: {pattern (regex on module paths), rank, alpha, dropout}}; rank 0 disables one.
     c.lora = ml_collections.ConfigDict({k: dict(v) for k, v in REFERENCE_TARGETS.items()})

@@ -313,7 +313,7 @@ def train(cfg) -> Path:
     targets = lora_lib.targets_from_config(cfg.lora.to_dict())
     if not targets:
         raise ValueError("no LoRA targets with rank > 0 in config.lora")
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat)
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
     arch = DiTConfig.from_dict({**read_metadata(m.dit)["config"], "param_dtype": m.param_dtype, **overrides})
     model = MochiDiT(arch, targets)
     optimizer = make_optimizer(cfg.optim)

@@ -105,3 +105,49 @@ def test_bad_latent_shape_is_a_clear_error():
     lat, feats, mask, t = random_inputs(cfg, h=5)
     with pytest.raises(ValueError, match="divisible by 2"):
         MochiDiT(cfg).init(jax.random.PRNGKey(0), lat, feats, mask, t)
+
+
+def test_remat_groups_equal_one_policy_for_params_and_lora():
+    from mochi_jax.models import lora as lora_lib
+
+    cfg = our_config("h3d8")  # depth 4: three stacked blocks
+    inp = random_inputs(cfg)
+    targets = lora_lib.targets_from_config(lora_lib.REFERENCE_TARGETS)
+    v = MochiDiT(cfg, targets).init(jax.random.PRNGKey(1), *inp)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, v["lora"])
+
+    def loss(p, lo, c):
+        return jnp.mean(MochiDiT(c, targets).apply({"params": p, "lora": lo}, *inp) ** 2)
+
+    v0, g0 = jax.value_and_grad(loss, argnums=(0, 1))(v["params"], lora, cfg)
+    grouped = dataclasses.replace(cfg, remat="full", remat_groups="dots:1,full:1,offload_dots:1")
+    v1, g1 = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(v["params"], lora, grouped)
+    np.testing.assert_allclose(v0, v1, rtol=1e-5)
+    errs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel_l2, g1, g0))
+    assert max(errs) < 1e-5, max(errs)  # jit vs eager rounding only
+    with pytest.raises(ValueError, match="sum to 2"):
+        MochiDiT(dataclasses.replace(cfg, remat_groups="full:2"), targets).apply(
+            {"params": v["params"], "lora": lora}, *inp)
+    with pytest.raises(ValueError, match="policy:count"):
+        MochiDiT(dataclasses.replace(cfg, remat_groups="fast:3"), targets).apply(
+            {"params": v["params"], "lora": lora}, *inp)
+
+
+def test_remat_groups_trade_memory_between_policies():
+    """Compiled temp memory of the LoRA gradient: full < dots:2,full:2 < dots."""
+    from mochi_jax.models import lora as lora_lib
+    from mochi_jax.models.dit import DiTConfig, abstract_variables
+
+    cfg = DiTConfig(depth=5, num_heads=4, head_dim=16, text_width=32, t5_dim=32, time_embed_dim=32,
+                    param_dtype="float32", compute_dtype="float32")
+    targets = lora_lib.targets_from_config(lora_lib.REFERENCE_TARGETS)
+    v = abstract_variables(cfg, targets)
+    args = (jax.ShapeDtypeStruct((1, 12, 4, 16, 16), jnp.float32), jax.ShapeDtypeStruct((1, 16, 32), jnp.float32),
+            jax.ShapeDtypeStruct((1, 16), bool), jax.ShapeDtypeStruct((1,), jnp.float32))
+    temp = {}
+    for name, kw in [("full", dict(remat="full")), ("dots", dict(remat="dots")),
+                     ("groups", dict(remat="full", remat_groups="dots:2,full:2"))]:
+        c = dataclasses.replace(cfg, **kw)
+        grad = jax.jit(jax.grad(lambda lo, p, *a: jnp.mean(MochiDiT(c, targets).apply({"params": p, "lora": lo}, *a) ** 2)))
+        temp[name] = grad.lower(v["lora"], v["params"], *args).compile().memory_analysis().temp_size_in_bytes
+    assert temp["full"] < temp["groups"] < temp["dots"], temp

@@ -52,6 +52,9 @@ class DiTConfig:
     attention: str = "xla"  # 'xla' | 'cudnn'
     remat: str = "full"  # a key of layers.REMAT_POLICIES
     scan_layers: bool = True  # False: an unrolled Python loop (for tests and debugging)
+    # A remat policy per consecutive group of the depth-1 stacked blocks, e.g. "dots:16,full:31"
+    # (counts sum to depth-1); '' = `remat` for every block. Needs scan_layers.
+    remat_groups: str = ""
 
     @property
     def width(self) -> int:
@@ -294,7 +297,9 @@ class MochiDiT(_Base):
 
         block_args = (c, t5_mask, *rope)
         n_sym = cfg.depth - 1
-        if cfg.scan_layers:
+        if cfg.scan_layers and cfg.remat_groups and not self.is_initializing():
+            x, y = self._grouped_blocks((x, y), block_args)
+        elif cfg.scan_layers:
             block = layers.remat(Block, cfg.remat)
             scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                               split_rngs={"params": True, "dropout": True},
@@ -310,11 +315,50 @@ class MochiDiT(_Base):
         out = FinalLayer(cfg, self.lora_targets, name="final_layer")(x, c)
         return unpatchify(out.astype(jnp.float32), t, hp, wp, p)
 
+    def _grouped_blocks(self, carry, block_args):
+        """The stacked blocks with a remat policy per consecutive group (cfg.remat_groups): one
+        jax.lax.scan per group over slices of the same stacked 'blocks' variables."""
+        cfg = self.cfg
+        params = self.variables["params"]["blocks"]
+        lora = self.variables.get("lora", {}).get("blocks")
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        block = Block(cfg, tuple(self.lora_targets), parent=None)  # unbound: applied functionally
+
+        def run(carry, p, lo, i):
+            variables = {"params": p, **({"lora": lo} if lo is not None else {})}
+            rngs = {"dropout": jax.random.fold_in(rng, i)} if rng is not None else {}
+            return block.apply(variables, carry, *block_args, rngs=rngs)[0]
+
+        start = 0
+        for policy, n in parse_remat_groups(cfg.remat_groups, cfg.depth - 1):
+            body = run if policy == "none" else jax.checkpoint(run, policy=layers.REMAT_POLICIES[policy],
+                                                               prevent_cse=False)
+            xs = jax.tree_util.tree_map(lambda a: a[start:start + n], (params, lora))
+            carry, _ = jax.lax.scan(lambda c, x: (body(c, *x), None), carry,
+                                    (*xs, jnp.arange(start, start + n)))
+            start += n
+        return carry
+
 
 def stack_unrolled(params: dict, depth: int, shardings=None) -> dict:
     """Turn an unrolled tree (blocks_0 .. blocks_{depth-2}) into the scanned layout ('blocks');
     `shardings` (for the scanned layout) places each stacked leaf directly."""
     return layers.stack_layers(params, "blocks", depth - 1, shardings)
+
+
+def parse_remat_groups(spec: str, n: int) -> list[tuple[str, int]]:
+    """'dots:16,full:31' -> [('dots', 16), ('full', 31)], checked: known policies, counts sum to n."""
+    groups = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        policy, _, count = item.partition(":")
+        if policy not in layers.REMAT_POLICIES or not count.isdigit() or int(count) < 1:
+            raise ValueError(f"remat_groups {spec!r}: each group is policy:count with a policy of "
+                             f"{sorted(layers.REMAT_POLICIES)}, got {item!r}")
+        groups.append((policy, int(count)))
+    if sum(c for _, c in groups) != n:
+        raise ValueError(f"remat_groups {spec!r}: counts sum to {sum(c for _, c in groups)}, the model has {n} "
+                         f"stacked blocks")
+    return groups
 
 
 def dummy_inputs(cfg: DiTConfig, t5_len: int = 1):
