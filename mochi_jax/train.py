@@ -183,7 +183,10 @@ def init_state(model, optimizer, seed: int, sharding) -> dict:
 class _Metrics:
     """metrics.jsonl (one JSON object per line) and tensorboard event files in the run directory."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, main: bool = True):
+        self.file = self.tb = None
+        if not main:  # multi-host: process 0 writes
+            return
         self.file = open(run_dir / "metrics.jsonl", "a")
         try:
             from tensorboardX import SummaryWriter
@@ -193,6 +196,8 @@ class _Metrics:
             self.tb = None
 
     def write(self, step: int, values: dict):
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -202,13 +207,15 @@ class _Metrics:
             self.tb.flush()
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
 
 def _log(msg: str):
-    print(f"[mochi_jax.train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if jax.process_index() == 0:  # multi-host: one voice
+        print(f"[mochi_jax.train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _prepare_demo(cfg):
@@ -247,7 +254,9 @@ def _render_validation(cfg, dit_cfg, params, lora, targets, vae, text, step: int
     out = []
     for i, clip in enumerate(frames):
         path = run_dir / "samples" / f"step{step:06d}_prompt{i}_seed{seeds[i]}.mp4"
-        out.append((str(write_mp4(path, clip, fps=v.fps)), clip))
+        if jax.process_index() == 0:
+            write_mp4(path, clip, fps=v.fps)
+        out.append((str(path), clip))
     return out
 
 
@@ -293,7 +302,9 @@ def train(cfg) -> Path:
         _prepare_demo(cfg)
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.to_json(indent=2))
+    main = jax.process_index() == 0
+    if main:
+        (run_dir / "config.json").write_text(cfg.to_json(indent=2))
 
     mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
     n_proc, n_batch = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
@@ -340,7 +351,7 @@ def train(cfg) -> Path:
 
     step_fn = make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, shardings)
     schedule = lr_schedule(cfg.optim)
-    metrics = _Metrics(run_dir)
+    metrics = _Metrics(run_dir, main)
     render = v.every > 0 and len(v.prompts) > 0
     if render:
         from mochi_jax.convert import load_vae
@@ -372,6 +383,8 @@ def train(cfg) -> Path:
             _log(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in vals.items()))
 
     def save(step):
+        # every process has taken the same number of batches, so process 0's loader position
+        # (the one orbax writes) is every process's position
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                data=ocp.args.JsonSave(loader.get_state())), force=True)
 
@@ -386,7 +399,8 @@ def train(cfg) -> Path:
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not main)
         while step < cfg.steps:
             batch = {k: jax.make_array_from_process_local_data(shardings["batch"][k], v)
                      for k, v in next(loader).items()}
@@ -427,9 +441,12 @@ def train(cfg) -> Path:
         metrics.close()
         signal.signal(signal.SIGTERM, old_handler)
 
-    lora = jax.device_get(state["lora"])
-    save_genmo(run_dir / "lora.safetensors", lora, targets)
-    save_diffusers(run_dir / "lora_diffusers.safetensors", lora, targets)
+    from jax.experimental import multihost_utils
+
+    lora = multihost_utils.process_allgather(state["lora"], tiled=True)  # whole factors on every host
+    if main:
+        save_genmo(run_dir / "lora.safetensors", lora, targets)
+        save_diffusers(run_dir / "lora_diffusers.safetensors", lora, targets)
     _log(f"done: {step} steps; LoRA written to {run_dir / 'lora.safetensors'} (genmo / ComfyUI) and "
          f"{run_dir / 'lora_diffusers.safetensors'} (diffusers)")
     return run_dir
@@ -445,12 +462,16 @@ def load_run_lora(run_dir, step: int | None = None):
     if not config.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.json)")
     targets = lora_lib.targets_from_config(json.loads(config.read_text())["lora"])
-    mngr = ocp.CheckpointManager(run_dir / "checkpoints")
+    mngr = ocp.CheckpointManager(run_dir / "checkpoints", item_handlers={"state": ocp.StandardCheckpointHandler()})
     step = mngr.latest_step() if step is None else step
     if step is None or step not in mngr.all_steps():
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint"
                                 + (f" at step {step}; have {mngr.all_steps()}" if step is not None else ""))
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # onto this process's first device, whatever mesh (or hosts) wrote it
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                                    mngr.item_metadata(step)["state"])
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     return jax.tree_util.tree_map(np.asarray, state["lora"]), targets
 
 

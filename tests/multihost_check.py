@@ -1,0 +1,33 @@
+"""One process of a 2-process training run on CPU (tests/test_multihost.py starts two): each
+process has 2 simulated devices, joins through jax.distributed on localhost, reads its share of
+the demo clips and trains on a (data=4) mesh spanning both processes."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: configs/
+pid, port, demo_root, run_dir, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
+
+from configs import lora as lora_config  # noqa: E402
+from mochi_jax import train  # noqa: E402
+
+cfg = lora_config.demo(lora_config.get_config(), demo_root)
+cfg.run_dir = run_dir
+cfg.steps = steps
+cfg.batch_size = 4
+cfg.log_every = 1
+cfg.checkpoint.every = 2
+cfg.validation.every = 0
+cfg.distributed.enabled = True
+cfg.distributed.coordinator = f"localhost:{port}"
+cfg.distributed.num_processes = 2
+cfg.distributed.process_id = int(pid)
+train.train(cfg)
+print(f"PROCESS {jax.process_index()} of {jax.process_count()} with {jax.device_count()} devices: done")
