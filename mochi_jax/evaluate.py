@@ -40,7 +40,7 @@ import numpy as np
 from mochi_jax import metrics as M
 from mochi_jax import sampling
 from mochi_jax.models.dit import DiTConfig, abstract_variables
-from mochi_jax.models.lora import LoraTarget, _lora_nodes
+from mochi_jax.models.lora import LoraTarget, layers_of
 
 METRICS = {  # name -> what it measures (report.md's legend)
     "clip_t": "mean cos(frame, prompt) of CLIP embeddings",
@@ -204,7 +204,7 @@ def check_fits(tree, shapes, source) -> None:
     """Raise LoraFormatError naming `source` and the layer when a factor does not fit the base."""
     from mochi_jax.lora_io import LoraFormatError
 
-    for path, node in _lora_nodes(tree):
+    for path, node in layers_of(tree):
         name = "/".join(path)
         kernel = shapes
         for k in path:
@@ -230,7 +230,7 @@ def load_variant(path, strength: float, dit_cfg: DiTConfig, shapes) -> Variant:
     combined, _ = lora_io.combine([(tree, targets, strength)])
     name = p.stem if p.is_file() else p.name
     return Variant(name if strength == 1 else f"{name}@{strength:g}", str(p), strength,
-                   {path: (node["a"], node["b"]) for path, node in _lora_nodes(combined)})
+                   {path: (node["a"], node["b"]) for path, node in layers_of(combined)})
 
 
 def stack_adapters(variants) -> tuple[dict, tuple[LoraTarget, ...]]:

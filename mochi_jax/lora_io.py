@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from mochi_jax.models.dit import DiTConfig
-from mochi_jax.models.lora import LoraTarget, _lora_nodes, find_target
+from mochi_jax.models.lora import LoraTarget, layers_of, find_target
 
 
 class LoraFormatError(ValueError):
@@ -373,7 +373,7 @@ def _notes(fmt, genmo_kwargs, meta, pieces) -> list[str]:
 def _export_layers(lora: Mapping, targets: Sequence[LoraTarget], depth: int | None):
     """(depth, {(block n, layer): (a [in, r], b [r, out] with the scale folded in)}, {layer: dropout})."""
     layers, dropouts, found_depth = {}, {}, None
-    for path, node in _lora_nodes(lora):
+    for path, node in layers_of(lora):
         name = "/".join(path)
         group, layer = path[0], "/".join(path[1:])
         if group not in ("blocks", "last_block") or layer not in _LAYERS:
@@ -507,7 +507,7 @@ def combine(loras: Sequence[tuple[Mapping, Sequence[LoraTarget], float]]):
     The result applies all of them in one forward pass (one compiled function)."""
     parts: dict[tuple[str, ...], list] = {}
     for i, (tree, targets, strength) in enumerate(loras):
-        for path, node in _lora_nodes(tree):
+        for path, node in layers_of(tree):
             target = find_target(targets, "/".join(path))
             if target is None:
                 raise LoraFormatError(f"LoRA #{i}: layer {'/'.join(path)!r} matches none of its targets")

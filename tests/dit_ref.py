@@ -117,3 +117,12 @@ def reference_forward(model, latents, feats, mask, timestep) -> np.ndarray:
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def lora_delta64(tree, targets, path) -> np.ndarray:
+    """(alpha/r) a @ b of one adapted layer in float64, computed here (not by the library)."""
+    node = tree
+    for k in path:
+        node = node[k]
+    t = next(t for t in targets if t.matches("/".join(path)))
+    return t.scale * np.asarray(node["a"], np.float64) @ np.asarray(node["b"], np.float64)

@@ -58,7 +58,7 @@ def random_lora(params, spec, seed):
 def deltas(tree, targets):
     """{layer path: effective delta kernel (alpha/r) a @ b} in float64."""
     out = {}
-    for path, node in lora_lib._lora_nodes(tree):
+    for path, node in lora_lib.layers_of(tree):
         t = lora_lib.find_target(targets, "/".join(path))
         out["/".join(path)] = t.scale * np.matmul(np.float64(node["a"]), np.float64(node["b"]))
     return out
@@ -154,7 +154,7 @@ def test_genmo_export_pads_ranks_and_writes_zero_partners(base, tmp_path):
     back, back_targets, _ = lora_io.load_lora(p, cfg=cfg)
     # what the file holds: bfloat16 of a and of b with the scale folded in
     bf16 = {}
-    for path, node in lora_lib._lora_nodes(tree):
+    for path, node in lora_lib.layers_of(tree):
         t = lora_lib.find_target(targets, "/".join(path))
         a, b = (np.asarray(x, "bfloat16").astype(np.float64) for x in (node["a"], node["b"] * np.float32(t.scale)))
         bf16["/".join(path)] = a @ b

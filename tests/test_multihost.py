@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from configs import lora as lora_config
+from dit_ref import lora_delta64
 from mochi_jax import lora_io, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,13 +56,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     factors, targets = train.load_run_lora(run)
     exported, exp_targets, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
     for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
-        def delta(tree, tg):
-            node = tree
-            for k in path:
-                node = node[k]
-            t = next(t for t in tg if t.matches("/".join(path)))
-            return t.scale * np.asarray(node["a"], np.float64) @ np.asarray(node["b"], np.float64)
-        d = delta(factors, targets)
+        d = lora_delta64(factors, targets, path)
         assert np.abs(d).max() > 0  # trained
-        np.testing.assert_allclose(delta(exported, exp_targets), d, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(lora_delta64(exported, exp_targets, path), d, rtol=1e-6, atol=1e-9)
     assert jax.process_count() == 1

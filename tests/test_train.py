@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import lora as lora_config
+from dit_ref import lora_delta64
 from mochi_jax import lora_io, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,13 +70,8 @@ def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
     factors, targets = train.load_run_lora(run)
     loaded, loaded_targets, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
     for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
-        def delta(tree, tg):
-            node = tree
-            for k in path:
-                node = node[k]
-            t = next(t for t in tg if t.matches("/".join(path)))
-            return t.scale * np.asarray(node["a"], np.float64) @ np.asarray(node["b"], np.float64)
-        np.testing.assert_allclose(delta(loaded, loaded_targets), delta(factors, targets), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path), lora_delta64(factors, targets, path),
+                                   rtol=1e-6, atol=1e-8)
     assert (run / "lora_diffusers.safetensors").is_file()
 
 

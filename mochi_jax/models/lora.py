@@ -69,13 +69,13 @@ REFERENCE_TARGETS = {
 }
 
 
-def _lora_nodes(lora: Mapping, prefix=()) -> Iterable[tuple[tuple[str, ...], Mapping]]:
-    """Yield (path, {'a','b'}) for every adapted layer of a LoRA pytree."""
+def layers_of(lora: Mapping, prefix=()) -> Iterable[tuple[tuple[str, ...], Mapping]]:
+    """Yield (path, {'a', 'b'}) for every adapted layer of a LoRA pytree."""
     if "a" in lora and "b" in lora and not isinstance(lora["a"], Mapping):
         yield prefix, lora
         return
     for k, v in lora.items():
-        yield from _lora_nodes(v, prefix + (k,))
+        yield from layers_of(v, prefix + (k,))
 
 
 def _get(tree: Mapping, path: Sequence[str]):
@@ -103,7 +103,7 @@ def merge(params: Mapping, lora: Mapping, targets: Sequence[LoraTarget], strengt
     The kernels keep their dtype. `sign=-1` removes a merged LoRA again (unmerge).
     """
     out = dict(params)
-    for path, node in _lora_nodes(lora):
+    for path, node in layers_of(lora):
         target = find_target(targets, "/".join(path))
         if target is None:
             raise ValueError(f"LoRA layer {'/'.join(path)!r} matches no LoRA target, so its scale is unknown")
