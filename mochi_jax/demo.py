@@ -84,7 +84,7 @@ def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, 
         shapes = abstract_variables(cfg)["params"]
         params = random_like(shapes, k_dit)
         params["pos_frequencies"] = 0.1 * jax.random.normal(k_dit, shapes["pos_frequencies"].shape)
-        save_model(paths["dit"], params, "mochi_dit", cfg.arch(), unstack=("blocks", cfg.depth - 1),
+        save_model(paths["dit"], params, "mochi_dit", cfg.arch(), unstack=[("blocks", cfg.depth - 1)],
                    progress=progress)
     if not paths["vae"].exists():
         cfg = vae_lib.VAEConfig(**VAE)
@@ -94,6 +94,6 @@ def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, 
         cfg = T5Config(**T5, param_dtype="float32", compute_dtype="float32")
         shapes = jax.eval_shape(lambda: init_params(cfg, k_t5))
         save_model(paths["t5"], random_like(shapes, k_t5), "t5_encoder", cfg.arch(),
-                   unstack=("blocks", cfg.num_layers), progress=progress)
+                   unstack=[("blocks", cfg.num_layers)], progress=progress)
     _tokenizer(paths["tokenizer"])
     return paths

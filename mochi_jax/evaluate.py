@@ -40,6 +40,7 @@ import numpy as np
 from mochi_jax import metrics as M
 from mochi_jax import sampling
 from mochi_jax.models.dit import DiTConfig, abstract_variables
+from mochi_jax.weights import dit_config
 from mochi_jax.models.lora import LoraTarget, layers_of
 
 METRICS = {  # name -> what it measures (report.md's legend)
@@ -182,17 +183,6 @@ class Variant:
     source: str | None = None
     strength: float = 1.0
     layers: dict = dataclasses.field(default_factory=dict)
-
-
-def dit_config(path, **overrides) -> DiTConfig:
-    """The DiTConfig of a converted checkpoint, from its metadata (no weights are read)."""
-    from mochi_jax.convert.common import read_metadata
-
-    try:
-        arch = read_metadata(path)["config"]
-    except Exception as e:
-        raise ValueError(f"dit: {path} is not a converted DiT checkpoint ({type(e).__name__}: {e})") from e
-    return DiTConfig.from_dict({**arch, **overrides})
 
 
 def param_shapes(cfg: DiTConfig) -> dict:
@@ -432,12 +422,8 @@ def write_demo_clip(weights, tokenizer, seed: int = 0) -> None:
         cfg = CLIPConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
                          vision_mlp=64, vocab_size=len(vocab), text_width=32, text_layers=2, text_heads=2,
                          text_mlp=64, projection_dim=16)
-        params = jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(seed)))
-        for tower, n in (("vision", cfg.vision_layers), ("text", cfg.text_layers)):  # unrolled on disk
-            blocks = params[tower].pop("blocks")
-            params[tower].update({f"blocks_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], blocks)
-                                  for i in range(n)})
-        save_model(weights, params, "clip", cfg.arch())
+        save_model(weights, init_params(cfg, jax.random.PRNGKey(seed)), "clip", cfg.arch(),
+                   unstack=[(("vision", "blocks"), cfg.vision_layers), (("text", "blocks"), cfg.text_layers)])
 
 
 def prepare_demo(cfg) -> None:

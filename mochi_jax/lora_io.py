@@ -550,7 +550,7 @@ def merge_checkpoint(base_dir, lora, out_dir, strength: float = 1.0, unmerge: bo
         params = fn(params, tree, targets, strength)
     except (ValueError, KeyError) as e:
         raise LoraFormatError(f"LoRA does not fit {base_dir}: {e}") from e
-    out = save_model(out_dir, params, "mochi_dit", cfg.arch(), unstack=("blocks", cfg.depth - 1),
+    out = save_model(out_dir, params, "mochi_dit", cfg.arch(), unstack=[("blocks", cfg.depth - 1)],
                      dtype=jnp.dtype(cfg.param_dtype), overwrite=overwrite, progress=progress,
                      extra_metadata={"lora": {"source": str(lora) if info else "in memory",
                                               "strength": strength, "unmerged": unmerge}})

@@ -110,7 +110,7 @@ class Models:
             from mochi_jax import sharding as sharding_lib
 
             t5_shardings = _t5_shardings(cfg.t5, self.mesh)
-            vae_shardings = _same_for_every_leaf(cfg.vae, NamedSharding(self.mesh, PartitionSpec()))
+            vae_shardings = NamedSharding(self.mesh, PartitionSpec())  # replicated: every leaf
             # the text batch over every mesh axis that divides it (the T5 computes data-parallel)
             batch_rule = (("batch", tuple(a for a in sharding_lib.AXES if a in self.mesh.shape)),)
             rows = sharding_lib.spec(("batch",), (self.batch,), self.mesh, rules=batch_rule)[0]
@@ -281,14 +281,6 @@ def _t5_shardings(path, mesh):
         return None
     abstract = t5_lib.abstract_params(t5_lib.T5Config.from_dict(meta["config"]))
     return sharding_lib.param_shardings(t5_lib.t5_logical_axes(abstract), abstract, mesh)
-
-
-def _same_for_every_leaf(path, sharding):
-    """`sharding` for every array of the checkpoint at `path` (a tree like the stored one)."""
-    import jax
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    return jax.tree_util.tree_map(lambda _: sharding, ocp.metadata(Path(path).absolute()).metadata)
 
 
 def load_models(cfg) -> Models:

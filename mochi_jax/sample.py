@@ -61,18 +61,19 @@ def render(cfg):
     from mochi_jax import sampling
     from mochi_jax.convert import load_vae
     from mochi_jax.text import TextEncoder
-    from mochi_jax.weights import load_dit
+    from mochi_jax.weights import dit_config, load_dit
 
     t0 = time.time()
     shape = sampling.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # validate before loading anything
     sigmas = sampling.sigma_schedule(cfg.steps, cfg.threshold_noise)
-    dit_cfg, params = load_dit(cfg.dit, dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                               attention=cfg.attention, remat="none")
+    overrides = dict(compute_dtype=cfg.compute_dtype, attention=cfg.attention, remat="none")
+    dit_cfg = dit_config(cfg.dit, param_dtype=cfg.param_dtype, **overrides)
     lora = load_loras(cfg.loras, dit_cfg)  # a bad LoRA file fails here, before any heavy work
     text = TextEncoder.load(cfg.t5, cfg.tokenizer)
     feats, mask = text([cfg.prompt, cfg.negative_prompt], zero_empty=cfg.zero_empty_negative)
     feats, mask = np.asarray(feats), np.asarray(mask)
-    del text
+    del text  # T5 is freed before the DiT is loaded
+    _, params = load_dit(cfg.dit, dtype=cfg.param_dtype, **overrides)
     vae_cfg, vae_params = load_vae(cfg.vae, compute_dtype=cfg.compute_dtype)
     print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of {cfg.num_frames} "
           f"frames at {cfg.height}x{cfg.width}, {cfg.steps} steps, cfg {cfg.guidance}"

@@ -65,22 +65,30 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
+def _mesh_axes(name, table, mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) a logical name maps to under the rules `table`."""
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def _entry(axes):
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
 def spec(names, shape, mesh: Mesh, rules=RULES) -> P:
     """PartitionSpec for one array: each logical name's mesh axes, dropping any axis already used
     by an earlier dimension or whose size does not divide the dimension (then it stays replicated)."""
     table = dict(rules)
     used, out = set(), []
     for name, dim in zip(names, shape):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         keep = []
-        for a in axes:
-            size = mesh.shape[a]
-            if a in used or size == 1 or dim % (math.prod(mesh.shape[k] for k in keep) * size):
+        for a in _mesh_axes(name, table, mesh):
+            if a in used or dim % (math.prod(mesh.shape[k] for k in keep) * mesh.shape[a]):
                 continue
             keep.append(a)
         used.update(keep)
-        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+        out.append(_entry(keep))
     return P(*out)
 
 
@@ -98,15 +106,14 @@ def replicated_like(x):
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Leading (batch) dimension over the axes of the 'batch' rule (data x fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(dict(RULES)["batch"], *([None] * (ndim - 1))))
 
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=RULES):
     """Within this context, jit traces see the mesh and the rules, so the models' activation
-    annotations (flax `nn.with_logical_constraint`) become sharding constraints. Outside it they
-    are no-ops (one device)."""
+    annotations (`constrain`) become sharding constraints. Outside it they are no-ops (one device)."""
     import flax.linen as nn
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -126,13 +133,12 @@ def constrain(x, names):
     table = dict(get_logical_axis_rules())
     out = []
     for name, dim in zip(names, x.shape):
-        axes = table.get(name) if name is not None else None
-        axes = (axes,) if isinstance(axes, str) else tuple(a for a in (axes or ()) if mesh.shape[a] > 1)
+        axes = _mesh_axes(name, table, mesh)
         size = math.prod(mesh.shape[a] for a in axes)
         if dim % size and name != "seq":
             what = {"act_heads": "attention heads", "batch": "the batch"}.get(name, name)
             raise ValueError(f"{what}: {dim} is not divisible by the mesh axes {axes} of total size {size}")
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        out.append(_entry(axes))
     return jax.lax.with_sharding_constraint(x, P(*out))
 
 

@@ -12,6 +12,7 @@ any point and restarted continues bit for bit where its last checkpoint left off
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -25,7 +26,7 @@ import optax
 from mochi_jax import sharding as sharding_lib
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import vae as vae_lib
-from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables, dummy_inputs
+from mochi_jax.models.dit import MochiDiT, abstract_variables, dummy_inputs
 
 # ----------------------------------------------------------------------------- loss
 
@@ -63,8 +64,7 @@ def flow_loss(model, params, lora, batch, noise, formulation: str = "normalized"
     z_sigma = (1.0 - s) * z + s * eps
     target = z - eps
     if formulation == "reference":
-        m, sd = vae_lib.LATENTS_MEAN.reshape(1, -1, 1, 1, 1), vae_lib.LATENTS_STD.reshape(1, -1, 1, 1, 1)
-        target = (target - m) / sd
+        target = vae_lib.vae_to_dit(target)  # (u - latents_mean) / latents_std
 
     drop = noise["drop"]
     feats = jnp.where(drop[:, None, None], 0.0, batch["t5_feats"].astype(jnp.float32))
@@ -143,10 +143,9 @@ def train_shardings(model, optimizer, mesh) -> dict:
     replicated), 'batch' (leading axis over data x fsdp) and 'replicated'."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    cfg = model.cfg
     rep = NamedSharding(mesh, PartitionSpec())
-    params = abstract_variables(cfg)["params"]
-    lora = jax.eval_shape(lambda: init_lora(model, cfg, jax.random.PRNGKey(0)))
+    abstract = abstract_variables(model.cfg, model.lora_targets)
+    params, lora = abstract["params"], abstract["lora"]
     lora_sh = sharding_lib.param_shardings(sharding_lib.dit_logical_axes(lora, lora=True), lora, mesh)
     opt = jax.eval_shape(optimizer.init, lora)
     return {
@@ -159,10 +158,10 @@ def train_shardings(model, optimizer, mesh) -> dict:
     }
 
 
-def init_lora(model, cfg, key):
+def init_lora(model, key):
     """Fresh LoRA factors (a: PEFT's uniform init, b: zeros) without materialising the base weights:
     the jitted init returns only the 'lora' collection, so XLA drops everything else."""
-    args = dummy_inputs(cfg)
+    args = dummy_inputs(model.cfg)
     return jax.jit(lambda k: model.init(k, *args).get("lora", {}))(key)
 
 
@@ -171,7 +170,7 @@ def init_state(model, optimizer, seed: int, sharding) -> dict:
     tree like the state, e.g. train_shardings(...)['state']): the step's outputs are committed, and
     an uncommitted first input would compile the step a second time."""
     key = jax.random.PRNGKey(seed)
-    lora = init_lora(model, model.cfg, jax.random.fold_in(key, 1))
+    lora = init_lora(model, jax.random.fold_in(key, 1))
     state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": optimizer.init(lora),
              "rng": jax.random.fold_in(key, 2)}
     return jax.device_put(state, sharding)
@@ -260,11 +259,11 @@ def _render_validation(cfg, dit_cfg, params, lora, targets, vae, text, step: int
     return out
 
 
-def validation_loss(model, params, lora, clips, sigmas, seed: int, formulation: str) -> dict:
+def validation_loss(loss_fn, params, lora, clips, sigmas, seed: int) -> dict:
     """The flow loss of held-out clips at fixed sigmas with fixed noise (the posterior noise too) and
-    no caption dropout: a deterministic curve that tells learning from overfitting. Returns
-    {'val_loss': mean, 'val_loss/sigma_0.1': ..., ...}."""
-    fn = jax.jit(lambda lo, batch, noise: flow_loss(model, params, lo, batch, noise, formulation))
+    no caption dropout: a deterministic curve that tells learning from overfitting. `loss_fn(params,
+    lora, batch, noise)`: the jitted `flow_loss`, built once per run. Returns {'val_loss': mean,
+    'val_loss/sigma_0.1': ..., ...}."""
     per_sigma = {float(s): [] for s in sigmas}
     for i, clip in enumerate(clips):
         batch = {k: np.asarray(v)[None] for k, v in clip.items()}
@@ -273,7 +272,7 @@ def validation_loss(model, params, lora, clips, sigmas, seed: int, formulation: 
         for s in per_sigma:
             noise = {"n": base["n"], "eps": base["eps"], "sigma": jnp.full((1,), s, jnp.float32),
                      "drop": jnp.zeros((1,), bool), "lora_rng": None}
-            per_sigma[s].append(float(fn(lora, batch, noise)))
+            per_sigma[s].append(float(loss_fn(params, lora, batch, noise)))
     out = {f"val_loss/sigma_{s:g}": float(np.mean(v)) for s, v in per_sigma.items()}
     out["val_loss"] = float(np.mean(list(out.values())))
     return out
@@ -288,10 +287,9 @@ def train(cfg) -> Path:
     import orbax.checkpoint as ocp
 
     from mochi_jax.cache import Cache
-    from mochi_jax.convert import read_metadata
     from mochi_jax.data import make_loader
     from mochi_jax.lora_io import save_diffusers, save_genmo
-    from mochi_jax.weights import load_dit
+    from mochi_jax.weights import dit_config, load_dit
 
     if cfg.distributed.enabled:
         d = cfg.distributed
@@ -316,20 +314,23 @@ def train(cfg) -> Path:
     v = cfg.validation
     if not 0 <= v.holdout < len(cache):
         raise ValueError(f"validation.holdout = {v.holdout} must leave training clips (the cache has {len(cache)})")
-    train_idx = list(range(len(cache) - v.holdout))  # the last `holdout` clips (by name) are held out
-    loader = make_loader(cache, cfg.batch_size // n_proc, cfg.seed, indices=train_idx)
-    heldout = [cache[i] for i in range(len(cache) - v.holdout, len(cache))]
+    n_train = len(cache) - v.holdout  # the last `holdout` clips (by name) are held out
+    loader = make_loader(cache, cfg.batch_size // n_proc, cfg.seed, num_clips=n_train)
+    heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
     targets = lora_lib.targets_from_config(cfg.lora.to_dict())
     if not targets:
         raise ValueError("no LoRA targets with rank > 0 in config.lora")
     overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
-    arch = DiTConfig.from_dict({**read_metadata(m.dit)["config"], "param_dtype": m.param_dtype, **overrides})
-    model = MochiDiT(arch, targets)
+    # the config first (from the checkpoint's metadata), so the weights load straight into their shards
+    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
+    model = MochiDiT(dit_cfg, targets)
     optimizer = make_optimizer(cfg.optim)
     shardings = train_shardings(model, optimizer, mesh)
-    dit_cfg, params = load_dit(m.dit, dtype=m.param_dtype, shardings=shardings["params"], **overrides)
+    render = v.every > 0 and len(v.prompts) > 0
+    text = _validation_inputs(cfg) if render else None  # T5 comes and goes before the DiT is loaded
+    _, params = load_dit(m.dit, dtype=m.param_dtype, shardings=shardings["params"], **overrides)
     state = init_state(model, optimizer, cfg.seed, shardings["state"])
     _log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} devices, {n_proc} process(es); base: {m.dit} "
          f"(depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype}); LoRA: "
@@ -352,11 +353,9 @@ def train(cfg) -> Path:
     step_fn = make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, shardings)
     schedule = lr_schedule(cfg.optim)
     metrics = _Metrics(run_dir, main)
-    render = v.every > 0 and len(v.prompts) > 0
     if render:
         from mochi_jax.convert import load_vae
 
-        text = _validation_inputs(cfg)
         vae = load_vae(v.vae, compute_dtype=m.compute_dtype)
         scorer = None
         if v.clip_checkpoint:
@@ -365,11 +364,12 @@ def train(cfg) -> Path:
             scorer = Scorer(v.clip_checkpoint, v.clip_tokenizer)
             prompt_emb = scorer.text(list(v.prompts))
 
+    val_loss_fn = jax.jit(functools.partial(flow_loss, model, formulation=cfg.loss.formulation))
+
     def validate(step):
         vals = {}
         if heldout:
-            vals.update(validation_loss(model, params, state["lora"], heldout, v.loss_sigmas, cfg.seed,
-                                        cfg.loss.formulation))
+            vals.update(validation_loss(val_loss_fn, params, state["lora"], heldout, v.loss_sigmas, cfg.seed))
         if render:
             videos = _render_validation(cfg, dit_cfg, params, state["lora"], targets, vae, text, step, run_dir)
             _log(f"step {step}: validation videos {', '.join(p for p, _ in videos)}")
@@ -402,8 +402,8 @@ def train(cfg) -> Path:
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not main)
         while step < cfg.steps:
-            batch = {k: jax.make_array_from_process_local_data(shardings["batch"][k], v)
-                     for k, v in next(loader).items()}
+            batch = {k: jax.make_array_from_process_local_data(shardings["batch"][k], x)
+                     for k, x in next(loader).items()}
             state, out = step_fn(state, params, batch)
             step += 1
             bar.update(1)

@@ -14,7 +14,8 @@ from mochi_jax.models.layers import stack_layers, unstack_shardings
 
 def load_tree(path, dtype=None, shardings=None):
     """Restore a converted checkpoint. `shardings`: a pytree of jax.sharding.Sharding matching the
-    checkpoint (each process then reads only its shards); `dtype` casts floating leaves."""
+    checkpoint (each process then reads only its shards), or one Sharding for every leaf (default:
+    this process's first device); `dtype` casts floating leaves."""
     import orbax.checkpoint.experimental.v1 as ocp
 
     path = Path(path).absolute()
@@ -26,8 +27,8 @@ def load_tree(path, dtype=None, shardings=None):
             dt = jnp.dtype(dtype)
         return jax.ShapeDtypeStruct(m.shape, dt, sharding=s)
 
-    if shardings is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        one = shardings or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: one, meta)
     target = jax.tree_util.tree_map(abstract, meta, shardings)
     return ocp.load(path, target)
@@ -54,6 +55,15 @@ def load_model(path, model: str, cfg_cls, dtype=None, shardings=None, overrides=
     return cfg_cls.from_dict(fields), params
 
 
+def dit_config(path, **overrides) -> DiTConfig:
+    """The DiTConfig of a converted checkpoint, from its metadata (no weights are read), plus `overrides`."""
+    try:
+        arch = read_metadata(path)["config"]
+    except Exception as e:
+        raise ValueError(f"dit: {path} is not a converted DiT checkpoint ({type(e).__name__}: {e})") from e
+    return DiTConfig.from_dict({**arch, **overrides})
+
+
 def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
     """(DiTConfig, params) from a converted DiT checkpoint, in the scanned layout.
 
@@ -64,24 +74,27 @@ def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, 
                       stack=lambda arch: ("blocks", int(arch["depth"]) - 1))
 
 
-def save_model(path, params, model: str, arch: dict, unstack=None, dtype=None, overwrite=False,
+def save_model(path, params, model: str, arch: dict, unstack=(), dtype=None, overwrite=False,
                progress=False, extra_metadata=None):
     """Write `params` as a checkpoint `load_model` reads: the layout tools/convert_weights.py writes
-    (orbax, custom metadata {'model', 'config': arch}). `unstack=(name, n)` writes the scanned
-    layers params[name] unrolled as name_0 .. name_{n-1}; `dtype` casts floating leaves. Used for
-    merged LoRA checkpoints and the demo's random tiny models; appears atomically like a conversion."""
+    (orbax, custom metadata {'model', 'config': arch}). `unstack`: [(path, n), ...] of scanned layer
+    stacks to write unrolled, e.g. [('blocks', 47)] or [(('vision', 'blocks'), 12)] ->
+    blocks_0 .. blocks_46; `dtype` casts floating leaves. Used for merged LoRA checkpoints and the
+    demo's random tiny models; appears atomically like a conversion."""
     import numpy as np
     from flax import traverse_util
 
     from mochi_jax.convert.common import Leaf, write
 
+    stacks = {(p,) if isinstance(p, str) else tuple(p): n for p, n in unstack}
     flat = {}
     for p, x in traverse_util.flatten_dict(params).items():
-        if unstack is not None and p[0] == unstack[0]:
-            for i in range(unstack[1]):
-                flat[(f"{unstack[0]}_{i}",) + p[1:]] = (x, i)
-        else:
+        prefix = next((q for q in stacks if p[:len(q)] == q), None)
+        if prefix is None:
             flat[p] = (x, None)
+            continue
+        for i in range(stacks[prefix]):
+            flat[prefix[:-1] + (f"{prefix[-1]}_{i}",) + p[len(prefix):]] = (x, i)
 
     def build(x, i):
         return lambda _src: np.asarray(x if i is None else x[i])
@@ -89,6 +102,5 @@ def save_model(path, params, model: str, arch: dict, unstack=None, dtype=None, o
     leaves = [Leaf(p, tuple(x.shape[1:] if i is not None else x.shape), (), build(x, i))
               for p, (x, i) in flat.items()]
     meta = {"model": model, "config": arch, **(extra_metadata or {})}
-    first = np.asarray(jax.tree_util.tree_leaves(params)[0])
-    np_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else first.dtype
+    np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else jax.tree_util.tree_leaves(params)[0].dtype))
     return write(leaves, None, path, np_dtype, meta, overwrite=overwrite, progress=progress)

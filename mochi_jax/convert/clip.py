@@ -37,7 +37,6 @@ Keyword overrides to `convert_clip` (vision_heads=, text_heads=, activation=, ..
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, validate, write
+from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, json_beside, need_shape, validate, write
 from mochi_jax.models.clip import CLIPConfig
 
 HF, OPENAI = "transformers", "openai"
@@ -165,22 +164,6 @@ def open_source(path) -> tuple[TensorSource, str]:
     return src, detect_layout(src)
 
 
-def _json_beside(src: TensorSource, name: str) -> tuple[Path | None, dict]:
-    f = (src.path if src.path.is_dir() else src.path.parent) / name
-    if not f.is_file():
-        return None, {}
-    try:
-        return f, json.loads(f.read_text())
-    except Exception as e:
-        raise ConversionError(f"{f}: not valid JSON ({e})") from e
-
-
-def _need(src: TensorSource, key: str) -> tuple[int, ...]:
-    if key not in src.keys():
-        raise ConversionError(f"{src.path}: key {key!r} is missing (needed to infer the architecture)")
-    return tuple(src.shape(key))
-
-
 def _num_layers(src: TensorSource, prefix: str) -> int:
     layer_re = re.compile("^" + re.escape(prefix) + r"(\d+)\.")
     return 1 + max((int(m.group(1)) for k in src.keys() if (m := layer_re.match(k))), default=-1)
@@ -189,11 +172,11 @@ def _num_layers(src: TensorSource, prefix: str) -> int:
 def infer_config(src: TensorSource, layout: str, **overrides) -> CLIPConfig:
     hf = layout == HF
     top = TOP_KEYS[layout]
-    w, _, p, _ = _need(src, top[("vision", "patch_embed")])
-    positions = _need(src, top[("vision", "position_embedding")])[0]
-    vocab, wt = _need(src, top[("text", "token_embedding")])
-    context = _need(src, top[("text", "position_embedding")])[0]
-    proj = _need(src, top[("vision", "proj", "kernel")])
+    w, _, p, _ = need_shape(src, top[("vision", "patch_embed")])
+    positions = need_shape(src, top[("vision", "position_embedding")])[0]
+    vocab, wt = need_shape(src, top[("text", "token_embedding")])
+    context = need_shape(src, top[("text", "position_embedding")])[0]
+    proj = need_shape(src, top[("vision", "proj", "kernel")])
     grid = math.isqrt(positions - 1)
     if grid * grid != positions - 1:
         raise ConversionError(f"{src.path}: {top[('vision', 'position_embedding')]!r} has {positions} rows, "
@@ -206,7 +189,7 @@ def infer_config(src: TensorSource, layout: str, **overrides) -> CLIPConfig:
         if n == 0:
             raise ConversionError(f"{src.path}: no {prefix}N.* keys")
         fc1 = layer_prefix(layout, tower, 0) + ("mlp.fc1" if hf else "mlp.c_fc") + ".weight"
-        fields[f"{tower}_mlp"] = _need(src, fc1)[0]
+        fields[f"{tower}_mlp"] = need_shape(src, fc1)[0]
     fields.update(_config_files(src, layout, fields))
     unknown = set(overrides) - set(OVERRIDABLE)
     if unknown:
@@ -224,7 +207,7 @@ def _config_files(src: TensorSource, layout: str, fields: dict) -> dict:
     """heads, activation, layer_norm_eps, eos_token_id from config.json / open_clip_config.json."""
     out = dict(vision_heads=fields["vision_width"] // 64, text_heads=fields["text_width"] // 64)
     if layout == HF:
-        f, cfg = _json_beside(src, "config.json")
+        f, cfg = json_beside(src, "config.json")
         if f is None:
             return out
         vis, txt = cfg.get("vision_config", {}), cfg.get("text_config", {})
@@ -249,7 +232,7 @@ def _config_files(src: TensorSource, layout: str, fields: dict) -> dict:
                    activation=acts.pop(), layer_norm_eps=float(epss.pop()),
                    eos_token_id=None if eos == 2 else int(eos))
         return out
-    f, cfg = _json_beside(src, "open_clip_config.json")
+    f, cfg = json_beside(src, "open_clip_config.json")
     if f is None:
         return out
     model = cfg.get("model_cfg", cfg)

@@ -185,6 +185,27 @@ def validate(src: TensorSource, expected: Mapping[str, tuple[int, ...]]) -> None
         raise ConversionError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
 
 
+def need_shape(src, key: str, ndim: int | None = None) -> tuple[int, ...]:
+    """The shape of a tensor the architecture is read from: it must exist (and have `ndim` dimensions)."""
+    if key not in src.keys():
+        raise ConversionError(f"{src.path}: key {key!r} is missing (needed to infer the architecture)")
+    shape = tuple(src.shape(key))
+    if ndim is not None and len(shape) != ndim:
+        raise ConversionError(f"key {key!r} in {src.file_of(key)} has shape {shape}, expected {ndim} dimensions")
+    return shape
+
+
+def json_beside(src, name: str) -> tuple[Path | None, dict]:
+    """(path, parsed JSON) of the file `name` in the checkpoint's folder, or (None, {}) if there is none."""
+    f = (src.path if src.path.is_dir() else src.path.parent) / name
+    if not f.is_file():
+        return None, {}
+    try:
+        return f, json.loads(f.read_text())
+    except Exception as e:
+        raise ConversionError(f"{f}: not valid JSON ({e})") from e
+
+
 def nest(flat: Mapping[tuple[str, ...], object]) -> dict:
     out: dict = {}
     for path, v in flat.items():

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, validate
+from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, need_shape, validate
 from mochi_jax.models.dit import DiTConfig
 
 GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -41,20 +41,14 @@ def open_dit(path) -> tuple[TensorSource, str]:
 
 # ----------------------------------------------------------------------------- architecture
 
-def _need(src: TensorSource, key: str) -> tuple[int, ...]:
-    if key not in src.keys():
-        raise ConversionError(f"{src.path}: key {key!r} is missing (needed to infer the architecture)")
-    return src.shape(key)
-
-
 def infer_config(src: TensorSource, layout: str) -> DiTConfig:
     d = layout == "diffusers"
     block_re = re.compile(r"^(transformer_blocks|blocks)\.(\d+)\.")
     depth = 1 + max((int(m.group(2)) for k in src.keys() if (m := block_re.match(k))), default=-1)
-    width, in_ch, p, _ = _need(src, "patch_embed.proj.weight" if d else "x_embedder.proj.weight")
-    head_dim = _need(src, "transformer_blocks.0.attn1.norm_q.weight" if d else "blocks.0.attn.q_norm_x.weight")[0]
-    text_width, t5_dim = _need(src, "time_embed.caption_proj.weight" if d else "t5_yproj.weight")
-    time_dim = _need(src, "time_embed.timestep_embedder.linear_1.weight" if d else "t_embedder.mlp.0.weight")[1]
+    width, in_ch, p, _ = need_shape(src, "patch_embed.proj.weight" if d else "x_embedder.proj.weight")
+    head_dim = need_shape(src, "transformer_blocks.0.attn1.norm_q.weight" if d else "blocks.0.attn.q_norm_x.weight")[0]
+    text_width, t5_dim = need_shape(src, "time_embed.caption_proj.weight" if d else "t5_yproj.weight")
+    time_dim = need_shape(src, "time_embed.timestep_embedder.linear_1.weight" if d else "t_embedder.mlp.0.weight")[1]
     if width % head_dim or depth < 2:
         raise ConversionError(f"{src.path}: inconsistent architecture (width {width}, head dim {head_dim}, "
                               f"depth {depth})")

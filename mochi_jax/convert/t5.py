@@ -22,13 +22,12 @@ shapes) come from the folder's config.json when there is one, else the v1.1 defa
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, validate, write
+from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, json_beside, need_shape, validate, write
 from mochi_jax.models.t5 import T5Config
 
 EMBED, TIED = "shared.weight", "encoder.embed_tokens.weight"
@@ -59,30 +58,13 @@ def open_t5(path) -> TensorSource:
 
 # ----------------------------------------------------------------------------- architecture
 
-def _need(src: TensorSource, key: str) -> tuple[int, ...]:
-    if key not in src.keys():
-        raise ConversionError(f"{src.path}: key {key!r} is missing (needed to infer the architecture)")
-    return tuple(src.shape(key))
-
-
-def _hf_config(src: TensorSource) -> tuple[Path | None, dict]:
-    folder = src.path if src.path.is_dir() else src.path.parent
-    f = folder / "config.json"
-    if not f.is_file():
-        return None, {}
-    try:
-        return f, json.loads(f.read_text())
-    except Exception as e:
-        raise ConversionError(f"{f}: not valid JSON ({e})") from e
-
-
 def infer_config(src: TensorSource) -> T5Config:
     keys = src.keys()
     embed_key = EMBED if EMBED in keys else TIED if TIED in keys else EMBED
-    vocab, d_model = _need(src, embed_key)
-    num_buckets, num_heads = _need(src, REL_BIAS)
-    inner, _ = _need(src, _block_keys(0)["attn/q/kernel"])
-    d_ff, _ = _need(src, _block_keys(0)["ff/wi_0/kernel"])
+    vocab, d_model = need_shape(src, embed_key)
+    num_buckets, num_heads = need_shape(src, REL_BIAS)
+    inner, _ = need_shape(src, _block_keys(0)["attn/q/kernel"])
+    d_ff, _ = need_shape(src, _block_keys(0)["ff/wi_0/kernel"])
     block_re = re.compile(r"^encoder\.block\.(\d+)\.")
     num_layers = 1 + max(int(m.group(1)) for k in keys if (m := block_re.match(k)))
     if inner % num_heads:
@@ -91,7 +73,7 @@ def infer_config(src: TensorSource) -> T5Config:
     fields = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_kv=inner // num_heads,
                   d_ff=d_ff, vocab_size=vocab, num_buckets=num_buckets)
 
-    cfg_file, hf = _hf_config(src)
+    cfg_file, hf = json_beside(src, "config.json")
     if cfg_file is not None:
         act = hf.get("feed_forward_proj", "gated-gelu")
         if act not in ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh"):  # all tanh-approximated

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, validate
+from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, need_shape, validate
 from mochi_jax.models.vae import VAEConfig
 
 
@@ -243,16 +243,6 @@ def plan(cfg: VAEConfig, layout: str) -> list[Leaf]:
 
 # ----------------------------------------------------------------------------- architecture
 
-def _need(src, key: str, ndim: int) -> tuple[int, ...]:
-    """The shape of a tensor the architecture is read from; it must exist with `ndim` dimensions."""
-    if key not in src.keys():
-        raise ConversionError(f"{src.path}: key {key!r} is missing (needed to infer the architecture)")
-    shape = tuple(src.shape(key))
-    if len(shape) != ndim:
-        raise ConversionError(f"key {key!r} in {src.file_of(key)} has shape {shape}, expected {ndim} dimensions")
-    return shape
-
-
 def _count(keys, pattern: str) -> int:
     """1 + the largest index matched by the regex `pattern` (one group), 0 if none."""
     rx = re.compile(pattern)
@@ -264,15 +254,15 @@ def infer_config(src, layout: str) -> VAEConfig:
     keys = src.keys()
     if layout == "diffusers":
         nd = _count(keys, r"encoder\.down_blocks\.(\d+)\..*")
-        c0, cin = _need(src, "encoder.proj_in.weight", 2)
-        downs = [_need(src, f"encoder.down_blocks.{j}.conv_in.conv.weight", 5) for j in range(nd)]
+        c0, cin = need_shape(src, "encoder.proj_in.weight", 2)
+        downs = [need_shape(src, f"encoder.down_blocks.{j}.conv_in.conv.weight", 5) for j in range(nd)]
         stages = ["encoder.block_in"] + [f"encoder.down_blocks.{j}" for j in range(nd)] + ["encoder.block_out"]
         layers = [_count(keys, re.escape(s) + r"\.resnets\.(\d+)\..*") for s in stages]
         attention = [f"{s}.attentions.0.to_q.weight" in keys for s in stages]
-        two_lat = _need(src, "encoder.proj_out.weight", 2)[0]
-        dec_last, lat = _need(src, "decoder.conv_in.weight", 5)[:2]
-        ups = [_need(src, f"decoder.up_blocks.{j}.proj.weight", 2) for j in range(nd)]
-        dec_first = _need(src, "decoder.proj_out.weight", 2)[1]
+        two_lat = need_shape(src, "encoder.proj_out.weight", 2)[0]
+        dec_last, lat = need_shape(src, "decoder.conv_in.weight", 5)[:2]
+        ups = [need_shape(src, f"decoder.up_blocks.{j}.proj.weight", 2) for j in range(nd)]
+        dec_first = need_shape(src, "decoder.proj_out.weight", 2)[1]
     else:
         # encoder.layers.i is a resnet (has .stack.) or a down block (has .layers.0.weight).
         n_layers = _count(keys, r"encoder\.layers\.(\d+)\..*")
@@ -289,17 +279,17 @@ def infer_config(src, layout: str) -> VAEConfig:
         nd = kinds[n0:].count("down")
         if kinds[n0:n0 + nd] != ["down"] * nd:
             raise ConversionError(f"{src.path}: encoder down blocks are not consecutive: {kinds}")
-        c0, cin = _need(src, "encoder.layers.0.weight", 2)
-        downs = [_need(src, f"encoder.layers.{1 + n0 + j}.layers.0.weight", 5) for j in range(nd)]
+        c0, cin = need_shape(src, "encoder.layers.0.weight", 2)
+        downs = [need_shape(src, f"encoder.layers.{1 + n0 + j}.layers.0.weight", 5) for j in range(nd)]
         layers = ([n0] + [_count(keys, rf"encoder\.layers\.{1 + n0 + j}\.layers\.(\d+)\..*") - 1 for j in range(nd)]
                   + [len(kinds) - n0 - nd])
         firsts = (["encoder.layers.1"] + [f"encoder.layers.{1 + n0 + j}.layers.1" for j in range(nd)]
                   + [f"encoder.layers.{1 + n0 + nd}"])
         attention = [f"{p}.attn_block.attn.qkv.weight" in keys for p in firsts]
-        two_lat = _need(src, "encoder.output_proj.weight", 2)[0]
-        dec_last, lat = _need(src, "decoder.blocks.0.0.weight", 5)[:2]
-        ups = [_need(src, f"decoder.blocks.{1 + j}.proj.weight", 2) for j in range(nd)]
-        dec_first = _need(src, "decoder.output_proj.weight", 2)[1]
+        two_lat = need_shape(src, "encoder.output_proj.weight", 2)[0]
+        dec_last, lat = need_shape(src, "decoder.blocks.0.0.weight", 5)[:2]
+        ups = [need_shape(src, f"decoder.blocks.{1 + j}.proj.weight", 2) for j in range(nd)]
+        dec_first = need_shape(src, "decoder.output_proj.weight", 2)[1]
     if nd < 1:
         raise ConversionError(f"{src.path}: could not find the encoder's down-sampling convolutions")
     enc_ch = (c0, *(s[0] for s in downs))
