@@ -18,7 +18,7 @@ from pathlib import Path
 GEN = r"""
 import sys, numpy as np, torch
 from safetensors.torch import save_file
-from mochi_jax.convert.dit import genmo_shapes
+from mochi_jax.checkpoints.dit import genmo_shapes
 from mochi_jax.models.dit import DiTConfig
 cfg = DiTConfig(depth=int(sys.argv[2]), num_heads=int(sys.argv[3]), head_dim=128, text_width=512, t5_dim=1024)
 g = torch.Generator().manual_seed(0)
@@ -27,7 +27,7 @@ save_file({k: torch.randn(s, generator=g) * 0.02 for k, s in genmo_shapes(cfg).i
 
 CONVERT = r"""
 import resource, sys, time
-from mochi_jax import convert
+from mochi_jax import checkpoints as convert
 t = time.time()
 if sys.argv[1] != "-":
     convert.convert_dit(sys.argv[1], sys.argv[2], dtype="bfloat16", progress=False)
@@ -48,8 +48,8 @@ def main():
     src = work / "dit.safetensors"
     subprocess.run([sys.executable, "-c", GEN, str(src), str(args.depth), str(args.heads)], check=True)
 
-    from mochi_jax.convert import dit as dit_conv
-    from mochi_jax.convert.common import TensorSource
+    from mochi_jax.checkpoints import dit as dit_conv
+    from mochi_jax.checkpoints.common import TensorSource
 
     s = TensorSource(src)
     cfg = dit_conv.check(s, "genmo")

@@ -23,10 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dit_ref import make_reference, random_inputs, write_both_layouts  # noqa: E402
 
-from mochi_jax import convert  # noqa: E402
+from mochi_jax import checkpoints as convert  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
 from mochi_jax.models.dit import DiTConfig, MochiDiT  # noqa: E402
-from mochi_jax.weights import load_dit  # noqa: E402
+from mochi_jax.checkpoints import load_dit  # noqa: E402
 
 BENCH = dict(depth=4, num_heads=4, head_dim=32, text_width=64, t5_dim=64, time_embed_dim=64)
 

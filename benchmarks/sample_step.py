@@ -34,10 +34,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dit_ref import make_reference, rel_l2, write_both_layouts  # noqa: E402
 
-from mochi_jax import sampling  # noqa: E402
-from mochi_jax.convert import convert_dit  # noqa: E402
+from mochi_jax.lib import sampling  # noqa: E402
+from mochi_jax.checkpoints import convert_dit  # noqa: E402
 from mochi_jax.models.dit import DiTConfig  # noqa: E402
-from mochi_jax.weights import load_dit  # noqa: E402
+from mochi_jax.checkpoints import load_dit  # noqa: E402
 
 BENCH = dict(depth=4, num_heads=4, head_dim=32, text_width=64, t5_dim=64, time_embed_dim=64)
 

@@ -48,11 +48,12 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import dit as dit_presets  # noqa: E402
-from mochi_jax import sharding, train  # noqa: E402
+from mochi_jax.configs import dit as dit_presets  # noqa: E402
+from mochi_jax.lib import training
+from mochi_jax.models import sharding  # noqa: E402
 from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
-from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables  # noqa: E402
+from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables, logical_axes  # noqa: E402
 
 GB, MB = 1e9, 1e6
 TINY = dict(depth=2, num_heads=4, head_dim=16, text_width=32, t5_dim=32, time_embed_dim=32)
@@ -80,14 +81,14 @@ def batch(b, t, h, w, L, t5_dim, seed=0):
 def weak_scaling(per_device, steps, t=2, h=8, w=16, L=8):
     cfg = DiTConfig(**TINY, param_dtype="float32", compute_dtype="float32", remat="full")
     host = random_like(abstract_variables(cfg)["params"], jax.random.PRNGKey(0))
-    model, opt = MochiDiT(cfg, TARGETS), train.make_optimizer(OPTIM)
+    model, opt = MochiDiT(cfg, TARGETS), training.make_optimizer(OPTIM)
     rows = {}
     for mode, n in [("data", 1)] + [(m, k) for m in ("data", "fsdp") for k in (2, 4, 8)]:
         mesh = sharding.make_mesh({mode: n}, devices=jax.devices()[:n])
-        sh = train.train_shardings(model, opt, mesh)
-        state, params = train.init_state(model, opt, 0, sh["state"]), jax.device_put(host, sh["params"])
+        sh = training.train_shardings(model, opt, mesh)
+        state, params = training.init_state(model, opt, 0, sh["state"]), jax.device_put(host, sh["params"])
         data = {k: jax.device_put(v, sh["batch"][k]) for k, v in batch(n * per_device, t, h, w, L, cfg.t5_dim).items()}
-        step, times = train.make_train_step(model, opt, "normalized", 0.0, mesh, sh), []
+        step, times = training.make_train_step(model, opt, "normalized", 0.0, mesh, sh), []
         for _ in range(2 + steps):  # the first call compiles, the second warms up
             t0 = time.perf_counter()
             state, out = jax.block_until_ready(step(state, params, data))
@@ -105,8 +106,8 @@ def weak_scaling(per_device, steps, t=2, h=8, w=16, L=8):
 
 # ----------------------------------------------------------------------------- 2. memory
 
-def shard_bytes(tree, mesh, lora=False):
-    shardings = sharding.param_shardings(sharding.dit_logical_axes(tree, lora=lora), tree, mesh)
+def shard_bytes(tree, names, mesh):
+    shardings = sharding.param_shardings(names, tree, mesh)
     return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
                for s, x in zip(jax.tree_util.tree_leaves(shardings), jax.tree_util.tree_leaves(tree)))
 
@@ -114,6 +115,7 @@ def shard_bytes(tree, mesh, lora=False):
 def estimate(cfg, trees, sizes, t, h, w, per_device=1, text_len=TEXT_LEN):
     """Per-device bytes of the train step by component (see the module docstring); latents [12, t, h, w]."""
     params, lora = trees["params"], trees["lora"]
+    names = logical_axes(cfg, TARGETS)
     mesh = jax.sharding.AbstractMesh(tuple(sizes.get(a, 1) for a in sharding.AXES), sharding.AXES)
     s, cb, b, L = sizes.get("sequence", 1), jnp.dtype(cfg.compute_dtype).itemsize, per_device, text_len
     N = t * (h // cfg.patch_size) * (w // cfg.patch_size)
@@ -121,7 +123,8 @@ def estimate(cfg, trees, sizes, t, h, w, per_device=1, text_len=TEXT_LEN):
     width, tw = cfg.width, cfg.text_width
     block = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params["blocks"])) // (cfg.depth - 1)
     elems = n * width + L * tw  # elements of one block input (both streams) on this device
-    out = {"weights": shard_bytes(params, mesh) + block, "lora_adam": 4 * shard_bytes(lora, mesh, lora=True),
+    out = {"weights": shard_bytes(params, names["params"], mesh) + block,
+           "lora_adam": 4 * shard_bytes(lora, names["lora"], mesh),
            "residuals": b * cfg.depth * 4 * elems, "rope": 4 * n * width, "block": b * (18 * cb + 28) * elems,
            "inputs": b * 4 * (8 * 12 * t * h * w + 2 * L * cfg.t5_dim)}
     scores = b * (12 + cb) * (cfg.num_heads // s) * (N + L) ** 2
@@ -156,15 +159,15 @@ def xla_check(t=4, h=16, w=32, L=64):
         for depth in (4, 8):
             cfg = DiTConfig.from_dict({**dit_presets.get_config("small"), "depth": depth, "param_dtype": "float32",
                                        "compute_dtype": "float32"})
-            model, opt, trees = MochiDiT(cfg, TARGETS), train.make_optimizer(OPTIM), abstract_variables(
+            model, opt, trees = MochiDiT(cfg, TARGETS), training.make_optimizer(OPTIM), abstract_variables(
                 cfg, TARGETS)
             mesh = sharding.make_mesh(sizes, devices=jax.devices()[:nd])
-            sh = train.train_shardings(model, opt, mesh)
+            sh = training.train_shardings(model, opt, mesh)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            state = jax.eval_shape(lambda: train.init_state(model, opt, 0, one))
+            state = jax.eval_shape(lambda: training.init_state(model, opt, 0, one))
             data = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch(gb, t, h, w, L, cfg.t5_dim).items()}
             with sharding.activate(mesh):
-                m = train.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(
+                m = training.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(
                     state, trees["params"], data).compile().memory_analysis()
             xla = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
             est = estimate(cfg, trees, sizes, t, h, w, text_len=L)

@@ -64,8 +64,8 @@ def main(argv=None):
     import torch
     import transformers
 
-    from mochi_jax.convert.t5 import convert_t5, load_t5
-    from mochi_jax.text import T5Tokenizer, encode
+    from mochi_jax.checkpoints.t5 import convert_t5, load_t5
+    from mochi_jax.lib.text import T5Tokenizer, encode
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,19 +60,19 @@ def side_jax(d, n):
     import jax
     from ml_collections import ConfigDict
 
-    from mochi_jax import train
+    from mochi_jax.lib import training
     from mochi_jax.models import dit, lora
-    from mochi_jax.weights import load_dit
+    from mochi_jax.checkpoints import load_dit
 
     after_imports = rss()
     cfg, params = load_dit(d / "ours", compute_dtype="float32", remat="none")
     batch = {k: v for k, v in np.load(d / "batch.npz").items() if k in ("mean", "logvar", "t5_feats", "t5_mask")}
     model = dit.MochiDiT(cfg, lora.targets_from_config(lora.REFERENCE_TARGETS))
-    opt = train.make_optimizer(ConfigDict(dict(lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
+    opt = training.make_optimizer(ConfigDict(dict(lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
                                                schedule="constant", decay_steps=1, grad_clip=0.0, grad_accum=1)))
-    state = {"s": train.init_state(model, opt, 0, jax.tree_util.tree_leaves(params)[0].sharding)}
+    state = {"s": training.init_state(model, opt, 0, jax.tree_util.tree_leaves(params)[0].sharding)}
     after_model, t = rss(), time.perf_counter()
-    compiled = train.make_train_step(model, opt, "normalized", 0.0).lower(state["s"], params, batch).compile()
+    compiled = training.make_train_step(model, opt, "normalized", 0.0).lower(state["s"], params, batch).compile()
     compile_s, m, losses = time.perf_counter() - t, compiled.memory_analysis(), []
 
     def step():
@@ -124,8 +124,8 @@ def prepare(d, a):
     import jax
     from dit_ref import make_reference, random_inputs
 
-    from mochi_jax import sampling, train
-    from mochi_jax.convert import convert_dit
+    from mochi_jax.lib import sampling, training
+    from mochi_jax.checkpoints import convert_dit
     from mochi_jax.models import dit, vae
 
     cfg = dit.DiTConfig(**BENCH)
@@ -137,7 +137,7 @@ def prepare(d, a):
                  t5_feats=feats, t5_mask=mask)
     # ours' first draw: init_state(seed 0) keeps rng = fold_in(key, 2), the step folds in step 0
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(0), 2), 0)
-    noise = {f"{k}0": np.asarray(v) for k, v in train.draw_noise(key, batch).items() if k in ("n", "eps", "sigma")}
+    noise = {f"{k}0": np.asarray(v) for k, v in training.draw_noise(key, batch).items() if k in ("n", "eps", "sigma")}
     np.savez(d / "batch.npz", **batch, **noise, latents_mean=vae.LATENTS_MEAN, latents_std=vae.LATENTS_STD)
     return shape
 

@@ -1,0 +1,1 @@
+"""The commands' configuration files (installed as `mochi_jax.configs`). Shared blocks: common.py."""

@@ -1,6 +1,6 @@
 """Model presets for the Mochi DiT: `get_config('mochi' | 'small' | 'tiny')`.
 
-    from configs import dit
+    from mochi_jax.configs import dit
     cfg = DiTConfig.from_dict(dit.get_config("tiny"))
 
 Fields are those of `mochi_jax.models.dit.DiTConfig`: architecture (depth, heads, widths),

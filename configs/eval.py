@@ -7,7 +7,7 @@ Presets:
            folder> ckpt/clip`) with its tokenizer files (vocab.json + merges.txt) in ckpt/clip_tokenizer.
   demo     the demo's tiny random models and the demo training run (`python -m mochi_jax.train
            --config=configs/lora.py:demo` first): a tiny random CLIP and a prompt file are made on
-           first use; 13 frames at 48x80, 8 steps.
+           first use under runs/demo; 13 frames at 48x80, 8 steps.
 LoRAs: comma-separated path[:strength]; each is one variant compared with the base (the same LoRA
 twice at two strengths compares strengths). A path is a LoRA file (genmo / ComfyUI, kohya or
 diffusers) or a training run directory (its latest checkpoint).
@@ -15,32 +15,21 @@ diffusers) or a training run directory (its latest checkpoint).
 
 import ml_collections
 
+from mochi_jax.configs import common
+
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if arg not in ("default", "demo"):
         raise ValueError(f"unknown preset {arg!r}; choose 'default' or 'demo'")
     c = ml_collections.ConfigDict()
-    c.dit, c.vae, c.t5, c.tokenizer = "ckpt/dit", "ckpt/vae", "ckpt/t5", "ckpt/tokenizer"
+    c.model = common.model()
+    c.sampling = common.sampling()
+    c.clip = common.clip()
     c.loras = ""  # comma-separated path[:strength]; '' evaluates the base alone
     c.prompt_file = "prompts.txt"  # one prompt per line; blank lines and lines starting with '#' are skipped
-    c.negative_prompt = ""
-    c.zero_empty_negative = False
     c.seeds = "12345,12346,12347,12348"  # comma-separated; the same noise for every variant
     c.batch_size = 1  # seeds per denoising call
     c.batch_loras = True  # base and all LoRAs in one vmapped call (memory x variants); False: one at a time
-    c.num_frames = 37  # 6k + 1
-    c.height, c.width = 480, 848
-    c.steps = 64
-    c.guidance = 6.0
-    c.threshold_noise = 0.025
-    c.param_dtype = "bfloat16"
-    c.compute_dtype = "bfloat16"
-    c.attention = "xla"  # 'cudnn' on NVIDIA GPUs
-    c.tiled_decode = True
-    c.fps = 30
-    c.clip = "ckpt/clip"  # converted CLIP weights (tools/convert_weights.py clip)
-    c.clip_tokenizer = "ckpt/clip_tokenizer"  # vocab.json + merges.txt, or tokenizer.json
-    c.clip_batch = 32  # frames per CLIP call
     c.references = ""  # for CLIP-I: a folder of videos, one video, or a prepared cache folder; '' = none
     c.reference_frames = 8  # frames per reference video, evenly spaced over its first num_frames frames
     c.max_references = 32  # reference videos used (the first ones); 0 = all
@@ -48,21 +37,17 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.sheet_frames = 6  # columns of the contact sheets
     c.sheet_height = 120  # pixels per thumbnail row
     c.out_dir = "eval"
-    c.demo_root = ""  # demo only: where the tiny models, CLIP and prompt file are made if missing
     if arg == "demo":
-        root = "runs/demo"
-        c.demo_root = root
-        m = f"{root}/models"
-        c.dit, c.vae, c.t5, c.tokenizer = f"{m}/dit", f"{m}/vae", f"{m}/t5", f"{m}/tokenizer"
-        c.clip, c.clip_tokenizer = f"{m}/clip", f"{m}/clip_tokenizer"
+        root = common.DEMO_ROOT
+        common.demo_model(c.model, root)
+        common.demo_sampling(c.sampling)
+        c.clip.update(dict(checkpoint=f"{root}/models/clip", tokenizer=f"{root}/models/clip_tokenizer"))
         c.loras = f"{root}/run"
         c.prompt_file = f"{root}/eval_prompts.txt"
         c.references = f"{root}/cache"
         c.max_references = 4
         c.seeds = "0,1,2"
-        c.num_frames, c.height, c.width, c.steps = 13, 48, 80, 8
-        c.param_dtype = c.compute_dtype = "float32"
-        c.tiled_decode = False
         c.sheet_height = 48
         c.out_dir = f"{root}/eval"
+        c.demo = common.demo(root, clip_model=True)
     return c

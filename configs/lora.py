@@ -12,6 +12,8 @@ Any field is overridable: --config.optim.lr=5e-5 --config.steps=500 --config.run
 
 import ml_collections
 
+from mochi_jax.configs import common
+from mochi_jax.configs import prepare as prepare_config
 from mochi_jax.models.lora import REFERENCE_TARGETS
 
 
@@ -34,14 +36,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # elsewhere give the coordinator ("host:port" of process 0), the process count and this process's id.
     c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator="", num_processes=0, process_id=-1))
 
-    c.model = ml_collections.ConfigDict(dict(
-        dit="ckpt/dit",  # converted with tools/convert_weights.py dit
-        param_dtype="bfloat16",  # frozen base weights
-        compute_dtype="bfloat16",  # matmuls; norms, softmax, loss in float32
-        attention="xla",  # 'cudnn' on NVIDIA GPUs
-        remat="full",  # none | full | dots | dots_no_batch | offload_dots
-        remat_groups="",  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = remat everywhere
-    ))
+    # The converted checkpoints (configs/common.py; the VAE, T5 and tokenizer serve validation) and
+    # activation checkpointing of the DiT's blocks.
+    c.model = common.model()
+    c.model.remat = "full"  # none | full | dots | dots_no_batch | offload_dots | save:<names> | offload:<names>
+    c.model.remat_groups = ""  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = `remat` everywhere
     # LoRA targets: {name: {pattern (regex on module paths), rank, alpha, dropout}}; rank 0 disables one.
     c.lora = ml_collections.ConfigDict({k: dict(v) for k, v in REFERENCE_TARGETS.items()})
 
@@ -66,37 +65,27 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.validation = ml_collections.ConfigDict(dict(
         every=200,  # steps between validation videos (and at the end); 0 = never
         prompts=["A close-up video of a cat playing a piano, cinematic lighting."],
-        negative_prompt="",
         seed=12345,
-        num_frames=37, height=480, width=848,
-        steps=64, guidance=6.0,
-        vae="ckpt/vae", t5="ckpt/t5", tokenizer="ckpt/tokenizer",
-        tiled_decode=True,
-        fps=30,
+        sampling=common.sampling(),
         # held-out clips (the last ones of the cache, by name) and the sigmas of the validation loss
         holdout=0,
         loss_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9],
-        # CLIP-T and temporal consistency of the validation videos (see mochi_jax.evaluate), if set
-        clip_checkpoint="", clip_tokenizer="",
+        # CLIP-T and temporal consistency of the validation videos (see mochi_jax/lib/metrics.py) when
+        # clip.checkpoint is set
+        clip=common.clip(checkpoint="", tokenizer=""),
     ))
-    c.demo_root = ""  # demo only: where the tiny models, clips and cache are made
-    c.prepare = ml_collections.ConfigDict()  # demo only: the prepare settings run before training
     return demo(c) if arg == "demo" else c
 
 
-def demo(c: ml_collections.ConfigDict, root: str = "runs/demo") -> ml_collections.ConfigDict:
+def demo(c: ml_collections.ConfigDict, root: str = common.DEMO_ROOT) -> ml_collections.ConfigDict:
     """The demo preset, everything under `root`: tiny random models and synthetic clips, prepared
-    on first use, then a short training run with validation videos."""
-    from configs import prepare as prepare_config
-
-    c.demo_root = root
-    c.prepare = prepare_config.get_config("demo")
-    c.prepare.update(dict(input_dir=f"{root}/clips", output_dir=f"{root}/cache", vae=f"{root}/models/vae",
-                          t5=f"{root}/models/t5", tokenizer=f"{root}/models/tokenizer"))
+    on first use (c.demo), then a short training run with validation videos."""
+    prepare = prepare_config.get_config("demo")
+    del prepare.demo
+    c.demo = common.demo(root, clips=4, prepare=prepare)
     c.run_dir = f"{root}/run"
-    c.cache = f"{root}/cache"
-    c.model.dit = f"{root}/models/dit"
-    c.model.param_dtype = c.model.compute_dtype = "float32"
+    c.cache = prepare.output_dir
+    common.demo_model(c.model, root)
     c.model.remat = "none"
     c.steps = 120
     c.log_every = 10
@@ -109,11 +98,6 @@ def demo(c: ml_collections.ConfigDict, root: str = "runs/demo") -> ml_collection
     c.checkpoint.every = 40
     c.validation.every = 120
     c.validation.prompts = ["a red ball bounces across a white floor"]
-    c.validation.num_frames, c.validation.height, c.validation.width = 13, 48, 80
-    c.validation.steps = 8
-    c.validation.vae = f"{root}/models/vae"
-    c.validation.t5 = f"{root}/models/t5"
-    c.validation.tokenizer = f"{root}/models/tokenizer"
-    c.validation.tiled_decode = False
+    common.demo_sampling(c.validation.sampling)
     c.validation.holdout = 1
     return c

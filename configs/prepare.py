@@ -6,10 +6,13 @@
 The default preset is the official fine-tuner's data recipe: the first 37 frames at 30 fps,
 resized to cover and centre-cropped to 480x848, encoded by the converted VAE and T5 (see
 tools/convert_weights.py). `tokenizer` is a folder holding spiece.model (the diffusers repo
-root or its tokenizer/ folder both work).
+root or its tokenizer/ folder both work). The demo preset makes its tiny models and synthetic
+clips under runs/demo on first use (only there: another input_dir is never written into).
 """
 
 import ml_collections
+
+from mochi_jax.configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -34,20 +37,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         tile_overlap=(64, 64),
         previews=False,             # decode each cached mean and write input | reconstruction mp4s
         # Devices (this process's): how many to spread the encoders over, -1 = all, 1 = one device.
-        # With more than one, T5's weights are sharded as `mesh` says (mochi_jax/sharding.py: 'fsdp'
-        # splits the model width, 'tensor' heads and MLP columns, the text batch goes over data x
+        # With more than one, T5's weights are sharded as `mesh` says (mochi_jax/models/sharding.py:
+        # 'fsdp' splits the model width, 'tensor' heads and MLP columns, the text batch goes over data x
         # fsdp where it divides); the VAE's weights are replicated and each clip is split spatially
         # (latent width, then height) over all of them. Not a content setting: same cache either way.
         devices=-1,
         mesh=dict(data=1, fsdp=-1, tensor=1),
         overwrite=False,            # re-encode every clip even if the cache already has it
-        make_demo=False,            # write the demo models and synthetic clips if they are missing
-        demo_clips=4,               # how many synthetic clips make_demo writes
     ))
     if arg == "demo":
-        root = "runs/demo"
+        root = common.DEMO_ROOT
         cfg.update(dict(
             input_dir=f"{root}/clips", output_dir=f"{root}/cache",
             vae=f"{root}/models/vae", t5=f"{root}/models/t5", tokenizer=f"{root}/models/tokenizer",
-            num_frames=13, buckets=((48, 80),), tile_size=(32, 32), tile_overlap=(16, 16), make_demo=True))
+            num_frames=13, buckets=((48, 80),), tile_size=(32, 32), tile_overlap=(16, 16)))
+        cfg.demo = common.demo(root, clips=4)
     return cfg

@@ -20,10 +20,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mochi_jax.clip_image import CLIP_MEAN, CLIP_STD, preprocess  # noqa: E402
-from mochi_jax.clip_text import BOS, EOS, CLIPTokenizer, bytes_to_unicode, normalize, split_words  # noqa: E402
-from mochi_jax.convert.clip import convert_clip, load_clip  # noqa: E402
-from mochi_jax.convert.common import ConversionError  # noqa: E402
+from mochi_jax.lib.clip import CLIP_MEAN, CLIP_STD, preprocess  # noqa: E402
+from mochi_jax.lib.clip import BOS, EOS, CLIPTokenizer, bytes_to_unicode, normalize, split_words  # noqa: E402
+from mochi_jax.checkpoints.clip import convert_clip, load_clip  # noqa: E402
+from mochi_jax.checkpoints.common import ConversionError  # noqa: E402
 from mochi_jax.models import clip as clip_model  # noqa: E402
 
 CORPUS = ("a photo of a cat sitting on the table. the cat is orange and the table is wooden; "

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import dit as dit_configs
+from mochi_jax.configs import dit as dit_configs
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig, MochiDiT, param_count
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from dit_ref import diffusers_to_genmo, make_reference, our_config
-from mochi_jax import convert
-from mochi_jax.convert import common
-from mochi_jax.weights import load_dit
+from mochi_jax import checkpoints as convert
+from mochi_jax.checkpoints import common
+from mochi_jax.checkpoints import load_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 

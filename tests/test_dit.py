@@ -9,9 +9,9 @@ import pytest
 
 from dit_ref import (PARITY_CONFIGS, make_reference, our_config, random_inputs, reference_forward, rel_l2,
                      write_both_layouts)
-from mochi_jax import convert
+from mochi_jax import checkpoints as convert
 from mochi_jax.models.dit import MochiDiT, stack_unrolled
-from mochi_jax.weights import load_dit
+from mochi_jax.checkpoints import load_dit
 
 
 @pytest.fixture(scope="module", params=sorted(PARITY_CONFIGS))

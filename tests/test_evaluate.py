@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 import eval_ref
-from mochi_jax import cache, evaluate, lora_io, sampling
-from mochi_jax.demo import write_demo_models
+from compiles import compiled_functions
+from mochi_jax import evaluate
+from mochi_jax.lib import variants as variants_lib
+from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.lib import cache, sampling
+from mochi_jax.demo import write_demo_clip, write_demo_models
 from mochi_jax.models.lora import LoraTarget
-from mochi_jax.video import write_mp4
+from mochi_jax.lib.video import evenly_spaced, write_mp4
 
 ALL_METRICS = ["clip_t", "clip_score", "consecutive_consistency", "subject_consistency", "flicker", "clip_i",
                "style"]
@@ -25,7 +29,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     models = root / "models"
     write_demo_models(models)
-    evaluate.write_demo_clip(root / "clip", root / "clip_tokenizer")
+    write_demo_clip(root / "clip", root / "clip_tokenizer")
     (root / "prompts.txt").write_text("# two prompts\na red ball bounces\n\n  a blue square slides  \n")
     rng = np.random.default_rng(0)
     refs = [write_mp4(root / "ref_videos" / f"r{i}.mp4", rng.integers(0, 256, (9, 32, 48, 3), np.uint8))
@@ -72,10 +76,10 @@ def test_end_to_end_and_no_recompile(setup, capsys):
 
     # another LoRA of the same shapes, in another slot: nothing is compiled again, and the
     # videos shared with the first run (same prompt, seed, LoRA) are the same
-    before = evaluate.compile_count()
-    again = evaluate.run(eval_ref.eval_config(root, models, [loras["c"], loras["a"]], out="out2",
-                                              references=str(root / "ref_cache"), style_prompt="bright colours"))
-    assert evaluate.compile_count() == before and again["compile_count"] == before
+    with compiled_functions() as compiled:
+        again = evaluate.run(eval_ref.eval_config(root, models, [loras["c"], loras["a"]], out="out2",
+                                                  references=str(root / "ref_cache"), style_prompt="bright colours"))
+    assert not [n for n in compiled if "step" in n], compiled
     first = {(r["variant"], r["prompt_index"], r["seed"]): r["metrics"] for r in report["videos"]}
     for r in again["videos"]:
         if r["variant"] in ("base", "a"):
@@ -86,17 +90,17 @@ def test_end_to_end_and_no_recompile(setup, capsys):
 def test_batched_equals_each_lora_alone(setup):
     """The vmapped step over [base, a, b, a run with other layers and rank] = sampling.denoise
     with each LoRA as loaded (the base without any), and so does one-at-a-time rendering."""
-    from mochi_jax.weights import load_dit
+    from mochi_jax.checkpoints import load_dit
 
     root, models, loras = setup
     mlp = {"qkv": dict(pattern=r"attn/qkv_x$", rank=3, alpha=1.5), "mlp": dict(pattern=r"mlp_x/w1$", rank=1,
                                                                               alpha=1.0)}
     run = eval_ref.run_dir(root / "run_mlp", seed=7, lora_cfg=mlp)
     cfg, params = load_dit(models / "dit", compute_dtype="float32", remat="none")
-    shapes = evaluate.param_shapes(cfg)
-    variants = [evaluate.Variant("base")] + [evaluate.load_variant(p, s, cfg, shapes)
+    shapes = variants_lib.param_shapes(cfg)
+    variants = [variants_lib.Variant("base")] + [variants_lib.load_variant(p, s, cfg, shapes)
                                              for p, s in ((loras["a"], 1.0), (loras["b"], 0.5), (run, 1.0))]
-    stacked, targets = evaluate.stack_adapters(variants)
+    stacked, targets = variants_lib.stack_adapters(variants)
     ranks = {t.pattern: t.rank for t in targets}  # the union of the layers, each at its largest rank
     assert ranks["^blocks/attn/qkv_x$"] == 3 and ranks["^blocks/attn/qkv_y$"] == 2
     assert ranks["^blocks/mlp_x/w1$"] == ranks["^last_block/mlp_x/w1$"] == 1 and len(ranks) == 9
@@ -108,8 +112,8 @@ def test_batched_equals_each_lora_alone(setup):
     cond, uncond = (feats[0], mask[0]), (feats[1], mask[1])
     noise = sampling.initial_noise([3, 4], sampling.latent_shape(7, 32, 48))
     sigmas = sampling.sigma_schedule(3)
-    batched = np.asarray(evaluate.denoise_variants(cfg, params, stacked, targets, noise, cond, uncond, sigmas, 4.0))
-    alone = np.asarray(evaluate.denoise_variants(cfg, params, stacked, targets, noise, cond, uncond, sigmas, 4.0,
+    batched = np.asarray(variants_lib.denoise_variants(cfg, params, stacked, targets, noise, cond, uncond, sigmas, 4.0))
+    alone = np.asarray(variants_lib.denoise_variants(cfg, params, stacked, targets, noise, cond, uncond, sigmas, 4.0,
                                                  batched=False))
     a_tree, a_targets, _ = lora_io.load_lora(loras["a"], cfg=cfg)
     b_tree, b_targets, _ = lora_io.load_lora(loras["b"], cfg=cfg)
@@ -131,7 +135,7 @@ def test_batched_equals_each_lora_alone(setup):
     assert np.abs(batched[1] - batched[0]).max() > 1e-3 * scale  # the LoRAs do change the result
     # the padded targets really are one structure: rank-padding zeros, scale 1
     assert all(isinstance(t, LoraTarget) and t.scale == 1.0 for t in targets)
-    assert np.all(jax.tree_util.tree_leaves(evaluate.variant_adapter(stacked, 0))[0] == 0)
+    assert np.all(jax.tree_util.tree_leaves(variants_lib.variant_adapter(stacked, 0))[0] == 0)
 
 
 def _expect(cfg, monkeypatch, exc, *needles):
@@ -173,7 +177,7 @@ def test_errors_before_rendering(setup, tmp_path, monkeypatch):
     _expect(cfg((loras["a"], tmp_path / "nowhere.safetensors")), monkeypatch, FileNotFoundError,
             tmp_path / "nowhere.safetensors")
     empty_run = eval_ref.run_dir(tmp_path / "run_empty", seed=None)
-    _expect(cfg((empty_run,)), monkeypatch, FileNotFoundError, empty_run / "checkpoints", "no checkpoint")
+    _expect(cfg((empty_run,)), monkeypatch, FileNotFoundError, empty_run / "checkpoints", "no complete checkpoint")
     foreign_run = eval_ref.run_dir(tmp_path / "run_foreign", seed=5, cfg=wide)
     _expect(cfg((foreign_run,)), monkeypatch, lora_io.LoraFormatError, foreign_run, "do not fit")
 
@@ -185,7 +189,7 @@ def test_reference_videos(setup, tmp_path):
     assert [v.name for v, _ in evaluate.reference_videos(root / "ref_videos", limit=1)] == ["r0.mp4"]
     frames = evaluate.read_references(from_cache, 7, 3, 30, (32, 48))
     assert frames.shape == (6, 32, 48, 3) and frames.dtype == np.uint8
-    assert evaluate.evenly_spaced(7, 3).tolist() == [0, 3, 6] and evaluate.evenly_spaced(2, 5).tolist() == [0, 1]
+    assert evenly_spaced(7, 3).tolist() == [0, 3, 6] and evenly_spaced(2, 5).tolist() == [0, 1]
     broken = tmp_path / "cache"
     cache.write_manifest(broken, {"format": cache.FORMAT, "empty_prompt": cache.EMPTY_PROMPT, "clips": [
         {"name": "gone", "file": "clips/gone.safetensors", "source": str(tmp_path / "gone.mp4"),

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from dit_ref import make_reference, our_config, random_inputs, reference_forward, rel_l2, write_both_layouts
-from mochi_jax import convert
+from mochi_jax import checkpoints as convert
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import MochiDiT
-from mochi_jax.weights import load_dit
+from mochi_jax.checkpoints import load_dit
 
 
 def _init(cfg, targets, inp, seed=0):

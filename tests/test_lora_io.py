@@ -1,4 +1,4 @@
-"""LoRA files (mochi_jax.lora_io): round trips, parity with diffusers' own LoRA loader and with an
+"""LoRA files (mochi_jax.checkpoints.lora_files): round trips, parity with diffusers' own LoRA loader and with an
 independent NumPy merge on the genmo checkpoint, combine, merge_checkpoint, refusals, the CLI."""
 
 import copy
@@ -13,10 +13,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from dit_ref import make_reference, our_config, random_inputs, reference_forward, rel_l2, write_both_layouts
-from mochi_jax import convert, lora_io
+from mochi_jax import checkpoints as convert
+from mochi_jax.checkpoints import lora_files as lora_io
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import MochiDiT
-from mochi_jax.weights import load_dit
+from mochi_jax.checkpoints import load_dit
 from tools import lora as cli
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mochi_jax import metrics as M
+from mochi_jax.lib import metrics as M
 
 
 def smooth_clip(t: int = 16, d: int = 32, seed: int = 0) -> np.ndarray:

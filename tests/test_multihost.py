@@ -11,9 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from configs import lora as lora_config
+from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
-from mochi_jax import lora_io, train
+from mochi_jax import demo
+from mochi_jax.checkpoints import runs
+from mochi_jax.checkpoints import lora_files as lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +28,7 @@ def _free_port() -> int:
 
 def _run_two(demo_root, run_dir, steps):
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_check.py"), str(i), str(port),
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "harness" / "multihost_check.py"), str(i), str(port),
                                str(demo_root), str(run_dir), str(steps)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -36,10 +38,8 @@ def _run_two(demo_root, run_dir, steps):
 
 
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
-    from mochi_jax import prepare
-
     root = tmp_path / "demo"
-    prepare.prepare(lora_config.demo(lora_config.get_config(), str(root)).prepare)
+    demo.ensure(lora_config.demo(lora_config.get_config(), str(root)))
     run = tmp_path / "run"
     outs = _run_two(root, run, steps=2)
     assert all("with 4 devices: done" in o for o in outs)
@@ -53,7 +53,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
     # the checkpoint written by two processes restores in this single-device process and equals
     # the LoRA file process 0 exported from the gathered factors
-    factors, targets = train.load_run_lora(run)
+    factors, targets = runs.load_run_lora(run)
     exported, exp_targets, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
     for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
         d = lora_delta64(factors, targets, path)

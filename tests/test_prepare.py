@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from configs import prepare as prepare_configs
-from mochi_jax import cache as cache_lib
-from mochi_jax import prepare as prepare_lib
-from mochi_jax import synthetic
-from mochi_jax.cache import Cache, CacheError
-from mochi_jax.video import VideoError, read_clip, resize_cover, to_unit, from_unit, write_mp4
+from mochi_jax.configs import prepare as prepare_configs
+from mochi_jax.lib import cache as cache_lib
+from mochi_jax import prepare as prepare_cmd
+from mochi_jax.lib import preparation as prepare_lib
+from mochi_jax.demo import clips as synthetic
+from mochi_jax.lib.cache import Cache, CacheError
+from mochi_jax.lib.video import VideoError, read_clip, resize_cover, to_unit, from_unit, write_mp4
 
 SIZE = (48, 80)
 
@@ -130,13 +131,14 @@ def demo(tmp_path_factory):
     for k in ("input_dir", "output_dir", "vae", "t5", "tokenizer"):
         cfg[k] = str(root / cfg[k].removeprefix("runs/demo/"))
     cfg.text_batch_size, cfg.previews = 2, True
-    report = prepare_lib.prepare(cfg)
+    cfg.demo.root = str(root)
+    report = prepare_cmd.prepare(cfg)
     return cfg, report
 
 
 def config_for(demo_cfg, input_dir, output_dir):
     cfg = demo_cfg.copy_and_resolve_references()
-    cfg.input_dir, cfg.output_dir, cfg.make_demo = str(input_dir), str(output_dir), False
+    cfg.input_dir, cfg.output_dir = str(input_dir), str(output_dir)
     return cfg
 
 
@@ -153,10 +155,10 @@ def test_demo_preset_runs_on_a_fresh_folder(demo):
 
 
 def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, monkeypatch, capsys):
-    from mochi_jax.convert.vae import load_vae
+    from mochi_jax.checkpoints.vae import load_vae
     from mochi_jax.models import vae as vae_lib
-    from mochi_jax.text import T5Tokenizer, encode
-    from mochi_jax.convert.t5 import load_t5
+    from mochi_jax.lib.text import T5Tokenizer, encode
+    from mochi_jax.checkpoints.t5 import load_t5
 
     src = tmp_path / "in"
     synthetic.make_clips(src, n=3, num_frames=25, size=SIZE, seed=7)
@@ -257,7 +259,7 @@ def test_a_crash_mid_clip_leaves_no_partial_file_and_the_next_run_finishes(demo,
 
 def test_changed_settings_are_refused_unless_overwrite(demo):
     cfg = demo[0].copy_and_resolve_references()
-    cfg.make_demo, cfg.num_frames = False, 7
+    cfg.num_frames = 7
     with pytest.raises(ValueError, match=r"num_frames: cached 13 vs now 7.*overwrite"):
         prepare_lib.prepare(cfg)
 

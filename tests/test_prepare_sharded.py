@@ -1,4 +1,4 @@
-"""prepare over many devices (tests/prepare_sharded_checks.py runs on 8 simulated CPU devices in a
+"""prepare over many devices (tests/harness/prepare_sharded_checks.py runs on 8 simulated CPU devices in a
 subprocess, because the device count must be set before jax starts): the cache equals the one-device
 cache, T5's weights are FSDP-sharded and gathered layer by layer, the text batch and each clip's
 pixels are split over the devices; plus the choice of the spatial split."""
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from configs import prepare as prepare_configs
-from mochi_jax import prepare as prepare_lib
+from mochi_jax.configs import prepare as prepare_configs
+from mochi_jax.lib import preparation as prepare_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def results():
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "prepare_sharded_checks.py")], capture_output=True,
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "harness" / "prepare_sharded_checks.py")], capture_output=True,
                        text=True, timeout=600, cwd=ROOT)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-5000:]

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from configs import sample as sample_config
-from mochi_jax import lora_io, sample
+from mochi_jax.configs import sample as sample_config
+from mochi_jax import sample
+from mochi_jax.checkpoints import runs
+from mochi_jax.checkpoints import lora_files as lora_io
 from mochi_jax.demo import write_demo_models
 from mochi_jax.models import lora as lora_lib
-from mochi_jax.weights import load_dit
+from mochi_jax.checkpoints import load_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +49,9 @@ def setup(tmp_path_factory):
 def _cfg(root, **kw):
     cfg = sample_config.get_config("demo")
     m = root / "models"
-    cfg.dit, cfg.vae, cfg.t5, cfg.tokenizer = str(m / "dit"), str(m / "vae"), str(m / "t5"), str(m / "tokenizer")
-    cfg.num_frames, cfg.height, cfg.width, cfg.steps = 7, 32, 48, 3
+    cfg.model.update(dict(dit=str(m / "dit"), vae=str(m / "vae"), t5=str(m / "t5"), tokenizer=str(m / "tokenizer")))
+    cfg.sampling.update(dict(num_frames=7, height=32, width=48, steps=3))
+    cfg.demo.root = str(root)
     cfg.out_dir = str(root / "out")
     cfg.update(kw)
     return cfg
@@ -59,9 +62,9 @@ def _frames(cfg):
 
 
 def test_parse_loras():
-    assert sample.parse_loras("a.safetensors:0.8, b.safetensors,c:-1e-1") == [
+    assert runs.parse_loras("a.safetensors:0.8, b.safetensors,c:-1e-1") == [
         ("a.safetensors", 0.8), ("b.safetensors", 1.0), ("c", -0.1)]
-    assert sample.parse_loras("") == []
+    assert runs.parse_loras("") == []
 
 
 def test_loras_at_strength_zero_give_the_base_video_and_rendering_is_deterministic(setup):
@@ -99,9 +102,10 @@ def test_command_line_writes_mp4(setup):
     out = root / "cli"
     m = root / "models"
     cmd = [sys.executable, "-m", "mochi_jax.sample", "--config=configs/sample.py:demo",
-           f"--config.dit={m / 'dit'}", f"--config.vae={m / 'vae'}", f"--config.t5={m / 't5'}",
-           f"--config.tokenizer={m / 'tokenizer'}", "--config.num_frames=7", "--config.height=32",
-           "--config.width=48", "--config.steps=2", f"--config.out_dir={out}", "--config.prompt=a blue square",
+           f"--config.model.dit={m / 'dit'}", f"--config.model.vae={m / 'vae'}", f"--config.model.t5={m / 't5'}",
+           f"--config.model.tokenizer={m / 'tokenizer'}", "--config.sampling.num_frames=7",
+           "--config.sampling.height=32", "--config.sampling.width=48", "--config.sampling.steps=2",
+           f"--config.demo.root={root}", f"--config.out_dir={out}", "--config.prompt=a blue square",
            f"--config.loras={files[1]}:0.7"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

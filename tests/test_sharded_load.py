@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 from dit_ref import make_reference, our_config, write_both_layouts
-from mochi_jax import convert
+from mochi_jax import checkpoints as convert
 
 SCRIPT = textwrap.dedent("""
     import os, sys
@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mochi_jax.weights import load_dit, load_tree
+    from mochi_jax.checkpoints import load_dit, load_tree
     assert len(jax.devices()) == 8
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
     _, host = load_dit(sys.argv[1])

@@ -1,4 +1,4 @@
-"""The sharded training step on an 8-device CPU mesh (tests/sharded_checks.py runs in a subprocess,
+"""The sharded training step on an 8-device CPU mesh (tests/harness/sharded_checks.py runs in a subprocess,
 because the device count must be set before jax starts): equal to one device for data, FSDP and
 sequence parallelism, uneven token splits, per-device parameter memory falling as 1/fsdp, and
 checkpoints restored onto other meshes."""
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def results():
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_checks.py")], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "harness" / "sharded_checks.py")], capture_output=True, text=True,
                        timeout=1200, cwd=ROOT)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-5000:]

@@ -18,10 +18,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-from mochi_jax.convert.common import ConversionError  # noqa: E402
-from mochi_jax.convert.t5 import convert_t5, load_t5  # noqa: E402
+from mochi_jax.checkpoints.common import ConversionError  # noqa: E402
+from mochi_jax.checkpoints.t5 import convert_t5, load_t5  # noqa: E402
 from mochi_jax.models import t5 as t5_model  # noqa: E402
-from mochi_jax.text import T5Tokenizer, TextEncoder, encode  # noqa: E402
+from mochi_jax.lib.text import T5Tokenizer, TextEncoder, encode  # noqa: E402
 
 CORPUS = [
     "A hand with delicate fingers picks up a bright yellow lemon from a wooden bowl.",
@@ -200,7 +200,7 @@ def test_parity_with_transformers(name, checkpoints, tok_dir, tmp_path):
 def test_logical_axes_cover_every_weight():
     cfg = t5_model.T5Config(d_model=16, num_layers=2, num_heads=2, d_kv=4, d_ff=24, vocab_size=40, num_buckets=8)
     params = t5_model.abstract_params(cfg)
-    axes = t5_model.t5_logical_axes(params)
+    axes = t5_model.logical_axes(cfg)
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
     assert jax.tree_util.tree_structure(axes, is_leaf=is_axes) == jax.tree_util.tree_structure(params)
     for a, p in zip(jax.tree_util.tree_leaves(axes, is_leaf=is_axes), jax.tree_util.tree_leaves(params)):

@@ -14,9 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from configs import lora as lora_config
+from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
-from mochi_jax import lora_io, train
+from mochi_jax import demo, train
+from mochi_jax.checkpoints import runs
+from mochi_jax.checkpoints import lora_files as lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,11 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
     """The demo's models, clips and cache, made once for this module."""
-    from mochi_jax import prepare
-
     root = tmp_path_factory.mktemp("demo")
-    cfg = lora_config.demo(lora_config.get_config(), str(root))
-    prepare.prepare(cfg.prepare)
+    demo.ensure(lora_config.demo(lora_config.get_config(), str(root)))
     return root
 
 
@@ -40,18 +39,16 @@ def _cfg(root, run, **kw):
 
 
 def _lora(run_dir):
-    return jax.tree_util.tree_map(np.asarray, train.load_run_lora(run_dir)[0])
+    return jax.tree_util.tree_map(np.asarray, runs.load_run_lora(run_dir)[0])
 
 
 def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
-    from mochi_jax.evaluate import write_demo_clip
-
     clip, clip_tok = Path(demo_root) / "clip", Path(demo_root) / "clip_tokenizer"
-    write_demo_clip(clip, clip_tok)
+    demo.write_demo_clip(clip, clip_tok)
     cfg = _cfg(demo_root, "full", steps=12, log_every=4)
     cfg.checkpoint.every = 6
     cfg.validation.every = 12
-    cfg.validation.clip_checkpoint, cfg.validation.clip_tokenizer = str(clip), str(clip_tok)
+    cfg.validation.clip.checkpoint, cfg.validation.clip.tokenizer = str(clip), str(clip_tok)
     run = train.train(cfg)
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [6, 12]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -67,7 +64,7 @@ def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
     videos = list((run / "samples").glob("step000012_*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0
     # the exported LoRA (genmo format, alpha folded) is the trained one
-    factors, targets = train.load_run_lora(run)
+    factors, targets = runs.load_run_lora(run)
     loaded, loaded_targets, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
     for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
         np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path), lora_delta64(factors, targets, path),
@@ -78,7 +75,7 @@ def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
 SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from configs import lora as lora_config
+    from mochi_jax.configs import lora as lora_config
     from mochi_jax import train
     cfg = lora_config.demo(lora_config.get_config(), {demo!r})
     cfg.run_dir = {run!r}
@@ -141,7 +138,7 @@ def test_run_stops_after_repeated_non_finite_losses(demo_root, monkeypatch):
     with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
         train.train(cfg)
     run = Path(cfg.run_dir)
-    factors, _ = train.load_run_lora(run)  # the last checkpoint is intact and readable
+    factors, _ = runs.load_run_lora(run)  # the last checkpoint is intact and readable
     assert (run / "checkpoints").is_dir()
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import dit_ref
-from mochi_jax import train
-from mochi_jax.convert import convert_dit
+from mochi_jax.lib import training
+from mochi_jax.checkpoints import convert_dit
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import vae as vae_lib
 from mochi_jax.models.dit import MochiDiT
-from mochi_jax.weights import load_dit
+from mochi_jax.checkpoints import load_dit
 
 ONE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 TARGETS = lora_lib.targets_from_config({k: dict(v, rank=4, alpha=8.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
@@ -51,11 +51,11 @@ def _batch(cfg, seed, b=2, t=2, h=4, w=6, L=8):
 def test_loss_equals_pytorch_recomputation(base, formulation):
     cfg, params, ref = base
     model = MochiDiT(cfg, TARGETS)
-    lora = train.init_lora(model, jax.random.PRNGKey(0))  # b = 0: the model is the reference's
+    lora = training.init_lora(model, jax.random.PRNGKey(0))  # b = 0: the model is the reference's
     batch = _batch(cfg, seed=1)
-    noise = train.draw_noise(jax.random.PRNGKey(7), batch, caption_dropout=0.5)
+    noise = training.draw_noise(jax.random.PRNGKey(7), batch, caption_dropout=0.5)
     noise["drop"] = jnp.array([True, False])  # one caption dropped, one kept
-    ours = float(train.flow_loss(model, params, lora, batch, noise, formulation))
+    ours = float(training.flow_loss(model, params, lora, batch, noise, formulation))
 
     n, eps, sigma = (np.asarray(noise[k], np.float64) for k in ("n", "eps", "sigma"))
     z = batch["mean"] + np.exp(batch["logvar"] / 2) * n
@@ -77,12 +77,12 @@ def test_loss_equals_pytorch_recomputation(base, formulation):
 def test_step_trains_only_the_lora(base):
     cfg, params, _ = base
     model = MochiDiT(cfg, TARGETS)
-    opt = train.make_optimizer(_optim())
-    state = train.init_state(model, opt, 0, ONE)
+    opt = training.make_optimizer(_optim())
+    state = training.init_state(model, opt, 0, ONE)
     lora = state["lora"]
     before = jax.tree_util.tree_map(np.array, params)
     lora0 = jax.tree_util.tree_map(np.array, lora)
-    step = train.make_train_step(model, opt, "normalized", 0.1)
+    step = training.make_train_step(model, opt, "normalized", 0.1)
     for i in range(3):
         state, out = step(state, params, _batch(cfg, seed=i))
         assert bool(out["finite"])
@@ -99,12 +99,12 @@ def test_step_trains_only_the_lora(base):
 def test_non_finite_step_is_not_applied(base):
     cfg, params, _ = base
     model = MochiDiT(cfg, TARGETS)
-    opt = train.make_optimizer(_optim())
-    state = train.init_state(model, opt, 0, ONE)
+    opt = training.make_optimizer(_optim())
+    state = training.init_state(model, opt, 0, ONE)
     snapshot = jax.tree_util.tree_map(np.array, state)
     batch = _batch(cfg, seed=0)
     batch["mean"][0, 0, 0, 0, 0] = np.nan
-    state, out = train.make_train_step(model, opt, "normalized", 0.0)(state, params, batch)
+    state, out = training.make_train_step(model, opt, "normalized", 0.0)(state, params, batch)
     assert not bool(out["finite"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, snapshot["lora"], jax.tree_util.tree_map(np.array, state["lora"]))
     jax.tree_util.tree_map(np.testing.assert_array_equal, snapshot["opt"], jax.tree_util.tree_map(np.array, state["opt"]))
@@ -113,17 +113,17 @@ def test_non_finite_step_is_not_applied(base):
 
 def test_schedule_and_accumulation():
     o = _optim(warmup_steps=10, schedule="cosine", decay_steps=110, lr=2e-4)
-    s = train.lr_schedule(o)
+    s = training.lr_schedule(o)
     assert float(s(0)) == 0.0 and abs(float(s(5)) - 1e-4) < 1e-10 and abs(float(s(10)) - 2e-4) < 1e-10
     assert abs(float(s(60)) - 1e-4) < 1e-9 and float(s(110)) < 1e-12
     # two micro-batches of one == one batch of two (the loss is a mean over the batch)
     g = {"w": jnp.ones((3,))}
-    acc = train.make_optimizer(_optim(grad_accum=2))
+    acc = training.make_optimizer(_optim(grad_accum=2))
     st = acc.init(g)
     u1, st = acc.update({"w": jnp.array([1.0, 2.0, 3.0])}, st, g)
     assert not np.any(np.asarray(u1["w"]))  # no update until the second micro-batch
     u2, st = acc.update({"w": jnp.array([3.0, 2.0, 1.0])}, st, g)
-    one = train.make_optimizer(_optim())
+    one = training.make_optimizer(_optim())
     u, _ = one.update({"w": jnp.array([2.0, 2.0, 2.0])}, one.init(g), g)
     np.testing.assert_allclose(u2["w"], u["w"], rtol=1e-6)
 
@@ -136,8 +136,8 @@ def test_overfits_two_clips(base):
         "mlp": dict(pattern=r"mlp_x/w2$", rank=8, alpha=8.0),
         "final": dict(pattern=r"final_layer/linear$", rank=8, alpha=8.0)})
     model = MochiDiT(cfg, targets)
-    opt = train.make_optimizer(_optim(lr=1e-2, weight_decay=0.0))
-    state = train.init_state(model, opt, 0, ONE)
+    opt = training.make_optimizer(_optim(lr=1e-2, weight_decay=0.0))
+    state = training.init_state(model, opt, 0, ONE)
     clips = [_batch(cfg, seed=10 + i, b=1) for i in range(2)]
     for c in clips:
         c["logvar"][:] = -8.0  # a sharp posterior: the clip is (almost) one latent
@@ -147,12 +147,12 @@ def test_overfits_two_clips(base):
         total = 0.0
         for i, c in enumerate(clips):
             for j in range(8):
-                noise = train.draw_noise(jax.random.PRNGKey(100 * i + j), c)
-                total += train.flow_loss(model, params, lora, c, noise)
+                noise = training.draw_noise(jax.random.PRNGKey(100 * i + j), c)
+                total += training.flow_loss(model, params, lora, c, noise)
         return total / 16
 
     start = float(eval_loss(state["lora"]))
-    step = train.make_train_step(model, opt, "normalized", 0.0)
+    step = training.make_train_step(model, opt, "normalized", 0.0)
     for i in range(200):
         state, _ = step(state, params, clips[i % 2])
     end = float(eval_loss(state["lora"]))

@@ -21,6 +21,8 @@ the output appears only when complete. Pickled files (.pt/.bin/.ckpt) are refuse
 import argparse
 import sys
 
+from mochi_jax import checkpoints as convert
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,8 +36,6 @@ def main(argv=None):
     ap.add_argument("--vision-heads", type=int, help="clip: attention heads of the image tower (else from the config)")
     ap.add_argument("--text-heads", type=int, help="clip: attention heads of the text tower (else from the config)")
     args = ap.parse_args(argv)
-
-    from mochi_jax import convert
 
     try:
         if args.model == "dit":

@@ -11,7 +11,7 @@ SRC / LORA: a .safetensors LoRA in genmo/ComfyUI (`blocks.N.attn.qkv_x.lora_A`, 
 --to genmo writes the file ComfyUI and genmo's loader read identically; --to diffusers the one
 `MochiPipeline.load_lora_weights` reads. Neither tool reads the other's naming, so ship both.
 BASE_DIR: a checkpoint written by tools/convert_weights.py; OUT is written in its dtype and
-read with mochi_jax.weights.load_dit. --depth: the model's number of blocks (Mochi 1: 48; by
+read with mochi_jax.checkpoints.weights.load_dit. --depth: the model's number of blocks (Mochi 1: 48; by
 default the highest block index in the file + 1).
 Exit code 2 when a file cannot be used (the message names the file and every bad key).
 """
@@ -19,6 +19,9 @@ Exit code 2 when a file cannot be used (the message names the file and every bad
 import argparse
 import json
 import sys
+
+from mochi_jax.checkpoints import ConversionError
+from mochi_jax.checkpoints import lora_files as lora_io
 
 
 def main(argv=None):
@@ -42,9 +45,6 @@ def main(argv=None):
     i.add_argument("--depth", type=int, default=None)
     i.add_argument("--json", action="store_true", help="print the info as JSON")
     args = ap.parse_args(argv)
-
-    from mochi_jax import lora_io
-    from mochi_jax.convert import ConversionError
 
     try:
         if args.cmd == "convert":

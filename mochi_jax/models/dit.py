@@ -4,6 +4,11 @@ Parameter names follow genmo's original checkpoint (blocks.N.attn.qkv_x, mod_x, 
 ...), with Flax conventions: Dense kernels are [in, out]; the 47 symmetric blocks are stacked
 on a leading layer axis under 'blocks' (one nn.scan); the last block is 'last_block'.
 
+Every Dense declares the logical names of its kernel's dimensions where it is created
+(`logical_axes` collects them for sharding), and the block's main activations carry checkpoint
+names for name-based remat policies (layers.remat_policy): 'qkv' (q/k/v projections), 'attn'
+(attention output), 'proj' (output projections), 'mlp_in' / 'mlp_out' (the SwiGLU's matmuls).
+
 Call convention (the reference's tensors):
     latents  [B, C=12, T, H, W]   (DiT-space, i.e. normalised latents)
     t5_feats [B, L, 4096]
@@ -22,13 +27,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from mochi_jax.models import layers
 from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, rms_norm
 from mochi_jax.models.lora import LoraTarget
-from mochi_jax.sharding import constrain
+from mochi_jax.models.sharding import constrain
 
-# Logical names of the activations (mapped to mesh axes by mochi_jax.sharding.RULES).
+# Logical names of the activations (mapped to mesh axes by mochi_jax.models.sharding.RULES).
 TOKENS = ("batch", "seq", "act_embed")  # visual stream [B, N, width]: tokens split over 'sequence'
 TEXT = ("batch", None, "act_embed")  # text stream [B, L, text_width]
 
@@ -50,7 +56,7 @@ class DiTConfig:
     param_dtype: str = "bfloat16"  # frozen weights
     compute_dtype: str = "bfloat16"  # matmuls and attention; norms, softmax, modulation are fp32
     attention: str = "xla"  # 'xla' | 'cudnn'
-    remat: str = "full"  # a key of layers.REMAT_POLICIES
+    remat: str = "full"  # a key of layers.REMAT_POLICIES, or save:<names> / offload:<names> (layers.remat_policy)
     scan_layers: bool = True  # False: an unrolled Python loop (for tests and debugging)
     # A remat policy per consecutive group of the depth-1 stacked blocks, e.g. "dots:16,full:31"
     # (counts sum to depth-1); '' = `remat` for every block. Needs scan_layers.
@@ -137,8 +143,9 @@ class _Base(nn.Module):
     cfg: DiTConfig
     lora_targets: Sequence[LoraTarget] = ()
 
-    def dense(self, features, name, use_bias=True, **kw):
-        return Dense(features, use_bias=use_bias, param_dtype=jnp.dtype(self.cfg.param_dtype),
+    def dense(self, features, name, axes, use_bias=True, **kw):
+        """A Dense named `name` whose kernel [in, out] has the logical names `axes`."""
+        return Dense(features, axes=axes, use_bias=use_bias, param_dtype=jnp.dtype(self.cfg.param_dtype),
                      compute_dtype=jnp.dtype(self.cfg.compute_dtype), lora_targets=self.lora_targets,
                      name=name, **kw)
 
@@ -155,19 +162,19 @@ class AttentionPool(_Base):
         pooled = jnp.sum(feats.astype(jnp.float32) * m, axis=1, keepdims=True) / jnp.maximum(
             jnp.sum(m, axis=1, keepdims=True), 1.0)  # [B, 1, D]
         seq = jnp.concatenate([pooled, feats.astype(jnp.float32)], axis=1)  # [B, 1+L, D]
-        kv = self.dense(2 * d, "to_kv")(seq).reshape(b, 1 + l, 2, heads, hd)
-        q = self.dense(d, "to_q")(pooled).reshape(b, 1, heads, hd)
+        kv = self.dense(2 * d, "to_kv", ("embed", "mlp"))(seq).reshape(b, 1 + l, 2, heads, hd)
+        q = self.dense(d, "to_q", ("embed", "mlp"))(pooled).reshape(b, 1, heads, hd)
         key_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
         out = layers.attention(q, kv[:, :, 0], kv[:, :, 1], key_mask, impl="xla")
-        return self.dense(cfg.width, "to_out")(out.reshape(b, d))
+        return self.dense(cfg.width, "to_out", ("mlp", "embed"))(out.reshape(b, d))
 
 
 class TimestepEmbedder(_Base):
     @nn.compact
     def __call__(self, timestep):
         h = timestep_embedding(timestep, self.cfg.time_embed_dim)
-        h = self.dense(self.cfg.width, "mlp_0")(h)
-        return self.dense(self.cfg.width, "mlp_2")(nn.silu(h))
+        h = self.dense(self.cfg.width, "mlp_0", (None, "embed"))(h)
+        return self.dense(self.cfg.width, "mlp_2", ("embed", None))(nn.silu(h))
 
 
 class FeedForward(_Base):
@@ -177,8 +184,10 @@ class FeedForward(_Base):
 
     @nn.compact
     def __call__(self, x):
-        a, g = jnp.split(self.dense(2 * self.hidden, "w1", use_bias=False)(x), 2, axis=-1)
-        return self.dense(x.shape[-1], "w2", use_bias=False)(nn.silu(a) * g)
+        a, g = jnp.split(checkpoint_name(self.dense(2 * self.hidden, "w1", ("embed", "mlp"), use_bias=False)(x),
+                                         "mlp_in"), 2, axis=-1)
+        return checkpoint_name(self.dense(x.shape[-1], "w2", ("mlp", "embed"), use_bias=False)(nn.silu(a) * g),
+                               "mlp_out")
 
 
 class JointAttention(_Base):
@@ -195,8 +204,8 @@ class JointAttention(_Base):
         pdt = jnp.dtype(cfg.param_dtype)
 
         def qkv(inp, proj, norm_q, norm_k):
-            q, k, v = jnp.split(self.dense(3 * h * hd, proj, use_bias=False)(inp)
-                                .reshape(inp.shape[0], inp.shape[1], 3 * h, hd), 3, axis=2)
+            q, k, v = jnp.split(checkpoint_name(self.dense(3 * h * hd, proj, ("embed", "heads"), use_bias=False)(inp),
+                                                "qkv").reshape(inp.shape[0], inp.shape[1], 3 * h, hd), 3, axis=2)
             q = RMSNorm(cfg.qk_norm_eps, pdt, name=norm_q)(q)
             k = RMSNorm(cfg.qk_norm_eps, pdt, name=norm_k)(k)
             return q, k, v
@@ -211,10 +220,12 @@ class JointAttention(_Base):
         k = constrain(jnp.concatenate([kx, ky], axis=1).astype(cdt), heads_split)
         v = constrain(jnp.concatenate([vx, vy], axis=1).astype(cdt), heads_split)
         key_mask = jnp.concatenate([jnp.ones((b, n), bool), y_mask], axis=1)
-        out = constrain(layers.attention(q, k, v, key_mask, impl=cfg.attention), heads_split)
+        out = checkpoint_name(constrain(layers.attention(q, k, v, key_mask, impl=cfg.attention), heads_split), "attn")
         out = out.reshape(b, -1, h * hd)
-        out_x = constrain(self.dense(cfg.width, "proj_x")(out[:, :n]), TOKENS)
-        out_y = None if self.last else self.dense(cfg.text_width, "proj_y")(out[:, n:])
+        out_x = checkpoint_name(constrain(self.dense(cfg.width, "proj_x", ("heads", "embed"))(out[:, :n]), TOKENS),
+                                "proj")
+        out_y = None if self.last else checkpoint_name(
+            self.dense(cfg.text_width, "proj_y", ("heads", "embed"))(out[:, n:]), "proj")
         return out_x, out_y
 
 
@@ -232,12 +243,12 @@ class Block(_Base):
         cdt = jnp.dtype(cfg.compute_dtype)
         sc = nn.silu(c)
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(
-            self.dense(4 * cfg.width, "mod_x")(sc).astype(jnp.float32)[:, None], 4, axis=-1)
+            self.dense(4 * cfg.width, "mod_x", ("embed", "mlp"))(sc).astype(jnp.float32)[:, None], 4, axis=-1)
         if self.last:
-            scale_msa_y = self.dense(cfg.text_width, "mod_y")(sc).astype(jnp.float32)[:, None]
+            scale_msa_y = self.dense(cfg.text_width, "mod_y", ("embed", "mlp"))(sc).astype(jnp.float32)[:, None]
         else:
             scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = jnp.split(
-                self.dense(4 * cfg.text_width, "mod_y")(sc).astype(jnp.float32)[:, None], 4, axis=-1)
+                self.dense(4 * cfg.text_width, "mod_y", ("embed", "mlp"))(sc).astype(jnp.float32)[:, None], 4, axis=-1)
 
         x_in = (rms_norm(x, eps) * (1 + scale_msa)).astype(cdt)
         y_in = (rms_norm(y, eps) * (1 + scale_msa_y)).astype(cdt)
@@ -259,18 +270,21 @@ class FinalLayer(_Base):
     @nn.compact
     def __call__(self, x, c):
         cfg = self.cfg
-        shift, scale = jnp.split(self.dense(2 * cfg.width, "mod")(nn.silu(c)).astype(jnp.float32)[:, None],
+        shift, scale = jnp.split(self.dense(2 * cfg.width, "mod", ("embed", "mlp"))(nn.silu(c)).astype(jnp.float32)[:, None],
                                  2, axis=-1)
         x32 = x.astype(jnp.float32)
         mu = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mu), axis=-1, keepdims=True)
         x32 = (x32 - mu) * jax.lax.rsqrt(var + cfg.norm_eps)
         x = (x32 * (1 + scale) + shift).astype(jnp.dtype(cfg.compute_dtype))
-        return self.dense(cfg.patch_size ** 2 * cfg.in_channels, "linear")(x)
+        return self.dense(cfg.patch_size ** 2 * cfg.in_channels, "linear", ("embed", None))(x)
 
 
 class MochiDiT(_Base):
     """The full AsymmDiT. See the module docstring for the call convention."""
+
+    def param_axes(self) -> dict:
+        return {"pos_frequencies": (None, None, None)}  # [3, heads, head_dim / 2], small: replicated
 
     @nn.compact
     def __call__(self, latents, t5_feats, t5_mask, timestep):
@@ -287,9 +301,9 @@ class MochiDiT(_Base):
         # Conditioning vector c [B, width] and text tokens y [B, L, text_width].
         c = TimestepEmbedder(cfg, self.lora_targets, name="t_embedder")(timestep).astype(jnp.float32)
         c = c + AttentionPool(cfg, self.lora_targets, name="t5_y_embedder")(t5_feats, t5_mask).astype(jnp.float32)
-        y = self.dense(cfg.text_width, "t5_yproj")(t5_feats.astype(cdt)).astype(jnp.float32)
+        y = self.dense(cfg.text_width, "t5_yproj", ("embed", None))(t5_feats.astype(cdt)).astype(jnp.float32)
 
-        x = self.dense(cfg.width, "x_embedder")(patchify(latents, p).astype(cdt)).astype(jnp.float32)
+        x = self.dense(cfg.width, "x_embedder", (None, "embed"))(patchify(latents, p).astype(cdt)).astype(jnp.float32)
         x = constrain(x, TOKENS)
         pos_freq = self.param("pos_frequencies", nn.initializers.normal(0.02),
                               (3, cfg.num_heads, cfg.head_dim // 2), jnp.float32)
@@ -331,7 +345,7 @@ class MochiDiT(_Base):
 
         start = 0
         for policy, n in parse_remat_groups(cfg.remat_groups, cfg.depth - 1):
-            body = run if policy == "none" else jax.checkpoint(run, policy=layers.REMAT_POLICIES[policy],
+            body = run if policy == "none" else jax.checkpoint(run, policy=layers.remat_policy(policy),
                                                                prevent_cse=False)
             xs = jax.tree_util.tree_map(lambda a: a[start:start + n], (params, lora))
             carry, _ = jax.lax.scan(lambda c, x: (body(c, *x), None), carry,
@@ -347,13 +361,15 @@ def stack_unrolled(params: dict, depth: int, shardings=None) -> dict:
 
 
 def parse_remat_groups(spec: str, n: int) -> list[tuple[str, int]]:
-    """'dots:16,full:31' -> [('dots', 16), ('full', 31)], checked: known policies, counts sum to n."""
+    """'dots:16,save:qkv+proj:31' -> [('dots', 16), ('save:qkv+proj', 31)], checked: known policies,
+    counts sum to n."""
     groups = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        policy, _, count = item.partition(":")
-        if policy not in layers.REMAT_POLICIES or not count.isdigit() or int(count) < 1:
-            raise ValueError(f"remat_groups {spec!r}: each group is policy:count with a policy of "
-                             f"{sorted(layers.REMAT_POLICIES)}, got {item!r}")
+        policy, _, count = item.rpartition(":")
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"remat_groups {spec!r}: each group is policy:count (a policy of "
+                             f"{sorted(layers.REMAT_POLICIES)} or save:<names> / offload:<names>), got {item!r}")
+        layers.remat_policy(policy)  # raises naming the choices
         groups.append((policy, int(count)))
     if sum(c for _, c in groups) != n:
         raise ValueError(f"remat_groups {spec!r}: counts sum to {sum(c for _, c in groups)}, the model has {n} "
@@ -372,6 +388,13 @@ def abstract_variables(cfg: DiTConfig, lora_targets: Sequence[LoraTarget] = ()) 
     """{'params': ..., 'lora': ...} as ShapeDtypeStructs: traced, nothing allocated or compiled."""
     model = MochiDiT(cfg, tuple(lora_targets))
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(cfg)))
+
+
+def logical_axes(cfg: DiTConfig, lora_targets: Sequence[LoraTarget] = ()) -> dict:
+    """{'params': ..., 'lora': ...}: the logical axis names of every parameter and LoRA factor, as
+    the layers declare them (e.g. blocks/attn/qkv_x/kernel -> ('layers', 'embed', 'heads')); leaves
+    are tuples. mochi_jax.models.sharding maps them to mesh axes."""
+    return layers.declared_axes(MochiDiT(cfg, tuple(lora_targets)), *dummy_inputs(cfg))
 
 
 def param_count(params) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from mochi_jax.models.lora import LoraTarget, find_target
 
@@ -35,9 +36,15 @@ class Dense(nn.Module):
     it also owns 'lora' variables a [in, r] and b [r, out] (b starts at zero) and adds
     (alpha / r) * dropout(x) @ a @ b. LoRA dropout is active only when a 'dropout' rng is
     passed to `apply`. Without a matching target the module is exactly the plain Dense.
+
+    `axes`: the logical names of the kernel's (in, out) dimensions ('embed', 'heads', 'mlp', None
+    for replicated; mapped to mesh axes by mochi_jax.models.sharding.RULES). The bias and the LoRA
+    factors take theirs from them (see `param_axes`). A model that is sharded declares them for
+    every Dense; `declared_axes` refuses a parameter whose module declared none.
     """
 
     features: int
+    axes: tuple = ()
     use_bias: bool = True
     param_dtype: Dtype = jnp.float32
     compute_dtype: Dtype = jnp.float32
@@ -57,6 +64,12 @@ class Dense(nn.Module):
         if target is not None and target.rank > 0:
             y = y + self._lora(x, in_features, target).astype(y.dtype)
         return y
+
+    def param_axes(self) -> dict:
+        if not self.axes:
+            return {}
+        i, o = self.axes
+        return {"kernel": (i, o), "bias": (o,), "a": (i, None), "b": (None, o)}
 
     def _lora(self, x, in_features: int, target: LoraTarget):
         bound = 1.0 / math.sqrt(in_features)  # PEFT's kaiming_uniform(a=sqrt(5)) for A
@@ -83,11 +96,52 @@ class RMSNorm(nn.Module):
 
     eps: float = 1e-5
     param_dtype: Dtype = jnp.float32
+    axes: tuple = ("norm",)  # the logical name of the weight's dimension
+
+    def param_axes(self) -> dict:
+        return {"weight": self.axes}
 
     @nn.compact
     def __call__(self, x):
         w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
         return rms_norm(x, self.eps) * w.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- logical axis names
+
+def declared_axes(module: nn.Module, *args, collections=("params", "lora")) -> dict:
+    """{collection: a tree like the module's variables whose leaves are tuples of logical axis names},
+    from the names each submodule declares where it creates its parameters (a `param_axes()` method
+    returning {parameter name: names}). Parameters stacked by nn.scan get a leading 'layers'. Traced
+    with jax.eval_shape: nothing is compiled or allocated. A parameter whose module declares no
+    names for it is an error naming it (it would otherwise be silently replicated)."""
+    declared = {}
+
+    def record(next_fun, call_args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__" and hasattr(m, "param_axes"):
+            declared[tuple(m.path)] = m.param_axes()
+        return next_fun(*call_args, **kwargs)
+
+    with nn.intercept_methods(record):
+        shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))
+    out, missing = {}, []
+    for col in collections:
+        names = {}
+        for path, leaf in traverse_util.flatten_dict(shapes.get(col, {})).items():
+            axes = declared.get(path[:-1], {}).get(path[-1])
+            if axes is not None and len(axes) == len(leaf.shape) - 1:
+                axes = ("layers",) + tuple(axes)  # stacked by nn.scan
+            if axes is None or len(axes) != len(leaf.shape):
+                missing.append(f"{col}/{'/'.join(path)} {tuple(leaf.shape)}: "
+                               + ("no logical axis names declared" if axes is None else f"declared {axes}"))
+                continue
+            names[path] = tuple(axes)
+        out[col] = traverse_util.unflatten_dict(names) if names else {}
+    if missing:
+        raise ValueError(f"{type(module).__name__}: parameters without logical axis names (declare them where "
+                         "the parameter is created, e.g. Dense(axes=(in, out))):\n  " + "\n  ".join(missing))
+    return out
 
 
 # ----------------------------------------------------------------------------- attention
@@ -129,8 +183,6 @@ def stack_layers(tree: dict, name: str, n: int, shardings=None) -> dict:
     modules expect. Checkpoints keep layers unrolled so conversion holds one tensor at a time;
     this stacks them leaf by leaf (at most one stacked leaf exists twice), each straight into
     shardings[name] (for the stacked layout) when given."""
-    from flax import traverse_util
-
     names = [f"{name}_{i}" for i in range(n)]
     flat = [traverse_util.flatten_dict(tree[k]) for k in names]
     target = traverse_util.flatten_dict(shardings[name]) if shardings is not None else {}
@@ -174,11 +226,31 @@ REMAT_POLICIES = {
 }
 
 
+CHECKPOINT_NAMES = ("qkv", "attn", "proj", "mlp_in", "mlp_out")  # what the DiT's blocks name (models/dit.py)
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a remat setting: a key of REMAT_POLICIES, or name-based
+    'save:<names>' (keep only these named activations, recompute the rest) or 'offload:<names>'
+    (keep them in pinned host memory), <names> joined by '+' from CHECKPOINT_NAMES, e.g.
+    'save:qkv+proj'."""
+    if name in REMAT_POLICIES:
+        return REMAT_POLICIES[name]
+    kind, _, names = name.partition(":")
+    chosen = tuple(n for n in names.split("+") if n)
+    if kind in ("save", "offload") and chosen and set(chosen) <= set(CHECKPOINT_NAMES):
+        if kind == "save":
+            return jax.checkpoint_policies.save_only_these_names(*chosen)
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=chosen, offload_src="device",
+            offload_dst="pinned_host")
+    raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}, or save:<names> / "
+                     f"offload:<names> with names joined by '+' from {CHECKPOINT_NAMES}")
+
+
 def remat(module_cls, policy: str, static_argnums=()):
     """Wrap a Linen module class in nn.remat under a named policy ('none' returns it as is)."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+    fn = remat_policy(policy)
     if policy == "none":
         return module_cls
-    return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
-                    static_argnums=static_argnums)
+    return nn.remat(module_cls, policy=fn, prevent_cse=False, static_argnums=static_argnums)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict
+from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, declared_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,10 @@ class Embedding(nn.Module):
     num: int
     features: int
     param_dtype: jnp.dtype = jnp.float32
+    axes: tuple = (None, None)  # logical names of the table's dimensions
+
+    def param_axes(self) -> dict:
+        return {"embedding": self.axes}
 
     @nn.compact
     def __call__(self, idx):
@@ -104,12 +108,12 @@ class Embedding(nn.Module):
 class _Base(nn.Module):
     cfg: T5Config
 
-    def dense(self, features, name):
-        return Dense(features, use_bias=False, param_dtype=jnp.dtype(self.cfg.param_dtype),
+    def dense(self, features, name, axes):
+        return Dense(features, axes=axes, use_bias=False, param_dtype=jnp.dtype(self.cfg.param_dtype),
                      compute_dtype=jnp.dtype(self.cfg.compute_dtype), name=name)
 
     def norm(self, name):
-        return RMSNorm(self.cfg.eps, jnp.dtype(self.cfg.param_dtype), name=name)
+        return RMSNorm(self.cfg.eps, jnp.dtype(self.cfg.param_dtype), axes=("embed",), name=name)
 
 
 class SelfAttention(_Base):
@@ -120,12 +124,13 @@ class SelfAttention(_Base):
         # x [B, L, d_model] (compute dtype), bias [H, L, L] f32, key_mask [B, L] bool
         cfg = self.cfg
         b, l, _ = x.shape
-        q, k, v = (self.dense(cfg.inner_dim, n)(x).reshape(b, l, cfg.num_heads, cfg.d_kv) for n in "qkv")
+        q, k, v = (self.dense(cfg.inner_dim, n, ("embed", "heads"))(x).reshape(b, l, cfg.num_heads, cfg.d_kv)
+                   for n in "qkv")
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias[None]
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, cfg.inner_dim)
-        return self.dense(cfg.d_model, "o")(out)
+        return self.dense(cfg.d_model, "o", ("heads", "embed"))(out)
 
 
 class GatedGelu(_Base):
@@ -134,9 +139,10 @@ class GatedGelu(_Base):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = jax.nn.gelu(self.dense(cfg.d_ff, "wi_0")(x).astype(jnp.float32), approximate=True)
-        h = (gate * self.dense(cfg.d_ff, "wi_1")(x).astype(jnp.float32)).astype(jnp.dtype(cfg.compute_dtype))
-        return self.dense(cfg.d_model, "wo")(h)
+        gate = jax.nn.gelu(self.dense(cfg.d_ff, "wi_0", ("embed", "mlp"))(x).astype(jnp.float32), approximate=True)
+        up = self.dense(cfg.d_ff, "wi_1", ("embed", "mlp"))(x).astype(jnp.float32)
+        h = (gate * up).astype(jnp.dtype(cfg.compute_dtype))
+        return self.dense(cfg.d_model, "wo", ("mlp", "embed"))(h)
 
 
 class Block(_Base):
@@ -157,8 +163,8 @@ class T5Encoder(_Base):
         cfg = self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
         mask = jnp.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-        x = Embedding(cfg.vocab_size, cfg.d_model, pdt, name="shared")(ids).astype(jnp.float32)
-        rel = Embedding(cfg.num_buckets, cfg.num_heads, pdt, name="relative_attention_bias")
+        x = Embedding(cfg.vocab_size, cfg.d_model, pdt, ("vocab", "embed"), name="shared")(ids).astype(jnp.float32)
+        rel = Embedding(cfg.num_buckets, cfg.num_heads, pdt, ("buckets", "heads"), name="relative_attention_bias")
         buckets = relative_position_buckets(ids.shape[1], cfg.num_buckets, cfg.max_distance)
         bias = rel(jnp.asarray(buckets)).astype(jnp.float32).transpose(2, 0, 1)  # [H, L, L]
 
@@ -181,35 +187,8 @@ def abstract_params(cfg: T5Config) -> dict:
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-# Logical axis names of each weight dimension, by (module, parameter) name; sharding rules
-# (logical name -> mesh axis) live with the mesh. Stacked block weights get a leading 'layers'.
-_AXES = {
-    ("shared", "embedding"): ("vocab", "embed"),
-    ("relative_attention_bias", "embedding"): ("buckets", "heads"),
-    ("q", "kernel"): ("embed", "heads"), ("k", "kernel"): ("embed", "heads"), ("v", "kernel"): ("embed", "heads"),
-    ("o", "kernel"): ("heads", "embed"),
-    ("wi_0", "kernel"): ("embed", "mlp"), ("wi_1", "kernel"): ("embed", "mlp"), ("wo", "kernel"): ("mlp", "embed"),
-    ("attn_norm", "weight"): ("embed",), ("ff_norm", "weight"): ("embed",), ("final_norm", "weight"): ("embed",),
-}
-
-
-def t5_logical_axes(params) -> dict:
-    """A tree like `params` (arrays or ShapeDtypeStructs) whose leaves are tuples of logical axis
-    names, one per dimension, e.g. blocks/attn/q/kernel -> ('layers', 'embed', 'heads').
-
-    The leaves are tuples, so map over the result with `is_leaf=lambda x: isinstance(x, tuple)`.
-    """
-
-    def axes(path, leaf):
-        names = tuple(getattr(p, "key", str(p)) for p in path)
-        try:
-            out = _AXES[names[-2:]]
-        except KeyError:
-            raise ValueError(f"no logical axes known for T5 parameter {'/'.join(names)}") from None
-        if names[0] == "blocks":
-            out = ("layers",) + out
-        if len(out) != len(leaf.shape):
-            raise ValueError(f"T5 parameter {'/'.join(names)} has shape {leaf.shape}, axes {out}")
-        return out
-
-    return jax.tree_util.tree_map_with_path(axes, params)
+def logical_axes(cfg: T5Config, seq_len: int = 8) -> dict:
+    """A tree like the params whose leaves are tuples of logical axis names, one per dimension, as
+    the layers declare them where they create their weights (e.g. blocks/attn/q/kernel ->
+    ('layers', 'embed', 'heads')). Map over it with `is_leaf=lambda x: isinstance(x, tuple)`."""
+    return declared_axes(T5Encoder(cfg), jnp.zeros((1, seq_len), jnp.int32), collections=("params",))["params"]

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: configs/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harnesses
 pid, port, demo_root, run_dir, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -15,7 +15,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
 
-from configs import lora as lora_config  # noqa: E402
+from mochi_jax.configs import lora as lora_config  # noqa: E402
 from mochi_jax import train  # noqa: E402
 
 cfg = lora_config.demo(lora_config.get_config(), demo_root)

@@ -22,8 +22,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece
 
 from mochi_jax.models.t5 import T5Config, T5Encoder
+from mochi_jax.checkpoints.t5 import load_t5
 
 MAX_LENGTH = 256
 
@@ -45,8 +47,6 @@ class T5Tokenizer:
     """
 
     def __init__(self, path, max_length: int = MAX_LENGTH, extra_ids: int = 100):
-        import sentencepiece
-
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.path = find_spiece(path)
@@ -122,8 +122,6 @@ class TextEncoder:
     @classmethod
     def load(cls, weights, tokenizer, max_length: int = MAX_LENGTH, dtype=None, shardings=None, **overrides):
         """`weights`: a checkpoint written by convert_t5; `tokenizer`: spiece.model or its folder."""
-        from mochi_jax.convert.t5 import load_t5
-
         cfg, params = load_t5(weights, dtype=dtype, shardings=shardings, **overrides)
         return cls(T5Tokenizer(tokenizer, max_length=max_length), cfg, params)
 

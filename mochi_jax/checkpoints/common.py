@@ -8,6 +8,8 @@ The pieces every model converter shares:
   * `Leaf` - one output array: its path in our pytree, shape, and a function that builds it
     from the source (reading only the tensors it needs).
   * `validate` / `write` - check a plan against the source, then stream it into orbax.
+  * `load_tree` / `load_model` / `save_model` - read a converted checkpoint (into shardings, with
+    scanned layer stacks restacked) and write any params tree in the same layout.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import shutil
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from orbax.checkpoint.experimental.v1 import partial
+from tqdm import tqdm
+import ml_dtypes
+import orbax.checkpoint.experimental.v1 as ocp
+
+from mochi_jax.models.layers import stack_layers, unstack_shardings
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
@@ -83,8 +94,6 @@ class TensorSource:
 
 
 def _np_dtype(st_dtype: str) -> np.dtype:
-    import ml_dtypes
-
     table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -227,9 +236,6 @@ def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike,
     save in a side directory and renames it on finalize), so a crash never leaves a loadable
     half. `metadata` (JSON) is stored as the checkpoint's custom metadata.
     """
-    from orbax.checkpoint.experimental.v1 import partial
-    from tqdm import tqdm
-
     out_dir = Path(out_dir).absolute()
     if out_dir.exists():
         if not overwrite:
@@ -280,8 +286,76 @@ def _release_freed_memory():
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The custom metadata stored by `write` (e.g. the model architecture)."""
-    import orbax.checkpoint.experimental.v1 as ocp
-
     meta = ocp.metadata(Path(path).absolute())
     cm = meta.custom_metadata
     return json.loads(cm) if isinstance(cm, str) else dict(cm or {})
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
+def load_tree(path, dtype=None, shardings=None):
+    """Restore a converted checkpoint. `shardings`: a pytree of jax.sharding.Sharding matching the
+    checkpoint (each process then reads only its shards), or one Sharding for every leaf (default:
+    this process's first device); `dtype` casts floating leaves."""
+    path = Path(path).absolute()
+    meta = ocp.metadata(path).metadata
+
+    def abstract(m, s=None):
+        dt = m.dtype
+        if dtype is not None and jnp.issubdtype(dt, jnp.floating):
+            dt = jnp.dtype(dtype)
+        return jax.ShapeDtypeStruct(m.shape, dt, sharding=s)
+
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        one = shardings or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: one, meta)
+    target = jax.tree_util.tree_map(abstract, meta, shardings)
+    return ocp.load(path, target)
+
+
+def load_model(path, model: str, cfg_cls, dtype=None, shardings=None, overrides=None, stack=None):
+    """(config, params) from a checkpoint written by tools/convert_weights.py.
+
+    `model`: the metadata's model name ('mochi_dit', ...), checked. `stack(arch) -> (name, n)`:
+    the unrolled layers name_0 .. name_{n-1} on disk to stack for a scan, straight into
+    `shardings` (given for the stacked layout). The config is the stored architecture plus
+    `overrides`; param_dtype follows the loaded weights."""
+    meta = read_metadata(path)
+    if meta.get("model") != model:
+        raise ValueError(f"{path} is not a converted {model} checkpoint (metadata: {meta})")
+    if stack is None:
+        params = load_tree(path, dtype=dtype, shardings=shardings)
+    else:
+        name, n = stack(meta["config"])
+        disk = unstack_shardings(shardings, name, n) if shardings is not None else None
+        params = stack_layers(load_tree(path, dtype=dtype, shardings=disk), name, n, shardings)
+    fields = dict(meta["config"], **(overrides or {}))
+    fields.setdefault("param_dtype", jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name)
+    return cfg_cls.from_dict(fields), params
+
+
+def save_model(path, params, model: str, arch: dict, unstack=(), dtype=None, overwrite=False,
+               progress=False, extra_metadata=None):
+    """Write `params` as a checkpoint `load_model` reads: the layout tools/convert_weights.py writes
+    (orbax, custom metadata {'model', 'config': arch}). `unstack`: [(path, n), ...] of scanned layer
+    stacks to write unrolled, e.g. [('blocks', 47)] or [(('vision', 'blocks'), 12)] ->
+    blocks_0 .. blocks_46; `dtype` casts floating leaves. Used for merged LoRA checkpoints and the
+    demo's random tiny models; appears atomically like a conversion."""
+    stacks = {(p,) if isinstance(p, str) else tuple(p): n for p, n in unstack}
+    flat = {}
+    for p, x in traverse_util.flatten_dict(params).items():
+        prefix = next((q for q in stacks if p[:len(q)] == q), None)
+        if prefix is None:
+            flat[p] = (x, None)
+            continue
+        for i in range(stacks[prefix]):
+            flat[prefix[:-1] + (f"{prefix[-1]}_{i}",) + p[len(prefix):]] = (x, i)
+
+    def build(x, i):
+        return lambda _src: np.asarray(x if i is None else x[i])
+
+    leaves = [Leaf(p, tuple(x.shape[1:] if i is not None else x.shape), (), build(x, i))
+              for p, (x, i) in flat.items()]
+    meta = {"model": model, "config": arch, **(extra_metadata or {})}
+    np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else jax.tree_util.tree_leaves(params)[0].dtype))
+    return write(leaves, None, path, np_dtype, meta, overwrite=overwrite, progress=progress)

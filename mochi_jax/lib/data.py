@@ -11,7 +11,7 @@ from __future__ import annotations
 import grain
 import jax
 
-from mochi_jax.cache import Cache
+from mochi_jax.lib.cache import Cache
 
 
 def make_loader(cache: Cache, batch_size: int, seed: int, num_clips: int | None = None, threads: int = 2):

@@ -9,8 +9,8 @@ guidance, and decoding to uint8 frames.
 The model sees timestep = 1000 * (1 - sigma); one step is z <- z + (sigma - sigma_next) * v with
 v = v_uncond + g * (v_cond - v_uncond), the conditional and unconditional branches in one batch
 (unconditional first, as diffusers). Everything runs in the normalised (DiT) latent space; the VAE
-gets `dit_to_vae(z)`. Each step is one compiled call, cached on (config, LoRA targets, guidance on),
-so new prompts, seeds, LoRA values or schedules never recompile.
+gets `dit_to_vae(z)`. Each step is one compiled call (`jitted_step`, static in config, LoRA targets
+and guidance on), so new prompts, seeds, LoRA values or schedules never recompile.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mochi_jax.models import vae as vae_lib
 from mochi_jax.models.dit import DiTConfig, MochiDiT
 from mochi_jax.models.lora import LoraTarget
-from mochi_jax.sharding import replicated_like
+from mochi_jax.models.sharding import replicated_like
 
 
 def sigma_schedule(num_steps: int = 64, threshold: float = 0.025, linear_steps: int | None = None) -> np.ndarray:
@@ -84,15 +85,11 @@ def euler_step(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
     return step
 
 
-@functools.lru_cache(maxsize=16)
-def _step_fn(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
-    return jax.jit(euler_step(cfg, targets, guided))
-
-
-def compile_count() -> int:
-    """How many distinct step functions were built (cache misses); tests use it to prove that
-    swapping prompts, seeds or LoRA values does not recompile."""
-    return _step_fn.cache_info().misses
+@functools.partial(jax.jit, static_argnames=("cfg", "targets", "guided"))
+def jitted_step(params, lora, z, feats, mask, sigma, sigma_next, guidance, *, cfg: DiTConfig,
+                targets: tuple[LoraTarget, ...], guided: bool):
+    """`euler_step` compiled once per (cfg, targets, guided) and input shapes (jax.jit's own cache)."""
+    return euler_step(cfg, targets, guided)(params, lora, z, feats, mask, sigma, sigma_next, guidance)
 
 
 def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guidance: float = 6.0,
@@ -110,13 +107,11 @@ def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guida
     if guided:
         feats = jnp.concatenate([uncond[0], feats])
         mask = jnp.concatenate([uncond[1], mask])
-    step = _step_fn(cfg, tuple(targets), guided)
+    step = functools.partial(jitted_step, cfg=cfg, targets=tuple(targets), guided=guided)
     # committed like the weights, so the first step compiles the same program as the later ones
     z = jax.device_put(jnp.asarray(noise, jnp.float32), replicated_like(jax.tree_util.tree_leaves(params)[0]))
     it = range(len(sigmas) - 1)
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(it, desc="sampling", unit="step")
     g = jnp.float32(guidance)
     for i in it:

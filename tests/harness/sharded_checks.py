@@ -14,7 +14,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mochi_jax import sharding, train  # noqa: E402
+from mochi_jax.lib import training
+from mochi_jax.models import sharding  # noqa: E402
 from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
 from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables  # noqa: E402
@@ -50,19 +51,19 @@ def params():
 def run(mesh_sizes, host_params, data, steps=2):
     """Two training steps; returns (losses, grad norms, final LoRA as numpy, compiled memory)."""
     model = MochiDiT(CFG, TARGETS)
-    opt = train.make_optimizer(OPTIM)
+    opt = training.make_optimizer(OPTIM)
     if mesh_sizes is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        state = train.init_state(model, opt, 0, one)
+        state = training.init_state(model, opt, 0, one)
         p = jax.device_put(host_params, one)
-        step = train.make_train_step(model, opt, "normalized", 0.3)
+        step = training.make_train_step(model, opt, "normalized", 0.3)
         put = lambda b: b  # noqa: E731
     else:
         mesh = sharding.make_mesh(mesh_sizes)
-        sh = train.train_shardings(model, opt, mesh)
-        state = train.init_state(model, opt, 0, sh["state"])
+        sh = training.train_shardings(model, opt, mesh)
+        state = training.init_state(model, opt, 0, sh["state"])
         p = jax.device_put(host_params, sh["params"])
-        step = train.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
+        step = training.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
         put = lambda b: {k: jax.device_put(v, sh["batch"][k]) for k, v in b.items()}  # noqa: E731
     losses, norms = [], []
     for i in range(steps):
@@ -104,16 +105,16 @@ def main():
 
     # per-device parameter bytes of the compiled step fall as 1 / fsdp
     model = MochiDiT(CFG, TARGETS)
-    opt = train.make_optimizer(OPTIM)
+    opt = training.make_optimizer(OPTIM)
     mem = {}
     for f in (1, 2, 4, 8):
         mesh = sharding.make_mesh(dict(data=8 // f, fsdp=f))
-        sh = train.train_shardings(model, opt, mesh)
+        sh = training.train_shardings(model, opt, mesh)
         ps = jax.eval_shape(params)
-        state = jax.eval_shape(lambda: train.init_state(model, opt, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+        state = jax.eval_shape(lambda: training.init_state(model, opt, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
         b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
         with sharding.activate(mesh):
-            compiled = train.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(state, ps, b).compile()
+            compiled = training.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(state, ps, b).compile()
         params_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(ps))
         shard_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for s, x in
                           zip(jax.tree_util.tree_leaves(sh["params"]), jax.tree_util.tree_leaves(ps)))
@@ -135,7 +136,7 @@ def main():
         if target is None:
             shard = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
         else:
-            shard = train.train_shardings(MochiDiT(CFG, TARGETS), train.make_optimizer(OPTIM), target)["state"]
+            shard = training.train_shardings(MochiDiT(CFG, TARGETS), training.make_optimizer(OPTIM), target)["state"]
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard)
         got = mngr.restore(1, args=ocp.args.StandardRestore(abstract))
         same = all(np.array_equal(np.asarray(a), b) for a, b in

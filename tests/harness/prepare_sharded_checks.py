@@ -8,7 +8,7 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harnesses
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
@@ -21,11 +21,11 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import prepare as prepare_configs  # noqa: E402
-from mochi_jax import prepare as prepare_lib  # noqa: E402
-from mochi_jax import synthetic  # noqa: E402
-from mochi_jax.cache import Cache  # noqa: E402
-from mochi_jax import text as text_lib  # noqa: E402
+from mochi_jax.configs import prepare as prepare_configs  # noqa: E402
+from mochi_jax.lib import preparation as prepare_lib  # noqa: E402
+from mochi_jax.demo import clips as synthetic  # noqa: E402
+from mochi_jax.lib.cache import Cache  # noqa: E402
+from mochi_jax.lib import text as text_lib  # noqa: E402
 from mochi_jax.demo import write_demo_models  # noqa: E402
 
 assert len(jax.devices()) == 8
@@ -36,7 +36,7 @@ def config(root: Path, clips: Path, out: str, devices: int):
     cfg = prepare_configs.get_config("demo")
     cfg.input_dir, cfg.output_dir = str(clips), str(root / out)
     cfg.vae, cfg.t5, cfg.tokenizer = (str(root / "models" / k) for k in ("vae", "t5", "tokenizer"))
-    cfg.make_demo, cfg.buckets, cfg.text_batch_size, cfg.devices = False, (WIDE, NARROW), 8, devices
+    cfg.buckets, cfg.text_batch_size, cfg.devices = (WIDE, NARROW), 8, devices
     return cfg
 
 

@@ -57,8 +57,8 @@ def params_from_state_dict(cfg: VAEConfig, sd: dict) -> dict:
     """Our params straight from a diffusers state dict (the converter's leaves, no files)."""
     import jax.numpy as jnp
 
-    from mochi_jax.convert.common import nest
-    from mochi_jax.convert.vae import plan
+    from mochi_jax.checkpoints.common import nest
+    from mochi_jax.checkpoints.vae import plan
 
     class Source:
         def get(self, key):

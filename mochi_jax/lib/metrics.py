@@ -14,7 +14,7 @@ cos(u, v) = u . v / (|u| |v|). With f_t the embedding of frame t (t = 0 .. T-1),
     clip_i(f, g)                  = 1/(T N) sum_{t,n} cos(f_t, g_n)              likeness to N reference frames
     style_probe(f, s)             = 1/T  sum_t cos(f_t, s)                       CLIP-T against a style text
 
-`mean_ci95(values)` gives the mean and the half-width of its 95% confidence interval,
+`video_metrics` computes all of them for one video (`METRICS` names them). `mean_ci95(values)` gives the mean and the half-width of its 95% confidence interval,
 t_{0.975, n-1} * s / sqrt(n), with the Student-t quantile computed here (no SciPy).
 """
 
@@ -140,3 +140,27 @@ def mean_ci95(values) -> tuple[float, float]:
     if x.size < 2:
         return mean, float("nan")
     return mean, t_quantile(0.975, x.size - 1) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
+
+
+METRICS = {  # name -> what it measures (report legends)
+    "clip_t": "mean cos(frame, prompt) of CLIP embeddings",
+    "clip_score": "CLIPScore, 2.5 * max(cos(frame, prompt), 0), mean over frames",
+    "consecutive_consistency": "mean cos(frame t-1, frame t) of CLIP embeddings",
+    "subject_consistency": "VBench subject consistency on CLIP embeddings (previous and first frame)",
+    "flicker": "(255 - mean |frame t+1 - frame t|) / 255 in pixels, 1 = static",
+    "clip_i": "mean cos(frame, reference frame) of CLIP embeddings (needs references)",
+    "style": "mean cos(frame, style prompt) of CLIP embeddings (needs a style prompt)",
+}
+
+
+def video_metrics(frames, image_emb, prompt_emb, ref_emb=None, style_emb=None) -> dict[str, float]:
+    """Every metric of one video (see METRICS): uint8 frames, their CLIP embeddings, the prompt's,
+    optionally reference frames' and a style prompt's."""
+    out = {"clip_t": clip_t(image_emb, prompt_emb), "clip_score": clip_score(image_emb, prompt_emb),
+           "consecutive_consistency": consecutive_consistency(image_emb),
+           "subject_consistency": subject_consistency(image_emb), "flicker": flicker(frames)}
+    if ref_emb is not None:
+        out["clip_i"] = clip_i(image_emb, ref_emb)
+    if style_emb is not None:
+        out["style"] = style_probe(image_emb, style_emb)
+    return out

@@ -43,9 +43,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from flax import traverse_util
+import jax.numpy as jnp
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, json_beside, need_shape, validate, write
-from mochi_jax.models.clip import CLIPConfig
+from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, json_beside, load_model, need_shape,
+                                         read_metadata, validate, write)
+from mochi_jax.models.clip import CLIPConfig, abstract_params
+from mochi_jax.models.layers import stack_layers, unstack_shardings
 
 HF, OPENAI = "transformers", "openai"
 IGNORED = {HF: re.compile(r"^(vision|text)_model\.embeddings\.position_ids$"),
@@ -266,9 +270,6 @@ def check(src: TensorSource, layout: str, **overrides) -> CLIPConfig:
 
 def plan(cfg: CLIPConfig, layout: str) -> list[Leaf]:
     """One leaf per parameter of the on-disk tree; shapes are the model's own (models/clip.py)."""
-    from flax import traverse_util
-
-    from mochi_jax.models.clip import abstract_params
 
     model = traverse_util.flatten_dict(abstract_params(cfg))
     shapes = {}
@@ -296,8 +297,6 @@ def convert_clip(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=
 
     Every key and shape is checked before anything is written; the output appears only when complete.
     """
-    import jax.numpy as jnp
-
     np_dtype = np.dtype(jnp.dtype(dtype))
     src, layout = open_source(src_path)
     cfg = dataclasses.replace(check(src, layout, **overrides), param_dtype=np_dtype.name)
@@ -313,10 +312,6 @@ def load_clip(path, dtype=None, shardings=None, **overrides) -> tuple[CLIPConfig
     stacked params) restores each leaf into its shards; `overrides` set non-architecture fields
     (compute_dtype, ...); param_dtype follows the loaded weights.
     """
-    from mochi_jax.convert.common import read_metadata
-    from mochi_jax.models.layers import stack_layers, unstack_shardings
-    from mochi_jax.weights import load_model
-
     arch = read_metadata(path).get("config", {})
     layers = {"vision": int(arch.get("vision_layers", 0)), "text": int(arch.get("text_layers", 0))}
     disk = None

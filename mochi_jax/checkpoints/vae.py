@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import jax.numpy as jnp
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, need_shape, validate
+from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, load_model, need_shape, nest, validate,
+                                         write)
 from mochi_jax.models.vae import VAEConfig
 
 
@@ -326,10 +328,6 @@ def convert_vae(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
 
     Every key and shape is checked before anything is written; the output appears only when complete.
     """
-    import jax.numpy as jnp
-
-    from mochi_jax.convert.common import write
-
     src, layout = open_vae(src_path)
     cfg = check(src, layout)
     meta = {"model": "mochi_vae", "source": str(src_path), "source_layout": layout, "config": cfg.arch_dict()}
@@ -341,18 +339,12 @@ def convert_vae(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
 def load_vae(path, dtype=None, shardings=None, **overrides) -> tuple[VAEConfig, dict]:
     """(VAEConfig, params) from a converted VAE checkpoint. `overrides` set non-architecture fields
     (compute_dtype, tile_size, chunk_frames, ...); param_dtype follows the stored (or cast) dtype."""
-    from mochi_jax.weights import load_model
-
     return load_model(path, "mochi_vae", VAEConfig, dtype, shardings, overrides)
 
 
 def read_vae(src_path, dtype="float32") -> tuple[VAEConfig, dict]:
     """Convert straight into memory, no checkpoint written (tests, quick experiments):
     the same validation and leaves as `convert_vae`, returned as (VAEConfig, params)."""
-    import jax.numpy as jnp
-
-    from mochi_jax.convert.common import nest
-
     src, layout = open_vae(src_path)
     cfg = check(src, layout)
     dt = np.dtype(jnp.dtype(dtype))

@@ -13,7 +13,7 @@ Mesh axes (any may have size 1):
   tensor    heads and MLP columns are split (Megatron-style tensor parallelism)
 
     mesh = make_mesh({"data": 2, "fsdp": -1})           # -1: whatever devices are left
-    shardings = param_shardings(dit_logical_axes(abstract_params), abstract_params, mesh)
+    shardings = param_shardings(dit.logical_axes(cfg, targets)["params"], abstract_params, mesh)
     with activate(mesh):                                 # activation annotations inside jit
         ...
 """
@@ -24,15 +24,19 @@ import contextlib
 import math
 from typing import Mapping
 
+import flax.linen as nn
 import jax
 import numpy as np
+from flax.core.spmd import get_logical_axis_rules
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "sequence", "tensor")
 
-# logical name -> mesh axis (or axes). Parameters: 'embed' (model width), 'heads' / 'mlp' (the
-# expanded side of projections), 'layers' (the scan axis, never split). Activations: 'batch',
-# 'seq' (visual tokens), 'act_heads' (heads inside attention: Ulysses over 'sequence').
+# logical name -> mesh axis (or axes); every name a model declares must be here (`spec` refuses
+# others). Parameters (named where each is created, see models/layers.py `declared_axes`): 'embed'
+# (model width), 'heads' / 'mlp' (the expanded side of projections), 'layers' (the scan axis, never
+# split), 'norm', 'vocab', 'buckets' (small, replicated). Activations: 'batch', 'seq' (visual
+# tokens), 'act_heads' (heads inside attention: Ulysses over 'sequence').
 RULES = (
     ("batch", ("data", "fsdp")),
     ("seq", "sequence"),
@@ -42,6 +46,9 @@ RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("layers", None),
+    ("norm", None),
+    ("vocab", None),
+    ("buckets", None),
 )
 
 
@@ -80,6 +87,10 @@ def spec(names, shape, mesh: Mesh, rules=RULES) -> P:
     """PartitionSpec for one array: each logical name's mesh axes, dropping any axis already used
     by an earlier dimension or whose size does not divide the dimension (then it stays replicated)."""
     table = dict(rules)
+    unknown = [n for n in names if n is not None and n not in table]
+    if unknown:
+        raise ValueError(f"logical axis names {unknown} have no sharding rule; add them to the rules "
+                         f"(mochi_jax/models/sharding.py RULES)")
     used, out = set(), []
     for name, dim in zip(names, shape):
         keep = []
@@ -114,8 +125,6 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def activate(mesh: Mesh, rules=RULES):
     """Within this context, jit traces see the mesh and the rules, so the models' activation
     annotations (`constrain`) become sharding constraints. Outside it they are no-ops (one device)."""
-    import flax.linen as nn
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
 
@@ -125,8 +134,6 @@ def constrain(x, names):
     (one device); inside, a sharding constraint. Visual tokens may split unevenly (XLA pads the
     last shard); the batch and the attention heads must divide their mesh axes, or this raises
     saying which."""
-    from flax.core.spmd import get_logical_axis_rules
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
@@ -140,50 +147,6 @@ def constrain(x, names):
             raise ValueError(f"{what}: {dim} is not divisible by the mesh axes {axes} of total size {size}")
         out.append(_entry(axes))
     return jax.lax.with_sharding_constraint(x, P(*out))
-
-
-# ----------------------------------------------------------------------------- the DiT's names
-
-# (layer name, parameter) -> logical names of its dimensions ([in, out] kernels, [out] biases).
-_DIT = {
-    "x_embedder": (None, "embed"),
-    "mlp_0": (None, "embed"), "mlp_2": ("embed", None),
-    "to_kv": ("embed", "mlp"), "to_q": ("embed", "mlp"), "to_out": ("mlp", "embed"),
-    "t5_yproj": ("embed", None),
-    "mod_x": ("embed", "mlp"), "mod_y": ("embed", "mlp"), "mod": ("embed", "mlp"),
-    "qkv_x": ("embed", "heads"), "qkv_y": ("embed", "heads"),
-    "proj_x": ("heads", "embed"), "proj_y": ("heads", "embed"),
-    "w1": ("embed", "mlp"), "w2": ("mlp", "embed"),
-    "linear": ("embed", None),
-}
-
-
-def dit_logical_axes(tree, lora: bool = False):
-    """A tree like the DiT's params (or, with lora=True, its LoRA factors) whose leaves are tuples of
-    logical names, one per dimension: blocks/attn/qkv_x/kernel -> ('layers', 'embed', 'heads');
-    LoRA a [in, r] takes the kernel's input name, b [r, out] its output name."""
-    from flax import traverse_util
-
-    out = {}
-    for path, x in traverse_util.flatten_dict(tree).items():
-        stacked = path[0] == "blocks"
-        layer, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
-        kernel = _DIT.get(layer, (None, None))
-        if leaf == "kernel":
-            names = kernel
-        elif leaf == "bias":
-            names = kernel[1:]
-        elif leaf == "a" and lora:
-            names = (kernel[0], None)
-        elif leaf == "b" and lora:
-            names = (None, kernel[1])
-        else:  # norm weights, pos_frequencies
-            names = (None,) * (len(x.shape) - stacked)
-        names = (("layers",) if stacked else ()) + tuple(names)
-        if len(names) != len(x.shape):
-            raise ValueError(f"internal: {'/'.join(path)} has shape {x.shape}, names {names}")
-        out[path] = names
-    return traverse_util.unflatten_dict(out)
 
 
 def like_tree_shardings(tree, sub, sub_shardings, replicated):

@@ -26,8 +26,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+import jax.numpy as jnp
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, json_beside, need_shape, validate, write
+from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, json_beside, load_model, need_shape,
+                                         validate, write)
 from mochi_jax.models.t5 import T5Config
 
 EMBED, TIED = "shared.weight", "encoder.embed_tokens.weight"
@@ -110,8 +113,6 @@ def source_shapes(cfg: T5Config, keys: set[str]) -> dict[str, tuple[int, ...]]:
 
 def check_tied(src: TensorSource, rows: int = 4096) -> None:
     """If both embedding names are present they must hold the same values (read in row chunks)."""
-    from safetensors import safe_open
-
     if not (EMBED in src.keys() and TIED in src.keys()):
         return
     n = src.shape(EMBED)[0]
@@ -167,8 +168,6 @@ def convert_t5(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=Tr
 
     Every key and shape is checked before anything is written; the output appears only when complete.
     """
-    import jax.numpy as jnp
-
     np_dtype = np.dtype(jnp.dtype(dtype))
     src = open_t5(src_path)
     cfg = check(src)
@@ -187,7 +186,5 @@ def load_t5(path, dtype=None, shardings=None, **overrides) -> tuple[T5Config, di
     shards. `overrides` set non-architecture config fields (compute_dtype, ...); param_dtype
     follows the loaded weights.
     """
-    from mochi_jax.weights import load_model
-
     return load_model(path, "t5_encoder", T5Config, dtype, shardings, overrides,
                       stack=lambda arch: ("blocks", int(arch["num_layers"])))

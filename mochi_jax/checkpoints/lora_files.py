@@ -34,7 +34,12 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from safetensors.numpy import save_file
+import jax.numpy as jnp
 
+from mochi_jax.checkpoints.common import ConversionError, TensorSource, save_model
+from mochi_jax.checkpoints.dit import load_dit
+from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig
 from mochi_jax.models.lora import LoraTarget, layers_of, find_target
 
@@ -151,7 +156,6 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     With `cfg`, every factor is checked against the model's dims. Any key that cannot be used
     raises LoraFormatError naming the file and every offending key."""
     path = Path(path)
-    from mochi_jax.convert.common import ConversionError, TensorSource
 
     try:
         src = TensorSource(path)
@@ -406,9 +410,6 @@ def _export_layers(lora: Mapping, targets: Sequence[LoraTarget], depth: int | No
 
 
 def _write(path, tensors: dict, metadata: dict, dtype):
-    import jax.numpy as jnp
-    from safetensors.numpy import save_file
-
     np_dtype = np.dtype(jnp.dtype(dtype))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -535,10 +536,6 @@ def merge_checkpoint(base_dir, lora, out_dir, strength: float = 1.0, unmerge: bo
     """Fold a LoRA (file path, or (tree, targets)) into a converted DiT checkpoint and write it
     where `load_dit(out_dir)` reads it, in the base checkpoint's dtype. `unmerge=True` removes
     a merged LoRA again (exact up to the rounding of that dtype). Returns (out_dir, info)."""
-    import jax.numpy as jnp
-
-    from mochi_jax.models import lora as lora_lib
-    from mochi_jax.weights import load_dit, save_model
 
     cfg, params = load_dit(base_dir)
     if isinstance(lora, (str, os.PathLike)):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mochi_jax import lora_io
+from mochi_jax.checkpoints import lora_files as lora_io
 from mochi_jax.demo import DIT
 from mochi_jax.models.dit import DiTConfig, MochiDiT
 from mochi_jax.models.lora import targets_from_config
@@ -62,18 +62,22 @@ def other_base(**changes) -> DiTConfig:
 
 def eval_config(root: Path, models: Path, loras, out: str = "out", **overrides):
     """configs/eval.py:demo pointed at `models` (write_demo_models) and a tiny CLIP under root."""
-    from configs.eval import get_config
+    from mochi_jax.configs.eval import get_config
 
     c = get_config("demo")
-    c.demo_root = ""
-    c.dit, c.vae, c.t5, c.tokenizer = (str(models / k) for k in ("dit", "vae", "t5", "tokenizer"))
-    c.clip, c.clip_tokenizer = str(root / "clip"), str(root / "clip_tokenizer")
+    del c.demo  # the test makes its own inputs
+    c.model.update({k: str(models / k) for k in ("dit", "vae", "t5", "tokenizer")})
+    c.clip.checkpoint, c.clip.tokenizer = str(root / "clip"), str(root / "clip_tokenizer")
     c.prompt_file = str(root / "prompts.txt")
     c.loras = ",".join(str(x) for x in loras)
     c.references = ""
     c.seeds = "0,1"
-    c.num_frames, c.height, c.width, c.steps = 7, 32, 48, 2
+    c.sampling.update(dict(num_frames=7, height=32, width=48, steps=2))
     c.sheet_frames, c.sheet_height = 3, 32
     c.out_dir = str(root / out)
-    c.update(overrides)
+    # overrides by leaf name: dit= (model.dit), clip= / clip_tokenizer= (the CLIP block), or top-level fields
+    where = {"dit": (c.model, "dit"), "clip": (c.clip, "checkpoint"), "clip_tokenizer": (c.clip, "tokenizer")}
+    for k, v in overrides.items():
+        node, key = where.get(k, (c, k))
+        node[key] = v
     return c

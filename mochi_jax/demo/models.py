@@ -5,18 +5,29 @@
     root/vae        a VAE with 32-64 channels and one resnet per stage (x6 time, x8 space)
     root/t5         a 2-layer T5 encoder (d_model 32)
     root/tokenizer  a SentencePiece model trained on a few sentences (spiece.model)
-so that every command (prepare, train, sample) runs end to end on a laptop CPU in minutes. The
+so that every command (prepare, train, sample) runs end to end on a laptop CPU in minutes;
+`write_demo_clip` adds a tiny random CLIP and its tokenizer for evaluate. The
 weights are random: videos sampled from them are noise, but shapes, code paths, checkpoints and
 files are those of the real model. Re-running reuses what exists.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece as spm
+from flax import traverse_util
+
+from mochi_jax.checkpoints import save_model
+from mochi_jax.lib.clip import BOS, EOS, bytes_to_unicode
+from mochi_jax.models import clip as clip_lib
+from mochi_jax.models import vae as vae_lib
+from mochi_jax.models.dit import DiTConfig, abstract_variables
+from mochi_jax.models.t5 import T5Config, init_params
 
 DIT = dict(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, in_channels=12, patch_size=2,
            time_embed_dim=32)
@@ -37,8 +48,6 @@ CORPUS = [
 
 
 def _tokenizer(folder: Path) -> Path:
-    import sentencepiece as spm
-
     model = folder / "spiece.model"
     if model.exists():
         return model
@@ -56,8 +65,6 @@ def _tokenizer(folder: Path) -> Path:
 def random_like(shapes, key) -> dict:
     """Random weights for a tree of ShapeDtypeStructs (from jax.eval_shape of an init, so nothing is
     compiled): normal / sqrt(fan_in) for matrices and kernels, ones for norm weights, zeros for biases."""
-    from flax import traverse_util
-
     flat = traverse_util.flatten_dict(shapes)
     out = {}
     for i, (path, s) in enumerate(sorted(flat.items())):
@@ -71,11 +78,6 @@ def random_like(shapes, key) -> dict:
 
 def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, Path]:
     """Write (or reuse) the tiny random models under `root`; returns {'dit', 'vae', 't5', 'tokenizer'} paths."""
-    from mochi_jax.models import vae as vae_lib
-    from mochi_jax.models.dit import DiTConfig, abstract_variables
-    from mochi_jax.models.t5 import T5Config, init_params
-    from mochi_jax.weights import save_model
-
     root = Path(root)
     paths = {"dit": root / "dit", "vae": root / "vae", "t5": root / "t5", "tokenizer": root / "tokenizer"}
     k_dit, k_vae, k_t5 = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -97,3 +99,21 @@ def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, 
                    unstack=[("blocks", cfg.num_layers)], progress=progress)
     _tokenizer(paths["tokenizer"])
     return paths
+
+
+def write_demo_clip(weights, tokenizer, seed: int = 0) -> None:
+    """A tiny random CLIP (32 px, width 32) in the converted layout at `weights`, and a byte-level
+    CLIP tokenizer (no merges) at `tokenizer`; each only if missing."""
+    tokenizer = Path(tokenizer)
+    chars = sorted(bytes_to_unicode().values(), key=ord)
+    vocab = chars + [ch + "</w>" for ch in chars] + [BOS, EOS]
+    if not (tokenizer / "vocab.json").is_file():
+        tokenizer.mkdir(parents=True, exist_ok=True)
+        (tokenizer / "merges.txt").write_text("#version: 0.2\n")
+        (tokenizer / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    if not Path(weights).exists():
+        cfg = clip_lib.CLIPConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+                         vision_mlp=64, vocab_size=len(vocab), text_width=32, text_layers=2, text_heads=2,
+                         text_mlp=64, projection_dim=16)
+        save_model(weights, clip_lib.init_params(cfg, jax.random.PRNGKey(seed)), "clip", cfg.arch(),
+                   unstack=[(("vision", "blocks"), cfg.vision_layers), (("text", "blocks"), cfg.text_layers)])

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import imageio_ffmpeg
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
 
@@ -96,8 +97,6 @@ def resize_cover(frames, size) -> np.ndarray:
 
 def _open(path):
     """(frame generator positioned after the metadata, metadata) or VideoError."""
-    import imageio_ffmpeg
-
     path = Path(path)
     try:
         nbytes = path.stat().st_size
@@ -178,8 +177,6 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
     sizes). The file is written under a temporary name in the same folder and renamed when
     complete, so `path` is either absent or a whole video.
     """
-    import imageio_ffmpeg
-
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
@@ -201,3 +198,8 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def evenly_spaced(n_total: int, n: int) -> np.ndarray:
+    """n indices spread evenly over 0 .. n_total-1, first and last included."""
+    return np.unique(np.round(np.linspace(0, n_total - 1, min(n, n_total))).astype(int))

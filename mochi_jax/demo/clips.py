@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mochi_jax.video import write_mp4
+from mochi_jax.lib.video import write_mp4
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (240, 220, 40),

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import jax.numpy as jnp
 
-from mochi_jax.convert.common import ConversionError, Leaf, TensorSource, need_shape, validate
+from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, load_model, need_shape, read_metadata,
+                                         validate, write)
 from mochi_jax.models.dit import DiTConfig
 
 GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -191,7 +193,7 @@ def plan(cfg: DiTConfig, layout: str) -> list[Leaf]:
     """One output leaf per genmo tensor, so the converter holds one tensor at a time.
 
     The checkpoint keeps the blocks unrolled (blocks_0 .. blocks_{depth-2}, last_block): the
-    loader (`mochi_jax.weights.load_dit`) stacks them for the scan, leaf by leaf, directly
+    loader (`mochi_jax.checkpoints.weights.load_dit`) stacks them for the scan, leaf by leaf, directly
     into the requested shardings."""
     leaves = []
     for gk, shape in genmo_shapes(cfg).items():
@@ -206,3 +208,36 @@ def check(src: TensorSource, layout: str) -> DiTConfig:
     cfg = infer_config(src, layout)
     validate(src, source_shapes(cfg, layout))
     return cfg
+
+
+def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=True):
+    """Convert a genmo or diffusers DiT checkpoint into our orbax layout; returns (out_dir, DiTConfig).
+
+    Every key and shape is checked before anything is written.
+    """
+    src, layout = open_dit(src_path)
+    cfg = check(src, layout)
+    meta = {"model": "mochi_dit", "source": str(src_path), "source_layout": layout, "config": cfg.arch()}
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = write(plan(cfg, layout), src, out_dir, np_dtype, meta,
+                overwrite=overwrite, progress=progress)
+    return out, cfg
+
+
+def dit_config(path, **overrides) -> DiTConfig:
+    """The DiTConfig of a converted checkpoint, from its metadata (no weights are read), plus `overrides`."""
+    try:
+        arch = read_metadata(path)["config"]
+    except Exception as e:
+        raise ValueError(f"dit: {path} is not a converted DiT checkpoint ({type(e).__name__}: {e})") from e
+    return DiTConfig.from_dict({**arch, **overrides})
+
+
+def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
+    """(DiTConfig, params) from a converted DiT checkpoint, in the scanned layout.
+
+    `shardings`: NamedShardings for the scanned params (e.g. FSDP); each process then reads only
+    its shards and the blocks are stacked straight into them. `dtype` casts the weights;
+    `overrides` set non-architecture config fields (compute_dtype, attention, remat, ...)."""
+    return load_model(path, "mochi_dit", DiTConfig, dtype, shardings, overrides,
+                      stack=lambda arch: ("blocks", int(arch["depth"]) - 1))

@@ -1,0 +1,66 @@
+"""Blocks shared by the command configs, defined once and nested the same way everywhere:
+
+    model     the converted checkpoints and how they run   (lora.py `model`, sample.py, eval.py)
+    sampling  how a video is rendered                      (lora.py `validation.sampling`, sample.py, eval.py)
+    clip      the converted CLIP that scores videos        (lora.py `validation.clip`, eval.py)
+    demo      what the demo presets make on first use      (only in `:demo` presets; see mochi_jax/demo)
+
+Config files import this module as `mochi_jax.configs.common`, so a config copied anywhere still finds it.
+"""
+
+import ml_collections
+
+DEMO_ROOT = "runs/demo"
+
+
+def model(root: str = "ckpt") -> ml_collections.ConfigDict:
+    """Converted checkpoints (tools/convert_weights.py) under `root`, dtypes and attention."""
+    return ml_collections.ConfigDict(dict(
+        dit=f"{root}/dit", vae=f"{root}/vae", t5=f"{root}/t5",
+        tokenizer=f"{root}/tokenizer",  # spiece.model, or a folder holding it (the diffusers repo root works)
+        param_dtype="bfloat16",  # frozen DiT weights
+        compute_dtype="bfloat16",  # matmuls; norms, softmax and the loss run in float32
+        attention="xla",  # 'cudnn' on NVIDIA GPUs
+    ))
+
+
+def sampling() -> ml_collections.ConfigDict:
+    """The fine-tuner's validation settings: 37 frames at 480x848, 64 steps, cfg 6.0."""
+    return ml_collections.ConfigDict(dict(
+        num_frames=37,  # 6k + 1
+        height=480, width=848,  # multiples of 16
+        steps=64,
+        guidance=6.0,  # classifier-free guidance scale; 1 = no unconditional branch (diffusers' default is 4.5)
+        threshold_noise=0.025,  # of the linear-quadratic sigma schedule
+        negative_prompt="",
+        zero_empty_negative=False,  # True: genmo's original (zero features for an empty negative prompt)
+        tiled_decode=True,  # bounded-memory VAE decoding
+        fps=30,
+    ))
+
+
+def clip(checkpoint: str = "ckpt/clip", tokenizer: str = "ckpt/clip_tokenizer") -> ml_collections.ConfigDict:
+    """A CLIP converted with `tools/convert_weights.py clip` and its tokenizer (vocab.json + merges.txt)."""
+    return ml_collections.ConfigDict(dict(checkpoint=checkpoint, tokenizer=tokenizer, batch=32))  # batch: frames per call
+
+
+def demo_model(m: ml_collections.ConfigDict, root: str = DEMO_ROOT) -> ml_collections.ConfigDict:
+    """Point a `model` block at the demo's tiny random models (float32)."""
+    m.update(dict(dit=f"{root}/models/dit", vae=f"{root}/models/vae", t5=f"{root}/models/t5",
+                  tokenizer=f"{root}/models/tokenizer", param_dtype="float32", compute_dtype="float32"))
+    return m
+
+
+def demo_sampling(s: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Demo-sized videos: 13 frames at 48x80, 8 steps, untiled."""
+    s.update(dict(num_frames=13, height=48, width=80, steps=8, tiled_decode=False))
+    return s
+
+
+def demo(root: str = DEMO_ROOT, clips: int = 0, prepare=None, clip_model: bool = False) -> ml_collections.ConfigDict:
+    """What `mochi_jax.demo.ensure` makes under `root` when missing: the tiny random models, always;
+    `clips` synthetic clips in root/clips; the cache `prepare` describes (a prepare config); a tiny
+    random CLIP and a prompt file."""
+    return ml_collections.ConfigDict(dict(
+        root=root, clips=clips, clip_frames=25, clip_size=(48, 80), clip_model=clip_model,
+        prepare=prepare if prepare is not None else ml_collections.ConfigDict()))

@@ -1,0 +1,260 @@
+"""The training loop of `python -m mochi_jax.train`, read top to bottom:
+
+    train(cfg)
+      setup(cfg)      processes, run directory, mesh, data, the frozen base, the LoRA state and
+                      the checkpoint manager (restoring the newest checkpoint when resuming)
+      Validator(...)  validation videos, CLIP metrics and the held-out loss (mochi_jax/lib/validation.py)
+      run_steps(...)  for every step: a batch, the update (mochi_jax/lib/training.py), log,
+                      checkpoint, validate; SIGTERM saves and stops
+      export(...)     the LoRA as genmo / ComfyUI and diffusers files
+
+A checkpoint (orbax, atomic, keep-last-K) holds the train state {step, lora, opt, rng} and the data
+loader's position, so a run killed at any point and restarted continues bit for bit where its last
+checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from mochi_jax.checkpoints import dit_config, load_dit, lora_files
+from mochi_jax.lib import training
+from mochi_jax.lib.cache import Cache
+from mochi_jax.lib.data import make_loader
+from mochi_jax.lib.validation import Validator
+from mochi_jax.models import lora as lora_lib
+from mochi_jax.models import sharding as sharding_lib
+from mochi_jax.models.dit import MochiDiT
+
+
+def log(msg: str):
+    if jax.process_index() == 0:  # multi-host: one voice
+        print(f"[mochi_jax.train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and tensorboard event files in the run directory;
+    only process 0 writes."""
+
+    def __init__(self, run_dir: Path, main: bool = True):
+        self.file = self.tb = None
+        if main:
+            self.file = open(run_dir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, values: dict):
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- setup
+
+@dataclasses.dataclass
+class Run:
+    """What setup() builds: everything the loop touches."""
+    cfg: object
+    run_dir: Path
+    main: bool  # process 0
+    mesh: object
+    dit_cfg: object
+    targets: tuple
+    model: MochiDiT
+    optimizer: object
+    shardings: dict
+    step_fn: object
+    loader: object
+    heldout: list
+    manager: object  # orbax CheckpointManager
+    params: dict | None = None  # the frozen base, in its shardings (load_state)
+    state: dict | None = None  # {step, lora, opt, rng} (load_state)
+
+
+def setup(cfg) -> Run:
+    """Join the processes, make the run directory, build the mesh, data, model and state; restore
+    the newest checkpoint when resuming."""
+    if cfg.distributed.enabled:
+        d = cfg.distributed
+        jax.distributed.initialize(coordinator_address=d.coordinator or None,
+                                   num_processes=d.num_processes or None,
+                                   process_id=d.process_id if d.process_id >= 0 else None)
+    run_dir = Path(cfg.run_dir).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    main = jax.process_index() == 0
+    if main:
+        (run_dir / "config.json").write_text(cfg.to_json(indent=2))
+
+    mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
+    n_proc, n_batch = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch or cfg.batch_size % n_proc:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
+                         f"{dict(mesh.shape)}) and by the {n_proc} processes; change --config.batch_size or "
+                         f"--config.mesh.*")
+    cache = Cache(cfg.cache)
+    holdout = cfg.validation.holdout
+    if not 0 <= holdout < len(cache):
+        raise ValueError(f"validation.holdout = {holdout} must leave training clips (the cache has {len(cache)})")
+    n_train = len(cache) - holdout  # the last `holdout` clips (by name) are held out
+    loader = make_loader(cache, cfg.batch_size // n_proc, cfg.seed, num_clips=n_train)
+    heldout = [cache[i] for i in range(n_train, len(cache))]
+
+    m = cfg.model
+    targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+    if not targets:
+        raise ValueError("no LoRA targets with rank > 0 in config.lora")
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
+    # the config first (from the checkpoint's metadata), so the weights load straight into their shards
+    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
+    model = MochiDiT(dit_cfg, targets)
+    optimizer = training.make_optimizer(cfg.optim)
+    shardings = training.train_shardings(model, optimizer, mesh)
+    return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings,
+               step_fn=training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
+                                                mesh, shardings),
+               loader=loader, heldout=heldout,
+               manager=ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
+                   max_to_keep=cfg.checkpoint.keep, create=True)))
+
+
+def load_state(run: Run) -> None:
+    """The frozen base into its shardings, and the train state: fresh, or the newest checkpoint's."""
+    cfg, m = run.cfg, run.cfg.model
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
+    _, run.params = load_dit(m.dit, dtype=m.param_dtype, shardings=run.shardings["params"], **overrides)
+    run.state = training.init_state(run.model, run.optimizer, cfg.seed, run.shardings["state"])
+    log(f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "
+        f"base: {m.dit} (depth {run.dit_cfg.depth}, width {run.dit_cfg.width}, {m.param_dtype}); LoRA: "
+        f"{lora_lib.count(run.state['lora']):,} trainable parameters on "
+        + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in run.targets))
+    latest = run.manager.latest_step()
+    if latest is not None and not cfg.resume:
+        raise ValueError(f"{run.run_dir / 'checkpoints'} already holds checkpoints; set --config.resume=True "
+                         f"to continue them or choose another run_dir")
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+        restored = run.manager.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        run.state = restored["state"]
+        run.loader.set_state(restored["data"])
+        log(f"resumed from {run.run_dir / 'checkpoints'} at step {latest}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def save(run: Run, step: int) -> None:
+    # every process has taken the same number of batches, so process 0's loader position (the one
+    # orbax writes) is every process's position
+    run.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(run.state),
+                                                   data=ocp.args.JsonSave(run.loader.get_state())), force=True)
+
+
+def run_steps(run: Run, validator: Validator, metrics: MetricsLog) -> bool:
+    """Train from the state's step to cfg.steps; returns False when stopped early by SIGTERM."""
+    cfg = run.cfg
+    schedule = training.lr_schedule(cfg.optim)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_signal)
+    step = int(run.state["step"])
+    bad, t_last, s_last = 0, time.time(), step
+    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not run.main)
+    try:
+        while step < cfg.steps:
+            batch = {k: jax.make_array_from_process_local_data(run.shardings["batch"][k], x)
+                     for k, x in next(run.loader).items()}
+            run.state, out = run.step_fn(run.state, run.params, batch)
+            step += 1
+            bar.update(1)
+            if not bool(out["finite"]):
+                bad += 1
+                log(f"step {step}: non-finite loss {float(out['loss'])} / grad norm {float(out['grad_norm'])}; "
+                    f"update skipped ({bad} in a row)")
+                metrics.write(step, {"nonfinite": 1})
+                if bad >= cfg.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{bad} non-finite losses in a row up to step {step}; stopping. The last checkpoint "
+                        f"({run.manager.latest_step()}) is intact; lower optim.lr or check the data.")
+            else:
+                bad = 0
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.time()
+                rate = (step - s_last) / max(now - t_last, 1e-9)
+                t_last, s_last = now, step
+                vals = {"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
+                        "lr": float(schedule(max(step - 1, 0) // cfg.optim.grad_accum)),
+                        "steps_per_s": rate, "examples_per_s": rate * cfg.batch_size}
+                metrics.write(step, vals)
+                bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
+            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop["signal"] is not None:
+                save(run, step)
+            if validator.due(step):
+                validate(run, validator, metrics, step)
+            if stop["signal"] is not None:
+                run.manager.wait_until_finished()
+                log(f"signal {stop['signal']}: saved step {step}; resume with the same command")
+                return False
+        bar.close()
+        return True
+    finally:
+        run.manager.wait_until_finished()
+        signal.signal(signal.SIGTERM, old_handler)
+
+
+def validate(run: Run, validator: Validator, metrics: MetricsLog, step: int) -> None:
+    values, videos = validator(step, run.params, run.state["lora"], run.run_dir)
+    if videos:
+        log(f"step {step}: validation videos {', '.join(videos)}")
+    if values:
+        metrics.write(step, values)
+        log(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in values.items()))
+
+
+# ----------------------------------------------------------------------------- export
+
+def export(run: Run) -> None:
+    """Write the LoRA as lora.safetensors (genmo / ComfyUI) and lora_diffusers.safetensors."""
+    lora = multihost_utils.process_allgather(run.state["lora"], tiled=True)  # whole factors on every host
+    if run.main:
+        lora_files.save_genmo(run.run_dir / "lora.safetensors", lora, run.targets)
+        lora_files.save_diffusers(run.run_dir / "lora_diffusers.safetensors", lora, run.targets)
+    log(f"done: {int(run.state['step'])} steps; LoRA written to {run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) "
+        f"and {run.run_dir / 'lora_diffusers.safetensors'} (diffusers)")
+
+
+def train(cfg) -> Path:
+    """Run (or resume) the training described by `cfg` (configs/lora.py); returns the run directory."""
+    run = setup(cfg)
+    validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets)  # T5 comes and goes before the DiT
+    load_state(run)
+    metrics = MetricsLog(run.run_dir, run.main)
+    try:
+        finished = run_steps(run, validator, metrics)
+    finally:
+        metrics.close()
+    if finished:
+        export(run)
+    return run.run_dir

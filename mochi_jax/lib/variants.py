@@ -1,0 +1,131 @@
+"""Base and LoRAs as one structure, rendered together.
+
+All LoRAs are brought to one structure: the union of their adapted layers with ranks zero-padded
+to the largest (exact: zero rows add nothing), strength * alpha / rank folded into b, the base a
+zero adapter. `stack_adapters` stacks them on a leading variant axis and `denoise_variants` runs
+ONE jitted step that vmaps the DiT over them, so base and LoRAs denoise in the same call from the
+same noise (or, batched=False, each variant alone through sampling.denoise). Swapping LoRAs of
+the same shapes never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mochi_jax.checkpoints import lora_files
+from mochi_jax.checkpoints.lora_files import LoraFormatError
+from mochi_jax.checkpoints.runs import load_lora_or_run
+from mochi_jax.lib import sampling
+from mochi_jax.models.dit import DiTConfig, abstract_variables
+from mochi_jax.models.lora import LoraTarget, layers_of
+
+
+@dataclasses.dataclass
+class Variant:
+    """One column of the comparison. `layers`: {layer path: (a [.., in, r], b [.., r, out])} with
+    strength * alpha / r folded into b; empty for the base."""
+    name: str
+    source: str | None = None
+    strength: float = 1.0
+    layers: dict = dataclasses.field(default_factory=dict)
+
+
+def param_shapes(cfg: DiTConfig) -> dict:
+    """The DiT's parameter tree as ShapeDtypeStructs (traced, nothing allocated)."""
+    return abstract_variables(cfg)["params"]
+
+
+def check_fits(tree, shapes, source) -> None:
+    """Raise LoraFormatError naming `source` and the layer when a factor does not fit the base."""
+    for path, node in layers_of(tree):
+        name = "/".join(path)
+        kernel = shapes
+        for k in path:
+            kernel = kernel.get(k, {}) if isinstance(kernel, dict) else {}
+        kernel = kernel.get("kernel") if isinstance(kernel, dict) else None
+        if kernel is None:
+            raise LoraFormatError(f"{source}: LoRA layer {name!r} is not a Dense layer of the base model")
+        a, b = np.shape(node["a"]), np.shape(node["b"])
+        k = tuple(kernel.shape)
+        if a[:-1] != k[:-1] or b[:-2] != k[:-2] or b[-1] != k[-1] or a[-1] != b[-2]:
+            raise LoraFormatError(f"{source}: LoRA layer {name!r} has a {a} and b {b}, which do not fit the "
+                                  f"base model's kernel {k}")
+
+
+def load_variant(path, strength: float, dit_cfg: DiTConfig, shapes) -> Variant:
+    """A LoRA file in any supported format, or a training run directory, checked against the base."""
+    p = Path(path)
+    tree, targets = load_lora_or_run(p, dit_cfg)
+    check_fits(tree, shapes, p)
+    combined, _ = lora_files.combine([(tree, targets, strength)])
+    name = p.stem if p.is_file() else p.name
+    return Variant(name if strength == 1 else f"{name}@{strength:g}", str(p), strength,
+                   {path: (node["a"], node["b"]) for path, node in layers_of(combined)})
+
+
+def stack_adapters(variants) -> tuple[dict, tuple[LoraTarget, ...]]:
+    """All variants as one LoRA tree whose leaves have a leading variant axis K, and its targets
+    (per-layer patterns, alpha = rank so the scale is 1). A layer a variant does not adapt, and
+    ranks below the largest, are zeros: every variant computes exactly its own adapter."""
+    k_all = len(variants)
+    paths = sorted({p for v in variants for p in v.layers})
+    tree, targets = {}, []
+    for path in paths:
+        have = [v.layers[path] for v in variants if path in v.layers]
+        rank = max(a.shape[-1] for a, _ in have)
+        a_st = np.zeros((k_all, *have[0][0].shape[:-1], rank), np.float32)
+        b_st = np.zeros((k_all, *have[0][1].shape[:-2], rank, have[0][1].shape[-1]), np.float32)
+        for k, v in enumerate(variants):
+            if path in v.layers:
+                a, b = v.layers[path]
+                a_st[k, ..., :a.shape[-1]] = a
+                b_st[k, ..., :b.shape[-2], :] = b
+        node = tree
+        for key in path:
+            node = node.setdefault(key, {})
+        node.update(a=a_st, b=b_st)
+        targets.append(LoraTarget(f"^{'/'.join(path)}$", rank=rank, alpha=float(rank)))
+    return tree, tuple(targets)
+
+
+def variant_adapter(stacked, k: int):
+    """Variant k's adapter out of `stack_adapters`' tree."""
+    return jax.tree_util.tree_map(lambda x: x[k], stacked)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+@functools.partial(jax.jit, static_argnames=("cfg", "targets", "guided"))
+def batched_step(params, loras, z, feats, mask, sigma, sigma_next, guidance, *, cfg: DiTConfig,
+                 targets: tuple[LoraTarget, ...], guided: bool):
+    """One Euler step of K variants at once: z [K, B, ...], adapters with a leading K axis; compiled
+    once per (cfg, targets, guided) and shapes (jax.jit's own cache)."""
+    one = sampling.euler_step(cfg, targets, guided)
+    return jax.vmap(one, in_axes=(None, 0, 0, None, None, None, None, None))(
+        params, loras, z, feats, mask, sigma, sigma_next, guidance)
+
+
+def denoise_variants(cfg: DiTConfig, params, stacked, targets, noise, cond, uncond, sigmas, guidance: float,
+                     batched: bool = True):
+    """Latents [K, B, ...] of the K variants of `stack_adapters`, all from the same noise [B, ...]."""
+    k_all = len(jax.tree_util.tree_leaves(stacked)[0]) if targets else 1
+    stacked = jax.device_put(stacked)  # once, not at every step
+    if not batched:
+        return jnp.stack([sampling.denoise(cfg, params, noise, cond, uncond, sigmas, guidance,
+                                           lora=(variant_adapter(stacked, k), targets)) for k in range(k_all)])
+    guided = uncond is not None and guidance > 1.0
+    feats, mask = cond
+    if guided:
+        feats, mask = jnp.concatenate([uncond[0], feats]), jnp.concatenate([uncond[1], mask])
+    step = functools.partial(batched_step, cfg=cfg, targets=tuple(targets), guided=guided)
+    z = jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (k_all, *np.shape(noise)))
+    g = jnp.float32(guidance)
+    for i in range(len(sigmas) - 1):
+        z = step(params, stacked, z, feats, mask, jnp.float32(sigmas[i]), jnp.float32(sigmas[i + 1]), g)
+    return z
