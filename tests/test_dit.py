@@ -128,13 +128,27 @@ def test_remat_groups_equal_one_policy_for_params_and_lora():
     with pytest.raises(ValueError, match="sum to 2"):
         MochiDiT(dataclasses.replace(cfg, remat_groups="full:2"), targets).apply(
             {"params": v["params"], "lora": lora}, *inp)
-    with pytest.raises(ValueError, match="policy:count"):
+    with pytest.raises(ValueError, match="unknown remat policy 'fast'"):
         MochiDiT(dataclasses.replace(cfg, remat_groups="fast:3"), targets).apply(
+            {"params": v["params"], "lora": lora}, *inp)
+    with pytest.raises(ValueError, match="policy:count"):
+        MochiDiT(dataclasses.replace(cfg, remat_groups="full"), targets).apply(
+            {"params": v["params"], "lora": lora}, *inp)
+    # name-based policies (checkpoint names on the block's activations) compute the same numbers
+    for policy, groups in [("save:qkv+proj", ""), ("save:attn+mlp_in+mlp_out", ""), ("full", "save:qkv:2,dots:1")]:
+        named = dataclasses.replace(cfg, remat=policy, remat_groups=groups)
+        v2, g2 = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(v["params"], lora, named)
+        np.testing.assert_allclose(v0, v2, rtol=1e-5)
+        errs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel_l2, g2, g0))
+        assert max(errs) < 1e-5, (policy, groups, max(errs))
+    with pytest.raises(ValueError, match="save:<names>"):
+        MochiDiT(dataclasses.replace(cfg, remat="save:everything"), targets).apply(
             {"params": v["params"], "lora": lora}, *inp)
 
 
 def test_remat_groups_trade_memory_between_policies():
-    """Compiled temp memory of the LoRA gradient: full < dots:2,full:2 < dots."""
+    """Compiled temp memory of the LoRA gradient: full < dots:2,full:2 < dots, and the name-based
+    save:qkv+proj between full and dots."""
     from mochi_jax.models import lora as lora_lib
     from mochi_jax.models.dit import DiTConfig, abstract_variables
 
@@ -146,8 +160,10 @@ def test_remat_groups_trade_memory_between_policies():
             jax.ShapeDtypeStruct((1, 16), bool), jax.ShapeDtypeStruct((1,), jnp.float32))
     temp = {}
     for name, kw in [("full", dict(remat="full")), ("dots", dict(remat="dots")),
-                     ("groups", dict(remat="full", remat_groups="dots:2,full:2"))]:
+                     ("groups", dict(remat="full", remat_groups="dots:2,full:2")),
+                     ("named", dict(remat="save:qkv+proj"))]:
         c = dataclasses.replace(cfg, **kw)
         grad = jax.jit(jax.grad(lambda lo, p, *a: jnp.mean(MochiDiT(c, targets).apply({"params": p, "lora": lo}, *a) ** 2)))
         temp[name] = grad.lower(v["lora"], v["params"], *args).compile().memory_analysis().temp_size_in_bytes
     assert temp["full"] < temp["groups"] < temp["dots"], temp
+    assert temp["full"] < temp["named"] < temp["dots"], temp
