@@ -38,7 +38,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         dit="ckpt/dit",  # converted with tools/convert_weights.py dit
         param_dtype="bfloat16",  # frozen base weights
         compute_dtype="bfloat16",  # matmuls; norms, softmax, loss in float32
-        attention="xla",  # 'cudnn' on NVIDIA GPUs
+        attention="xla",  # 'cudnn' on NVIDIA GPUs, 'splash' on TPU
         remat="full",  # none | full | dots | dots_no_batch | offload_dots
         remat_groups="",  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = remat everywhere
     ))
