@@ -20,7 +20,7 @@ def model(root: str = "ckpt") -> ml_collections.ConfigDict:
         tokenizer=f"{root}/tokenizer",  # spiece.model, or a folder holding it (the diffusers repo root works)
         param_dtype="bfloat16",  # frozen DiT weights
         compute_dtype="bfloat16",  # matmuls; norms, softmax and the loss run in float32
-        attention="xla",  # 'cudnn' on NVIDIA GPUs
+        attention="xla",  # 'cudnn' on NVIDIA GPUs, 'splash' on TPU
     ))
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from mochi_jax.models import splash
 from mochi_jax.models.lora import LoraTarget, find_target
 
 Dtype = Any
@@ -146,16 +147,18 @@ def declared_axes(module: nn.Module, *args, collections=("params", "lora")) -> d
 
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
-def attention(q, k, v, key_mask=None, impl: str = "xla"):
+def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | None = None):
     """Softmax attention, [B, S, H, D] layout, scale 1/sqrt(D).
 
     key_mask: [B, Sk] bool, True for keys that may be attended to. The 'cudnn' path turns it
     into per-sample key lengths, so it must be a prefix mask (valid keys first, padding as a
     suffix), which is how the DiT orders its sequence (visual tokens, then text).
     The 'xla' path accepts any mask; its logits and softmax run in float32.
+    'splash' is the Pallas TPU kernel (mochi_jax.models.splash; interpreted off TPU, as the tests
+    run it), with q/kv tiles of `splash_block` tokens (None: that module's default).
     """
     if impl == "xla":
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -166,6 +169,8 @@ def attention(q, k, v, key_mask=None, impl: str = "xla"):
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     if impl == "cudnn":
         return fused_attention(q, k, v, key_mask, "cudnn")
+    if impl == "splash":
+        return splash.splash_attention(q, k, v, key_mask, block=splash_block or splash.DEFAULT_BLOCK)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
