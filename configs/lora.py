@@ -82,6 +82,8 @@ def demo(c: ml_collections.ConfigDict, root: str = common.DEMO_ROOT) -> ml_colle
     on first use (c.demo), then a short training run with validation videos."""
     prepare = prepare_config.get_config("demo")
     del prepare.demo
+    prepare.update(dict(input_dir=f"{root}/clips", output_dir=f"{root}/cache", vae=f"{root}/models/vae",
+                        t5=f"{root}/models/t5", tokenizer=f"{root}/models/tokenizer"))
     c.demo = common.demo(root, clips=4, prepare=prepare)
     c.run_dir = f"{root}/run"
     c.cache = prepare.output_dir
