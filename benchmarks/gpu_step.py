@@ -6,7 +6,7 @@
     python benchmarks/gpu_step.py --wheels wheels      # no diffusers on the host: use these carried wheels
 
 What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's peak memory cannot be reset):
-  ours   `mochi_jax.train.make_train_step` with `make_optimizer` (configs/lora.py's AdamW) and `init_state`,
+  ours   `mochi_jax.training.make_train_step` with `make_optimizer` (configs/lora.py's AdamW) and `init_state`,
          `MochiDiT` of configs/dit.py's 'mochi' preset, `REFERENCE_TARGETS` (rank 16 on qkv_x/y, proj_x/y),
          random bf16 weights built on the device by one jit from abstract shapes (no fp32 copy, no download),
          batch 1 at 480x848 with 256 valid text tokens, the 'normalized' flow loss, caption dropout 0 (both
@@ -21,7 +21,7 @@ What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's p
 Per run: compile time (ours: lower + compile), first step, median and min s/step over --steps (>= 10) after
 --warmup steps, peak device memory (`memory_stats()['peak_bytes_in_use']`; torch: max_memory_allocated and
 reserved; host peak RSS on CPU), XLA's memory_analysis, and achieved TFLOP/s = FLOPs / median from
-`mochi_jax.flops.flops_per_step` (matmuls + attention: forward, input gradients, LoRA gradients, recompute),
+`mochi_jax.lib.flops.flops_per_step` (matmuls + attention: forward, input gradients, LoRA gradients, recompute),
 as a fraction of the chip's nominal dense bf16 peak and against the "FLOP floor" at 800 TFLOP/s.
 XLA's own count is recorded too: `compiled.cost_analysis()` of the step that runs (a scan body counts once
 and cuDNN attention counts 0: compare with `flop_breakdown(..., as_xla_counts=True)`), and with --xla-check
@@ -211,8 +211,8 @@ def child_jax(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mochi_jax import train
-    from mochi_jax.flops import flop_breakdown
+    from mochi_jax.lib import training
+    from mochi_jax.lib.flops import flop_breakdown
     from mochi_jax.models import lora as lora_lib
     from mochi_jax.models.dit import MochiDiT, abstract_variables, param_count
 
@@ -223,8 +223,8 @@ def child_jax(a) -> dict:
                                             for k, v in lora_lib.REFERENCE_TARGETS.items()})
     model, one = MochiDiT(cfg, targets), jax.sharding.SingleDeviceSharding(dev)
     params = jax.block_until_ready(random_params(cfg, targets, one))
-    opt = train.make_optimizer(types.SimpleNamespace(**OPTIM))
-    state = train.init_state(model, opt, 0, one)
+    opt = training.make_optimizer(types.SimpleNamespace(**OPTIM))
+    state = training.init_state(model, opt, 0, one)
     shape = latent_shape(a.frames, a.height, a.width)
     k1, k2 = jax.random.split(jax.random.PRNGKey(1))
     batch = jax.device_put(dict(mean=jax.random.normal(k1, shape), logvar=jnp.full(shape, -4.0),
@@ -233,7 +233,7 @@ def child_jax(a) -> dict:
     setup_s = time.perf_counter() - t_start
     setup_peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
 
-    step = train.make_train_step(model, opt, "normalized", 0.0)
+    step = training.make_train_step(model, opt, "normalized", 0.0)
     t = time.perf_counter()
     compiled = step.lower(state, params, batch).compile()
     compile_s = time.perf_counter() - t
@@ -270,7 +270,7 @@ def child_jax(a) -> dict:
             ustate = {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": abstract["lora"],
                       "opt": jax.eval_shape(opt.init, abstract["lora"]),
                       "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-            lowered = train.make_train_step(umodel, opt, "normalized", 0.0).lower(ustate, abstract["params"], batch)
+            lowered = training.make_train_step(umodel, opt, "normalized", 0.0).lower(ustate, abstract["params"], batch)
             got = xla_flops(lowered.cost_analysis())
             want = flop_breakdown(ucfg, a.frames, a.height, a.width, pol, targets, a.text_tokens)["total"]
             xla["unrolled"][pol] = dict(lowered_flops=got, model_flops=want, ratio=got / want if got else None)
@@ -306,7 +306,7 @@ def child_torch(a) -> dict:
     from diffusers import MochiTransformer3DModel
     from peft import LoraConfig
 
-    from mochi_jax.flops import flop_breakdown
+    from mochi_jax.lib.flops import flop_breakdown
     from mochi_jax.models import vae as vae_lib
 
     cuda = torch.cuda.is_available()
@@ -540,7 +540,7 @@ def report(res: dict):
               f"{fmt(r['frac_peak'] and 100 * r['frac_peak'], '6.1f'):>6s} {r['floor_s']:7.3g}")
     if any(r["status"] == "ok" and not r["peak_bytes"] for r in runs):
         print("  * no device memory statistics (CPU): the process's peak host RSS instead")
-    print(f"  TFLOP: the FLOP model per step (mochi_jax.flops); floor s: TFLOP at {FLOOR_TFLOPS:.0f} TFLOP/s")
+    print(f"  TFLOP: the FLOP model per step (mochi_jax.lib.flops); floor s: TFLOP at {FLOOR_TFLOPS:.0f} TFLOP/s")
     for f, by_policy in sorted(res["flops"].items(), key=lambda kv: int(kv[0])):
         print(f"  FLOP model, {f} frames ({next(iter(by_policy.values()))['visual_tokens']} visual tokens): "
               + ", ".join(f"{p} {b['total'] / 1e12:.4g} TFLOP = {b['total'] / (FLOOR_TFLOPS * 1e12):.3g} s"
@@ -557,7 +557,7 @@ def report(res: dict):
 
 def parent(args):
     t0 = time.perf_counter()
-    from mochi_jax.flops import flop_breakdown
+    from mochi_jax.lib.flops import flop_breakdown
 
     frames = [int(f) for f in args.frames.split(",")]
     cfg_full = dit_config(args.size, "full", "cudnn" if args.attention == "auto" else args.attention, args.depth)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mochi_jax.flops import flop_breakdown, flops_per_step
+from mochi_jax.lib.flops import flop_breakdown, flops_per_step
 from mochi_jax.models.dit import DiTConfig
 
 REPO = Path(__file__).resolve().parents[1]

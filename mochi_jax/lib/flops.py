@@ -1,6 +1,6 @@
 """FLOP model of one LoRA training step of the Mochi DiT (matmuls and attention only).
 
-    from mochi_jax.flops import flops_per_step, flop_breakdown
+    from mochi_jax.lib.flops import flops_per_step, flop_breakdown
     flops_per_step(cfg, 37, 480, 848, "full")   # 6.71e14 for the 10 B model, 256 text tokens
 
 Used by benchmarks/gpu_step.py to turn seconds per step into TFLOP/s and a fraction of the chip's
@@ -36,9 +36,13 @@ def _recompute_share(policy: str, attention: str) -> tuple[bool, bool]:
     'full' recomputes the whole block forward. The dot policies keep matmul outputs: 'dots' keeps
     every dot_general, so only the cuDNN attention (a custom call, not a dot) is recomputed;
     'dots_no_batch' / 'offload_dots' keep only dots without batch dimensions (the weight matmuls,
-    LoRA included), so the attention (batched over heads) is recomputed on every backend."""
-    if policy not in layers.REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose one of {sorted(layers.REMAT_POLICIES)}")
+    LoRA included), so the attention (batched over heads) is recomputed on every backend. Name-based
+    policies are counted coarsely: the matmuls are recomputed unless all four named matmul outputs are
+    kept, the attention unless 'attn' is."""
+    layers.remat_policy(policy)  # raises for an unknown policy
+    if ":" in policy:  # save:<names> / offload:<names>: the named activations are kept, the rest recomputed
+        kept = set(policy.partition(":")[2].split("+"))
+        return not {"qkv", "proj", "mlp_in", "mlp_out"} <= kept, "attn" not in kept
     if policy == "none":
         return False, False
     if policy == "full":
