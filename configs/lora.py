@@ -12,6 +12,8 @@ Any field is overridable: --config.optim.lr=5e-5 --config.steps=500 --config.run
 
 import ml_collections
 
+from configs import aot as aot_config
+
 from mochi_jax.models.lora import REFERENCE_TARGETS
 
 
@@ -81,6 +83,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     ))
     c.demo_root = ""  # demo only: where the tiny models, clips and cache are made
     c.prepare = ml_collections.ConfigDict()  # demo only: the prepare settings run before training
+    c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     return demo(c) if arg == "demo" else c
 
 

@@ -11,6 +11,8 @@ root or its tokenizer/ folder both work).
 
 import ml_collections
 
+from configs import aot as aot_config
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "default", "demo"):
@@ -44,6 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         make_demo=False,            # write the demo models and synthetic clips if they are missing
         demo_clips=4,               # how many synthetic clips make_demo writes
     ))
+    cfg.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     if arg == "demo":
         root = "runs/demo"
         cfg.update(dict(

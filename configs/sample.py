@@ -11,6 +11,8 @@ default; genmo / ComfyUI, kohya or diffusers files, or a training run directory)
 
 import ml_collections
 
+from configs import aot as aot_config
+
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if arg not in ("default", "demo"):
@@ -35,6 +37,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.tiled_decode = True
     c.out_dir = "samples"
     c.fps = 30
+    c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     if arg == "demo":
         root = "runs/demo/models"
         c.dit, c.vae, c.t5, c.tokenizer = f"{root}/dit", f"{root}/vae", f"{root}/t5", f"{root}/tokenizer"
