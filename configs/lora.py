@@ -12,6 +12,7 @@ Any field is overridable: --config.optim.lr=5e-5 --config.steps=500 --config.run
 
 import ml_collections
 
+from mochi_jax.configs import aot as aot_config
 from mochi_jax.configs import common
 from mochi_jax.configs import prepare as prepare_config
 from mochi_jax.models.lora import REFERENCE_TARGETS
@@ -74,6 +75,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         # clip.checkpoint is set
         clip=common.clip(checkpoint="", tokenizer=""),
     ))
+    c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     return demo(c) if arg == "demo" else c
 
 

@@ -12,6 +12,7 @@ clips under runs/demo on first use (only there: another input_dir is never writt
 
 import ml_collections
 
+from mochi_jax.configs import aot as aot_config
 from mochi_jax.configs import common
 
 
@@ -45,6 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         mesh=dict(data=1, fsdp=-1, tensor=1),
         overwrite=False,            # re-encode every clip even if the cache already has it
     ))
+    cfg.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     if arg == "demo":
         root = common.DEMO_ROOT
         cfg.update(dict(

@@ -11,6 +11,7 @@ default; genmo / ComfyUI, kohya or diffusers files, or a training run directory)
 
 import ml_collections
 
+from mochi_jax.configs import aot as aot_config
 from mochi_jax.configs import common
 
 
@@ -26,6 +27,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.batch_size = 1
     c.loras = ""  # comma-separated path[:strength]
     c.out_dir = "samples"
+    c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     if arg == "demo":
         common.demo_model(c.model)
         common.demo_sampling(c.sampling)

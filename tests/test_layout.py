@@ -1,4 +1,5 @@
-"""The package's shape: imports run one way (models < checkpoints < lib < demo < cli < commands),
+"""The package's shape: imports run one way (models < configs < checkpoints < lib < demo < command
+support (cli, fit, targets) < commands),
 no import cycles, commands run from any directory, and every sharded parameter has axis names."""
 
 import ast
@@ -14,33 +15,35 @@ from mochi_jax.models import dit, lora
 from mochi_jax.configs import dit as dit_configs
 
 PACKAGE = Path(mochi_jax.__file__).parent
-LAYERS = ["models", "checkpoints", "lib", "demo", "cli", "commands"]
-COMMANDS = {"train", "prepare", "sample", "evaluate"}
+CONFIGS = Path(dit_configs.__file__).parent  # installed as mochi_jax.configs
+LAYERS = ["models", "configs", "checkpoints", "lib", "demo", "cli", "commands"]
+COMMANDS = {"train", "prepare", "sample", "evaluate", "aot"}
 
 
 def layer_of(module: str) -> str:
     part = module.split(".")[1] if "." in module else ""
     if part in COMMANDS:
         return "commands"
-    if part == "configs":  # the installed configs/ folder: data for the commands, above everything
-        return "commands"
-    return part if part in LAYERS else "cli"  # mochi_jax/__init__.py with cli
+    return part if part in LAYERS else "cli"  # cli.py, fit.py, targets.py (the commands' support), __init__
 
 
 def imports() -> dict[str, set[str]]:
     """{module: the mochi_jax modules it imports}, from the source (every import statement, also
-    inside functions)."""
-    out = {}
+    inside functions). configs/ counts as the package mochi_jax.configs it is installed as."""
+    sources = {}
     for f in PACKAGE.rglob("*.py"):
         rel = f.relative_to(PACKAGE.parent).with_suffix("")
-        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        sources[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = f
+    for f in CONFIGS.glob("*.py"):
+        sources["mochi_jax.configs" + ("" if f.stem == "__init__" else f".{f.stem}")] = f
+    out = {}
+    for name, f in sources.items():
         found = set()
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mochi_jax"):
                 for a in node.names:  # `from mochi_jax.lib import sampling` imports mochi_jax.lib.sampling
                     sub = f"{node.module}.{a.name}"
-                    found.add(sub if (PACKAGE.parent / (sub.replace(".", "/") + ".py")).exists()
-                              or (PACKAGE.parent / sub.replace(".", "/")).is_dir() else node.module)
+                    found.add(sub if sub in sources else node.module)
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("mochi_jax")}
         out[name] = found - {name}

@@ -1,0 +1,238 @@
+"""Fit tables of the full-size LoRA training step, measured with the AOT fit check (mochi_jax.fit):
+the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a CPU host.
+
+    python benchmarks/aot_tables.py gpu     # per GPU and remat policy: the longest clip that fits at batch 1
+    python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
+    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu}.json
+
+GPU: H100 80 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention; for each remat
+policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the card's memory
+(longer clips only need more). "fits" is reported at JAX's default 75 % of the card and at 95 %
+(XLA_CLIENT_MEM_FRACTION=.95).
+TPU: 'xla' attention (the 'splash' kernel is another engineer's; --attention=splash once it exists),
+remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
+then fsdp=N/s x sequence=s (batch N/s) for s = 2, 4, 8 until one fits. --all measures every slice
+of every clip length; by default the search of a clip length stops at the first slice that fits.
+
+Every cell is compiled in a fresh process (the compiler's memory is returned between cells) and saved
+to the JSON as soon as it is measured, so an interrupted run resumes where it stopped (--redo measures
+again). Compiles take 0.5-1 min (GPU) and 3-10 min (TPU) each on a 2-core host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from mochi_jax import targets  # noqa: E402
+
+targets.compile_only_environment()  # before jax is imported (here and in every child process)
+
+RESULTS = ROOT / "benchmarks" / "results"
+GIB = targets.GIB
+GPUS = ("h100", "a100-80gb", "rtx4090")
+POLICIES = ("full", "none", "dots", "dots_no_batch", "offload_dots")
+GPU_FRAMES = (37, 61, 85, 163)
+SLICES = ("v5p-8", "v6e-8", "v5e-16")  # by chip count
+TPU_FRAMES = (37, 85, 163)
+
+
+def measure(overrides: dict) -> dict:
+    """One cell: configs/lora.py with `overrides` ({'model.remat': 'full', ...}), checked by fit.check."""
+
+    from mochi_jax.configs import lora
+    from mochi_jax import fit
+
+    cfg = lora.get_config()
+    cfg.aot.model = "mochi"  # the released model's shapes, whatever ckpt/ holds
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    try:
+        report = fit.check(cfg)
+    except ValueError as e:  # fit.BadInput and the config's own checks
+        return {"error": " ".join(str(e).split())}
+    out = report.to_dict()
+    out.pop("compiler_message", None)
+    return out
+
+
+def in_child(overrides: dict) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(measure, overrides).result()
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"cells": {}}
+
+
+def save(path: Path, data: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def cell(data: dict, path: Path, key: str, overrides: dict, redo: bool) -> dict:
+    if key in data["cells"] and not redo:
+        return data["cells"][key]
+    t0 = time.time()
+    result = in_child(overrides)
+    result["wall_s"] = round(time.time() - t0, 1)
+    result["overrides"] = overrides
+    data["cells"][key] = result
+    save(path, data)
+    gib = result.get("total_bytes", 0) / GIB
+    print(f"  {key}: {'error: ' + result['error'] if 'error' in result else f'{gib:.2f} GiB'} "
+          f"(compile {result.get('compile_s', 0):.0f} s, wall {result['wall_s']:.0f} s)", flush=True)
+    return result
+
+
+def device_bytes(gpu: str) -> int:
+    return targets.GPUS[gpu].memory_bytes
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def run_gpu(args):
+    path = RESULTS / "aot_gpu.json"
+    data = load(path)
+    data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
+                     "batch 1; one GPU; cuDNN attention; autotuning off")
+    for gpu in args.gpus:
+        for policy in args.policies:
+            for frames in args.frames:
+                key = f"{gpu}/{policy}/{frames}"
+                r = cell(data, path, key, {"aot.target": gpu, "model.attention": "cudnn", "model.remat": policy,
+                                           "aot.num_frames": frames}, args.redo)
+                if "error" in r or r["total_bytes"] > device_bytes(gpu):
+                    break  # a longer clip needs more
+    show_gpu(data)
+
+
+def show_gpu(data: dict):
+    cells = data["cells"]
+    print("\nGPU: total per GPU (GiB) of the full-size train step, batch 1, cuDNN attention, 480x848")
+    head = f"{'GPU':10} {'remat':14} " + " ".join(f"{f:>7}" for f in GPU_FRAMES) + "   longest at 75 % / 95 %"
+    print(head)
+    for gpu in GPUS:
+        for policy in POLICIES:
+            row = [cells.get(f"{gpu}/{policy}/{f}") for f in GPU_FRAMES]
+            if not any(row):
+                continue
+            vals = " ".join(f"{r['total_bytes'] / GIB:7.1f}" if r and "total_bytes" in r else f"{'-':>7}" for r in row)
+            best = []
+            for frac in (0.75, 0.95):
+                ok = [f for f, r in zip(GPU_FRAMES, row) if r and "total_bytes" in r
+                      and r["total_bytes"] <= frac * device_bytes(gpu)]
+                best.append(str(max(ok)) if ok else "none")
+            print(f"{gpu:10} {policy:14} {vals}   {best[0]:>5} / {best[1]}")
+    host = [(k, v["host_bytes"]) for k, v in cells.items() if v.get("host_bytes")]
+    for k, b in host:
+        print(f"  {k}: {b / GIB:.1f} GiB in pinned host memory")
+
+
+# ----------------------------------------------------------------------------- TPU
+
+
+def tpu_meshes(chips: int):
+    """(mesh, batch) candidates of a slice, from the most data-parallel to the most sequence-parallel."""
+    out = [({"data": 1, "fsdp": chips, "sequence": 1, "tensor": 1}, chips)]
+    for s in (2, 4, 8):
+        if chips % s == 0 and chips // s >= 1 and 24 % s == 0:
+            out.append(({"data": 1, "fsdp": chips // s, "sequence": s, "tensor": 1}, chips // s))
+    return out
+
+
+def run_tpu(args):
+    path = RESULTS / "aot_tpu.json"
+    data = load(path)
+    data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
+                     f"remat full; attention {args.attention}; batch = data x fsdp")
+    for frames in args.frames:
+        for name in args.slices:
+            chips = targets.parse_target(name).num_devices
+            fitted = False
+            for mesh, batch in tpu_meshes(chips):
+                tag = "x".join(f"{k[0]}{v}" for k, v in mesh.items() if v > 1) or "1"
+                key = f"{args.attention}/{frames}/{name}/{tag}"
+                over = {"aot.target": name, "model.attention": args.attention, "model.remat": "full",
+                        "aot.num_frames": frames, "batch_size": batch}
+                over.update({f"mesh.{k}": v for k, v in mesh.items()})
+                r = cell(data, path, key, over, args.redo)
+                if r.get("fits"):
+                    fitted = True
+                    break
+            if fitted and not args.all:
+                break
+    show_tpu(data)
+
+
+def show_tpu(data: dict):
+    cells = data["cells"]
+    print("\nTPU: the full-size train step per chip, remat full, 480x848 (GiB; '>' = the compiler's refusal)")
+    print(f"{'attention':9} {'frames':>6} {'slice':8} {'mesh':14} {'batch':>5} {'total':>8} {'limit':>7} "
+          f"{'fits':>5} {'compile s':>9}")
+    for key in sorted(cells, key=lambda k: (k.split("/")[0], int(k.split("/")[1]), SLICES.index(k.split("/")[2])
+                                            if k.split("/")[2] in SLICES else 9, k)):
+        r = cells[key]
+        attention, frames, name, mesh = key.split("/")
+        if "error" in r:
+            print(f"{attention:9} {frames:>6} {name:8} {mesh:14} error: {r['error']}")
+            continue
+        total = (">" if r.get("compiler_error") else "") + f"{r['total_bytes'] / GIB:.1f}"
+        print(f"{attention:9} {frames:>6} {name:8} {mesh:14} {r['overrides']['batch_size']:>5} {total:>8} "
+              f"{r['limit_bytes'] / GIB:7.2f} {'yes' if r['fits'] else 'no':>5} {r['compile_s']:9.0f}")
+    print("\nsmallest slice that fits, per clip length:")
+    for attention in sorted({k.split("/")[0] for k in cells}):
+        for frames in TPU_FRAMES:
+            found = None
+            for name in SLICES:
+                ok = [k for k, r in cells.items() if k.startswith(f"{attention}/{frames}/{name}/") and r.get("fits")]
+                if ok:
+                    found = (name, ok[0].split("/")[-1], cells[ok[0]])
+                    break
+            tried = any(k.startswith(f"{attention}/{frames}/") for k in cells)
+            if found:
+                name, mesh, r = found
+                print(f"  {attention} {frames:3} frames: {name}, mesh {mesh}, batch {r['overrides']['batch_size']}, "
+                      f"{r['total_bytes'] / GIB:.1f} of {r['limit_bytes'] / GIB:.2f} GiB per chip")
+            elif tried:
+                print(f"  {attention} {frames:3} frames: none of the slices measured fits")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("gpu", "tpu", "show"))
+    p.add_argument("--gpus", type=lambda s: s.split(","), default=GPUS)
+    p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
+    p.add_argument("--slices", type=lambda s: s.split(","), default=SLICES)
+    p.add_argument("--frames", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--attention", default="xla")
+    p.add_argument("--all", action="store_true", help="TPU: measure every slice, not only up to the first that fits")
+    p.add_argument("--redo", action="store_true", help="measure cells already in the JSON again")
+    args = p.parse_args()
+    if args.what == "gpu":
+        args.frames = args.frames or GPU_FRAMES
+        run_gpu(args)
+    elif args.what == "tpu":
+        args.frames = args.frames or TPU_FRAMES
+        run_tpu(args)
+    else:
+        for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu)):
+            if (RESULTS / name).exists():
+                show(load(RESULTS / name))
+
+
+if __name__ == "__main__":
+    main()

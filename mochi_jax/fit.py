@@ -1,0 +1,594 @@
+"""Memory before a run: compile a command's exact program ahead of time for a TPU slice or NVIDIA
+GPUs on a CPU host (no accelerator, no weights) and read the compiler's per-device memory.
+
+    from mochi_jax import targets
+    targets.compile_only_environment()              # before jax is imported
+    from mochi_jax import fit
+    report = fit.check(config)                      # config: configs/lora.py, sample.py or prepare.py
+    print(report.format()); report.fits             # arguments, temporaries, outputs, total vs HBM
+
+The programs are the commands' own: the training step is `training.make_train_step` with
+`training.train_shardings` over the mesh of `config.mesh` (`sharding.make_mesh`); the sampler step is
+`sampling.euler_step`; prepare's VAE encode and T5 are `vae.encode` and the T5 encoder placed as
+`mochi_jax.prepare` places them. Inputs are ShapeDtypeStructs with the shardings the command would
+give them: model shapes come from a converted checkpoint's metadata, or a preset when there is none.
+
+The figures are the compiler's (`compiled.memory_analysis()`), per device: arguments (weights,
+state, batch), temporaries, outputs, and aliasing (outputs written into donated arguments, e.g.
+the train state). Total = arguments + outputs - aliased + temporaries + generated code. A TPU
+compiler refuses a program that does not fit its HBM; its message (with the sizes) is the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from mochi_jax import targets as targets_lib
+
+GIB = targets_lib.GIB
+WHAT = ("train", "sample", "vae_encode", "t5")
+
+
+class BadInput(ValueError):
+    """A config, target or shape that cannot be compiled; the message is one line saying why."""
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclasses.dataclass
+class Report:
+    what: str
+    target: str
+    hardware: str
+    num_devices: int
+    mesh: dict
+    details: list  # lines: model, batch, ...
+    inputs: dict  # name -> bytes per device
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    host_bytes: int = 0  # pinned host memory of the program (offloaded activations)
+    total_bytes: int = 0  # per device
+    limit_bytes: int = 0
+    limit_source: str = ""
+    fits: bool = False
+    lower_s: float = 0.0
+    compile_s: float = 0.0
+    compiler_error: str = ""  # the first line of the compiler's out-of-memory refusal
+    compiler_message: str = ""  # all of it (TPU: the largest allocations), cut at 4000 characters
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        g = lambda b: f"{b / GIB:8.2f} GiB" if b >= GIB // 10 or not b else f"{b / (1 << 20):8.1f} MiB"  # noqa: E731
+        mb = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB // 10 or not b else f"{b / (1 << 20):.1f} MiB"  # noqa: E731
+        unit = "chip" if self.hardware.startswith("TPU") else "GPU"
+        lines = [f"{self.what} on {self.hardware}"]
+        lines += [f"  {line}" for line in self.details]
+        lines.append("  mesh     " + ", ".join(f"{k} {v}" for k, v in self.mesh.items()) if self.mesh else
+                     "  mesh     one device")
+        if self.compiler_error:
+            lines.append(f"  compiler: {self.compiler_error}")
+        else:
+            parts = ", ".join(f"{k} {mb(v)}" for k, v in self.inputs.items())
+            lines += [f"  per {unit}:",
+                      f"    arguments   {g(self.argument_bytes)}  ({parts})",
+                      f"    temporaries {g(self.temp_bytes)}",
+                      f"    outputs     {g(self.output_bytes)}  ({mb(self.alias_bytes)} of them written into "
+                      "donated arguments)",
+                      f"    code        {g(self.code_bytes)}"]
+            if self.host_bytes:
+                lines.append(f"    host memory {g(self.host_bytes)}  (pinned host: offloaded activations)")
+            lines.append(f"    total       {g(self.total_bytes)}  of {self.limit_bytes / GIB:.2f} GiB "
+                         f"({self.limit_source})")
+        lines.append(f"  compiled in {self.compile_s:.1f} s (lowered in {self.lower_s:.1f} s)")
+        share = f"{self.total_bytes / GIB:.2f} GiB of {self.limit_bytes / GIB:.2f} GiB per {unit}"
+        if self.fits:
+            lines.append(f"FITS: {share} ({100 * self.total_bytes / self.limit_bytes:.0f} %)")
+        elif self.compiler_error:
+            lines.append(f"DOES NOT FIT: the compiler needs at least {share}")
+        else:
+            lines.append(f"DOES NOT FIT: {share}, {(self.total_bytes - self.limit_bytes) / GIB:.2f} GiB over")
+        return "\n".join(lines)
+
+
+def device_bytes(tree) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree_util.tree_leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+_USED = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_REQUIRED = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+
+
+def parse_out_of_memory(message: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) from a TPU compiler's out-of-memory error, if it is one."""
+    for pattern in (_USED, _REQUIRED):
+        m = pattern.search(message)
+        if m:
+            a, ua, b, ub = m.groups()
+            return targets_lib.parse_size(a, ua), targets_lib.parse_size(b, ub)
+    return None
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted function lowered with abstract inputs: `lower()` -> jax.stages.Lowered."""
+
+    what: str
+    lower: Callable
+    inputs: dict  # name -> tree of ShapeDtypeStructs (with shardings)
+    mesh: dict
+    details: list
+
+
+def _placed(tree, shardings):
+    """ShapeDtypeStructs like `tree`, each with its sharding (one Sharding for all, or a tree)."""
+    import jax
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _mesh_dict(mesh) -> dict:
+    return {k: int(v) for k, v in mesh.shape.items()}
+
+
+def _clip_line(batch: int, frames: int, height: int, width: int, latent) -> str:
+    return (f"clip     {batch} x {frames} frames {height}x{width} -> latents [{batch}, "
+            + ", ".join(map(str, latent)) + "]")
+
+
+def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int = 1) -> Program:
+    """The training step of a configs/lora.py config for `dit_cfg`, over the mesh of cfg.mesh built
+    from `devices`, on a batch of cfg.batch_size clips of `clip` = (frames, height, width)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mochi_jax.lib import sampling
+    from mochi_jax.models import sharding as sharding_lib
+    from mochi_jax.lib import training
+    from mochi_jax.models import lora as lora_lib
+    from mochi_jax.models.dit import MochiDiT, abstract_variables
+
+    mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices)
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch or cfg.batch_size % num_hosts:
+        raise BadInput(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
+                       f"{_mesh_dict(mesh)}) and by the {num_hosts} hosts; change --config.batch_size or --config.mesh.*")
+    targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+    if not targets:
+        raise BadInput("no LoRA targets with rank > 0 in config.lora")
+    model = MochiDiT(dit_cfg, targets)
+    optimizer = training.make_optimizer(cfg.optim)
+    shardings = training.train_shardings(model, optimizer, mesh)
+    step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, shardings)
+
+    variables = abstract_variables(dit_cfg, targets)
+    lora = variables["lora"]
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": lora, "opt": jax.eval_shape(optimizer.init, lora),
+             "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    state = _placed(state, shardings["state"])
+    params = _placed(variables["params"], shardings["params"])
+    b, latent = cfg.batch_size, sampling.latent_shape(*clip)
+    batch = {"mean": jax.ShapeDtypeStruct((b, *latent), jnp.float32),
+             "logvar": jax.ShapeDtypeStruct((b, *latent), jnp.float32),
+             "t5_feats": jax.ShapeDtypeStruct((b, text_tokens, dit_cfg.t5_dim), jnp.float32),
+             "t5_mask": jax.ShapeDtypeStruct((b, text_tokens), jnp.bool_)}
+    batch = _placed(batch, shardings["batch"])
+
+    def lower():
+        with sharding_lib.activate(mesh):
+            return step.jitted.lower(state, params, batch)
+
+    accum = f", {cfg.optim.grad_accum} micro-batches per update" if cfg.optim.grad_accum > 1 else ""
+    lora_line = (f"LoRA     {lora_lib.count(lora):,} float32 parameters ("
+                 + ", ".join(f"{t.pattern} r{t.rank}" for t in targets) + f") and their AdamW moments{accum}")
+    return Program("train step", lower, {"frozen weights": params, "train state (donated)": state, "batch": batch},
+                   _mesh_dict(mesh), [lora_line, _clip_line(b, *clip, latent)])
+
+
+def sample_program(dit_cfg, targets, devices, batch: int, clip, guidance: float, text_tokens: int,
+                   mesh=None, param_shardings=None, lora_shardings=None) -> Program:
+    """One Euler step of the sampler (`sampling.euler_step`) for `batch` videos of `clip`; with
+    guidance > 1 the conditional and unconditional branches run in one batch of 2 x batch. On one
+    device, or (the trainer's validation videos) with the weights sharded as in training."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    from mochi_jax.lib import sampling
+    from mochi_jax.models.dit import abstract_variables
+
+    guided = guidance > 1.0
+    variables = abstract_variables(dit_cfg, targets)
+    if mesh is None:
+        one = SingleDeviceSharding(devices[0])
+        param_shardings = lora_shardings = rep = one
+    else:
+        rep = NamedSharding(mesh, PartitionSpec())
+    params = _placed(variables["params"], param_shardings)
+    lora = _placed(variables.get("lora", {}), lora_shardings) if targets else {}
+    latent = sampling.latent_shape(*clip)
+    rows = 2 * batch if guided else batch
+    f32 = jnp.float32
+    z = jax.ShapeDtypeStruct((batch, *latent), f32, sharding=rep)
+    feats = jax.ShapeDtypeStruct((rows, text_tokens, dit_cfg.t5_dim), f32, sharding=rep)
+    mask = jax.ShapeDtypeStruct((rows, text_tokens), jnp.bool_, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), f32, sharding=rep)
+    step = jax.jit(sampling.euler_step(dit_cfg, tuple(targets), guided))
+
+    def lower():
+        return step.lower(params, lora, z, feats, mask, scalar, scalar, scalar)
+
+    detail = _clip_line(batch, *clip, latent) + (f", guidance {guidance:g}: both branches, DiT batch {rows}"
+                                                 if guided else ", no guidance")
+    return Program("sampler step", lower, {"weights": params, "LoRA": lora, "latents and text": (z, feats, mask)},
+                   _mesh_dict(mesh) if mesh is not None else {}, [detail])
+
+
+def vae_encode_program(vae_cfg, devices, clip, tiled: bool) -> Program:
+    """prepare's VAE encode of one clip: on one device, or split spatially over `devices` with the
+    weights replicated (mochi_jax.prepare.Models; tiled clips are encoded whole on one device)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    from mochi_jax.models import vae as vae_lib
+    from mochi_jax.lib.preparation import spatial_split
+
+    frames, height, width = clip
+    vae_lib.check_pixels((1, 3, frames, height, width), vae_cfg)
+    params = jax.eval_shape(lambda: vae_lib.init(jax.random.PRNGKey(0), vae_cfg))
+    n, s = len(devices), vae_cfg.spatial_factor
+    mesh_desc = {}
+    if n == 1 or tiled:
+        one = SingleDeviceSharding(devices[0])
+        params, pixels = _placed(params, one), jax.ShapeDtypeStruct((1, 3, frames, height, width), jnp.float32,
+                                                                    sharding=one)
+        fn = jax.jit(vae_lib.encode, static_argnames=("cfg", "tiled"))
+    else:
+        dh, dw = spatial_split(height // s, width // s, n)
+        mesh = Mesh(np.asarray(devices).reshape(dh, dw, n // (dh * dw)), ("height", "width", "copies"))
+        split = NamedSharding(mesh, PartitionSpec(None, None, None, "height", "width"))
+        params = _placed(params, NamedSharding(mesh, PartitionSpec()))
+        pixels = jax.ShapeDtypeStruct((1, 3, frames, height, width), jnp.float32, sharding=split)
+        fn = jax.jit(vae_lib.encode, static_argnames=("cfg", "tiled"), out_shardings=(split, split))
+        mesh_desc = _mesh_dict(mesh)
+
+    def lower():
+        return fn.lower(params, pixels, cfg=vae_cfg, tiled=tiled)
+
+    latent = (vae_cfg.latent_channels, vae_lib.latent_frames(frames), height // s, width // s)
+    return Program("VAE encode", lower, {"weights (encoder and decoder)": params, "pixels": pixels}, mesh_desc,
+                   [f"clip     {frames} frames {height}x{width} (float32 pixels) -> latents {list(latent)}"
+                    + (", tiled" if tiled else "")])
+
+
+def t5_program(t5_cfg, devices, batch: int, length: int, mesh_sizes) -> Program:
+    """prepare's T5 call on a batch of captions: one device (text.encode_tokens), or the weights
+    sharded over the mesh of `mesh_sizes` and the batch split (prepare's batch-split T5)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+    from mochi_jax.models import sharding as sharding_lib
+    from mochi_jax.models import t5 as t5_lib
+
+    params = t5_lib.abstract_params(t5_cfg)
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+    detail = [f"captions {batch} x {length} tokens -> features [{batch}, {length}, {t5_cfg.d_model}]"]
+    if len(devices) == 1:
+        from mochi_jax.lib.text import encode_tokens
+
+        one = SingleDeviceSharding(devices[0])
+        params, ids, mask = _placed(params, one), _placed(ids, one), _placed(mask, one)
+        drop = jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=one)
+        return Program("T5 encode", lambda: encode_tokens.lower(t5_cfg, params, ids, mask, drop),
+                       {"weights": params, "tokens": (ids, mask)}, {}, detail)
+    from mochi_jax.lib.preparation import _batch_split_t5
+
+    mesh = sharding_lib.make_mesh(mesh_sizes, devices)
+    shardings = sharding_lib.param_shardings(t5_lib.t5_logical_axes(params), params, mesh)
+    batch_rule = (("batch", tuple(a for a in sharding_lib.AXES if a in mesh.shape)),)
+    rows = sharding_lib.spec(("batch",), (batch,), mesh, rules=batch_rule)[0]
+    text_sharding = NamedSharding(mesh, PartitionSpec(rows, None))
+    params, ids, mask = _placed(params, shardings), _placed(ids, text_sharding), _placed(mask, text_sharding)
+    run = _batch_split_t5(t5_cfg, text_sharding)
+    return Program("T5 encode", lambda: run.lower(params, ids, mask), {"weights": params, "tokens": (ids, mask)},
+                   _mesh_dict(mesh), detail)
+
+
+# ----------------------------------------------------------------------------- compile and measure
+
+
+def measure(program: Program, target: targets_lib.Target, limit: int, limit_source: str) -> Report:
+    """Lower and compile `program` and read its memory; a TPU compiler's out-of-memory refusal
+    becomes a report that does not fit (with the sizes from its message)."""
+    report = Report(program.what, target.name, target.describe(), target.num_devices, program.mesh,
+                    program.details, {k: device_bytes(v) for k, v in program.inputs.items()},
+                    limit_bytes=limit, limit_source=limit_source)
+    t0 = time.time()
+    try:
+        lowered = program.lower()
+    except ValueError as e:  # shapes, meshes, attention backends the model refuses
+        raise BadInput(" ".join(str(e).split())) from e
+    report.lower_s = time.time() - t0
+    t0 = time.time()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - only an out-of-memory refusal is an answer; the rest is re-raised
+        report.compile_s = time.time() - t0
+        sizes = parse_out_of_memory(str(e))
+        if sizes is None:
+            raise
+        report.total_bytes, report.limit_bytes = sizes
+        report.limit_source = "the compiler's limit"
+        report.compiler_error = str(e).strip().splitlines()[0][:400]
+        report.compiler_message = str(e).strip()[:4000]
+        return report
+    report.compile_s = time.time() - t0
+    m = compiled.memory_analysis()
+    report.argument_bytes = int(m.argument_size_in_bytes)
+    report.output_bytes = int(m.output_size_in_bytes)
+    report.alias_bytes = int(m.alias_size_in_bytes)
+    report.temp_bytes = int(m.temp_size_in_bytes)
+    report.code_bytes = int(m.generated_code_size_in_bytes)
+    report.host_bytes = sum(int(getattr(m, f"host_{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
+    report.total_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes + report.temp_bytes
+                          + report.code_bytes)
+    report.fits = report.total_bytes <= report.limit_bytes
+    return report
+
+
+# ----------------------------------------------------------------------------- from a config
+
+
+def config_kind(cfg) -> str:
+    """'lora', 'sample' or 'prepare': which command's config this is."""
+    keys = set(cfg.keys())
+    if {"optim", "lora", "mesh"} <= keys:
+        return "lora"
+    if {"sampling", "prompt", "model"} <= keys:
+        return "sample"
+    if {"buckets", "text_batch_size", "vae"} <= keys:
+        return "prepare"
+    raise BadInput("the config is none of configs/lora.py, configs/sample.py, configs/prepare.py")
+
+
+def _metadata(path):
+    """The converted checkpoint's custom metadata, or None when `path` holds none."""
+    if not path or not Path(path).is_dir():
+        return None
+    from mochi_jax.checkpoints.common import read_metadata
+
+    try:
+        return read_metadata(path)
+    except Exception:  # noqa: BLE001 - not a checkpoint
+        return None
+
+
+def _arch(kind: str, spec: str, path: str, demo: bool) -> tuple[dict, str, str]:
+    """(architecture fields, where they come from, the checkpoint path or '') of the 'dit', 'vae' or
+    't5' model. `spec`: '' (the checkpoint at `path` if there is one, else the demo's tiny model for
+    a demo config, else the released model), 'mochi' (the released model), 'demo', a configs/dit.py
+    preset, or a checkpoint path."""
+    from mochi_jax import demo as demo_lib
+
+    name = {"dit": "mochi_dit", "vae": "mochi_vae", "t5": "t5_encoder"}[kind]
+    demo_arch = {"dit": demo_lib.DIT, "vae": demo_lib.VAE, "t5": demo_lib.T5}[kind]
+    why = ""
+    if not spec:
+        meta = _metadata(path)
+        if meta is not None and meta.get("model") == name:
+            return dict(meta["config"]), f"the checkpoint {path}", path
+        if demo:
+            return dict(demo_arch), f"the demo's tiny model ({path} not made yet)", ""
+        spec, why = "mochi", f" ({path} holds no converted checkpoint)"
+    if spec == "mochi":
+        if kind == "dit":
+            from mochi_jax.configs import dit as dit_presets
+
+            return dict(dit_presets.PRESETS["mochi"]), "the released model's shapes (configs/dit.py 'mochi')" + why, ""
+        return {}, "the released model's shapes" + why, ""
+    if spec == "demo":
+        return dict(demo_arch), "the demo's tiny model", ""
+    if kind == "dit":
+        from mochi_jax.configs import dit as dit_presets
+
+        if spec in dit_presets.PRESETS:
+            return dict(dit_presets.PRESETS[spec]), f"configs/dit.py preset {spec!r}", ""
+    meta = _metadata(spec)
+    if meta is None or meta.get("model") != name:
+        presets = "'mochi', 'small', 'tiny', 'demo'" if kind == "dit" else "'mochi', 'demo'"
+        raise BadInput(f"aot.model={spec!r} is neither a converted {kind} checkpoint nor a preset ({presets})")
+    return dict(meta["config"]), f"the checkpoint {spec}", spec
+
+
+def _clip(aot, frames: int, height: int, width: int, source: str) -> tuple[tuple[int, int, int], str]:
+    clip = (aot.num_frames or frames, aot.height or height, aot.width or width)
+    given = (aot.num_frames, aot.height, aot.width) != (0, 0, 0)
+    from mochi_jax.lib import sampling
+
+    try:
+        sampling.latent_shape(*clip)
+    except ValueError as e:
+        raise BadInput(f"clip {clip[0]} frames {clip[1]}x{clip[2]}: {e}") from e
+    return clip, "--config.aot" if given else source
+
+
+def _largest_bucket(buckets) -> tuple[int, int]:
+    return tuple(max((tuple(b) for b in buckets), key=lambda b: b[0] * b[1]))
+
+
+def _prepare_clip_defaults(cfg) -> tuple[int, int, int, str]:
+    """The clip a lora config trains on when the aot block does not say: its demo prepare settings,
+    or configs/prepare.py's defaults (what `mochi_jax.prepare` caches)."""
+    p = cfg.demo.get("prepare") if cfg.get("demo") else None
+    if p is not None and "num_frames" in p:
+        return (p.num_frames, *_largest_bucket(p.buckets), "the config's prepare settings")
+    from mochi_jax.configs import prepare as prepare_config
+
+    d = prepare_config.get_config()
+    return (d.num_frames, *_largest_bucket(d.buckets), "configs/prepare.py defaults")
+
+
+def check(cfg, what: str = "") -> Report:
+    """Compile the program `what` (default cfg.aot.what, else the config's own command) of a
+    configs/lora.py, sample.py or prepare.py config for cfg.aot.target and measure it."""
+    from mochi_jax.models.dit import DiTConfig
+
+    aot = cfg.aot
+    kind = config_kind(cfg)
+    what = what or aot.what or {"lora": "train", "sample": "sample", "prepare": "vae_encode"}[kind]
+    allowed = {"lora": ("train", "sample"), "sample": ("sample",), "prepare": ("vae_encode", "t5")}[kind]
+    if what not in WHAT:
+        raise BadInput(f"aot.what={what!r}: choose one of {', '.join(WHAT)}")
+    if what not in allowed:
+        raise BadInput(f"aot.what={what!r} needs " + ("a prepare config (configs/prepare.py)" if what in
+                       ("vae_encode", "t5") else "a lora or sample config") + f"; this {kind} config offers "
+                       + ", ".join(allowed))
+    target = targets_lib.parse_target(aot.target, aot.gpus_per_host, aot.target_config)
+    found = []
+
+    def compile_devices():  # after the config is checked: a bad clip is bad input with or without a compiler
+        if not found:
+            found.extend(targets_lib.compile_devices(target))
+        return found
+
+    demo = bool(cfg.get("demo"))
+
+    if kind == "lora":
+        m = cfg.model
+        arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
+        dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
+                                       "attention": m.attention, "remat": m.remat, "remat_groups": m.remat_groups})
+        model_line = (f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} weights, "
+                      f"attention {m.attention}, remat {m.remat}" + (f" ({m.remat_groups})" if m.remat_groups else ""))
+        if what == "train":
+            f, h, w, src = _prepare_clip_defaults(cfg)
+            clip, src = _clip(aot, f, h, w, src)
+            program = train_program(cfg, dit_cfg, compile_devices(), clip, aot.text_tokens, target.num_hosts)
+        else:  # the validation videos, rendered with the weights sharded as in training
+            from mochi_jax.models import sharding as sharding_lib
+            from mochi_jax.lib import training
+            from mochi_jax.models import lora as lora_lib
+            from mochi_jax.models.dit import MochiDiT
+
+            v = cfg.validation
+            s = v.sampling
+            clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
+            targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+            mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), compile_devices())
+            sh = training.train_shardings(MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim), mesh)
+            program = sample_program(dit_cfg, targets, compile_devices(), max(1, len(v.prompts)), clip, s.guidance,
+                                     aot.text_tokens, mesh, sh["params"], sh["state"]["lora"])
+        program.details.insert(0, model_line)
+        program.details.append(f"         (clip size from {src})")
+    elif kind == "sample":
+        m, s = cfg.model, cfg.sampling
+        arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
+        dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
+                                       "attention": m.attention, "remat": "none"})
+        targets = _sample_lora_targets(cfg, dit_cfg)
+        clip, src = _clip(aot, s.num_frames, s.height, s.width, "the config")
+        program = sample_program(dit_cfg, targets, compile_devices(), cfg.batch_size, clip, s.guidance, aot.text_tokens)
+        program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, "
+                                  f"{m.param_dtype} weights, attention {m.attention}"
+                               + (f"; LoRAs {cfg.loras}" if targets else ""))
+    else:  # prepare: one host's devices (prepare runs per host)
+        def local_devices():
+            devices = compile_devices()
+            local = [d for d in devices if d.process_index == devices[0].process_index]
+            n = int(cfg.get("devices", -1))
+            if n == 0 or n < -1 or n > len(local):
+                raise BadInput(f"devices={n}: choose -1 (all {len(local)} of a host) or 1..{len(local)}")
+            return local if n == -1 else local[:n]
+
+        if what == "vae_encode":
+            from mochi_jax.models.vae import VAEConfig
+
+            arch, arch_src, ckpt = _arch("vae", aot.model, cfg.vae, demo)
+            dtype = cfg.vae_dtype or (_stored_dtype(ckpt) if ckpt else VAEConfig.param_dtype)
+            vae_cfg = VAEConfig.from_dict({**arch, "param_dtype": dtype, "tile_size": tuple(cfg.tile_size),
+                                           "tile_overlap": tuple(cfg.tile_overlap)})
+            h, w = _largest_bucket(cfg.buckets)
+            clip, _ = _clip(aot, cfg.num_frames, h, w, "the config")
+            program = vae_encode_program(vae_cfg, local_devices(), clip, bool(cfg.tiled))
+            program.details.insert(0, f"model    {arch_src}: VAE, {dtype} weights")
+        else:
+            from mochi_jax.models.t5 import T5Config
+
+            arch, arch_src, ckpt = _arch("t5", aot.model, cfg.t5, demo)
+            dtype = cfg.t5_dtype or (_stored_dtype(ckpt) if ckpt else T5Config.param_dtype)
+            t5_cfg = T5Config.from_dict({**arch, "param_dtype": dtype})
+            sizes = cfg.get("mesh", None)
+            sizes = dict(sizes.to_dict() if hasattr(sizes, "to_dict") else sizes or {"fsdp": -1})
+            program = t5_program(t5_cfg, local_devices(), int(cfg.text_batch_size), int(cfg.max_length), sizes)
+            program.details.insert(0, f"model    {arch_src}: T5 encoder, {dtype} weights")
+        if len(local_devices()) < target.num_devices:
+            program.details.append(f"devices  {len(local_devices())} of one host (prepare runs on each host's own "
+                                   "devices)")
+    if target.platform == "cuda":
+        program.details.append("GPU      compiled with autotuning off (no GPU here): the kernels, not the memory, "
+                               "may differ on the card")
+    limit, source = targets_lib.memory_limit(target, compile_devices(), aot.gpu_memory_fraction)
+    if aot.memory_gib > 0:
+        limit, source = int(aot.memory_gib * GIB), "--config.aot.memory_gib"
+    return measure(program, target, limit, source)
+
+
+def _stored_dtype(path) -> str:
+    """The dtype of a converted checkpoint's weights (its first floating leaf)."""
+    import orbax.checkpoint.experimental.v1 as ocp
+    import jax
+    import jax.numpy as jnp
+
+    meta = ocp.metadata(Path(path).absolute()).metadata
+    for leaf in jax.tree_util.tree_leaves(meta):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.dtype(leaf.dtype).name
+    return "bfloat16"
+
+
+def _sample_lora_targets(cfg, dit_cfg):
+    """The combined adapter's targets of a sample config's LoRAs (the files are read: they are small)."""
+    if not cfg.loras:
+        return ()
+    from mochi_jax.checkpoints.runs import load_loras
+
+    try:
+        _, targets = load_loras(cfg.loras, dit_cfg)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"loras={cfg.loras!r}: {e}") from e
+    return tuple(targets)
+
+
+def write_json(report: Report, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    return path

@@ -1,0 +1,170 @@
+"""The ahead-of-time fit check (`python -m mochi_jax.aot`): a tiny model's programs compiled for TPU
+topologies (libtpu, the `test` extra) and NVIDIA GPUs (the CUDA plugin, when installed) on this CPU,
+with the compiler's memory per device, and the exit status 0 fits / 1 does not fit / 2 bad input.
+Each command runs in its own process: JAX_PLATFORMS and XLA_FLAGS must be set before jax starts."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mochi_jax import fit, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+need_tpu = pytest.mark.skipif(not targets.have_compiler("tpu"),
+                              reason="libtpu is not installed (pip install -e '.[test]' or '.[tpu]')")
+need_cuda = pytest.mark.skipif(not targets.have_compiler("cuda"),
+                               reason="the CUDA compiler plugin is not installed (pip install -e '.[cuda]', several GB)")
+
+
+def aot(*flags, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "mochi_jax.aot", *flags], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- TPU
+
+
+@need_tpu
+def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path):
+    out = tmp_path / "report.json"
+    p = aot("--config=configs/lora.py:demo", "--config.aot.target=v5p-8", "--config.batch_size=4",
+            f"--config.aot.json={out}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "train step on TPU v5p slice v5p:2x2x1 (4 chips" in p.stdout
+    assert re.search(r"^FITS: [\d.]+ GiB of 95\.\d\d GiB per chip", p.stdout, re.M), p.stdout
+    r = json.loads(out.read_text())
+    assert r["mesh"] == {"data": 4, "fsdp": 1, "sequence": 1, "tensor": 1} and r["num_devices"] == 4
+    for k in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "code_bytes", "total_bytes",
+              "limit_bytes", "compile_s"):
+        assert r[k] > 0, k
+    assert r["total_bytes"] == (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+                                + r["code_bytes"])
+    # the train state is donated: its update is written into it; only the 3 scalar metrics are new (TPU tiles pad them)
+    state = r["inputs"]["train state (donated)"]
+    assert r["alias_bytes"] >= state and r["output_bytes"] - r["alias_bytes"] < 4096
+    assert r["argument_bytes"] >= sum(r["inputs"].values())
+    assert r["fits"] and 95 * GIB < r["limit_bytes"] < 96 * GIB  # the compiler's own limit for a v5p chip
+
+
+@need_tpu
+def test_absurd_clip_on_a_small_chip_does_not_fit():
+    p = aot("--config=configs/lora.py:demo", "--config.aot.target=v5e-1", "--config.aot.num_frames=163",
+            "--config.aot.height=480", "--config.aot.width=848")
+    assert p.returncode == 1, p.stdout + p.stderr
+    m = re.search(r"^DOES NOT FIT: the compiler needs at least ([\d.]+) GiB of 15\.75 GiB per chip", p.stdout, re.M)
+    assert m and float(m.group(1)) > 15.75, p.stdout
+    assert "RESOURCE_EXHAUSTED" in p.stdout  # the compiler's own words are shown
+
+
+@need_tpu
+def test_over_a_given_memory_does_not_fit_with_the_numbers():
+    # prepare's T5 (the demo's tiny one) against a fake 0.1 MiB device
+    p = aot("--config=configs/prepare.py:demo", "--config.aot.what=t5", "--config.aot.target=v5e-1",
+            "--config.aot.memory_gib=0.0001")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "T5 encode on TPU v5e" in p.stdout and "captions 8 x 256 tokens" in p.stdout
+    m = re.search(r"^DOES NOT FIT: ([\d.]+) GiB of 0\.00 GiB per chip, ([\d.]+) GiB over", p.stdout, re.M)
+    assert m, p.stdout
+    assert re.search(r"total +[\d.]+ MiB +of 0\.00 GiB \(--config\.aot\.memory_gib\)", p.stdout), p.stdout
+
+
+@need_tpu
+def test_sampler_step_compiles():
+    p = aot("--config=configs/sample.py:demo", "--config.aot.target=v6e-1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "sampler step on TPU v6e" in p.stdout and "guidance 6: both branches, DiT batch 2" in p.stdout
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@need_cuda
+def test_tiny_train_step_compiles_for_an_h100(tmp_path):
+    out = tmp_path / "report.json"
+    p = aot("--config=configs/lora.py", "--config.aot.model=tiny", "--config.aot.target=h100",
+            "--config.model.attention=cudnn", "--config.aot.num_frames=7", "--config.aot.height=32",
+            "--config.aot.width=32", f"--config.aot.json={out}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "train step on 1 x NVIDIA H100 80GB HBM3" in p.stdout and "attention cudnn" in p.stdout
+    r = json.loads(out.read_text())
+    assert r["argument_bytes"] > 0 and r["temp_bytes"] > 0 and r["fits"]
+    assert r["limit_bytes"] == int(targets.GPUS["h100"].memory_bytes * 0.75)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--config.aot.target=v9-8"], "unknown TPU generation 'v9'"),
+    (["--config.aot.target=h100", "--config.aot.what=t5"], "needs a prepare config"),
+    (["--config.aot.target=h100", "--config.aot.num_frames=36"], "num_frames must be 6k+1"),
+    (["--config.aot.tagret=h100"], "bad flags"),
+])
+def test_bad_input_is_one_line_and_exit_2(flags, words):
+    p = aot("--config=configs/lora.py", *flags)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("mochi_jax.aot:")]
+    assert len(lines) == 1 and words in lines[0], p.stderr
+    assert "FIT" not in p.stdout
+
+
+# ----------------------------------------------------------------------------- in process
+
+
+def test_target_names():
+    t = targets.parse_target("v5e-16")
+    assert (t.platform, t.topology, t.num_devices, t.num_hosts) == ("tpu", "v5e:4x4", 16, 4)
+    t = targets.parse_target("v5p-8")  # TensorCores: 4 chips, one host
+    assert (t.topology, t.num_devices, t.num_hosts, t.accelerator_type) == ("v5p:2x2x1", 4, 1, "v5p-8")
+    assert targets.parse_target("v6e-8").num_hosts == 1 and targets.parse_target("v6e-8").topology == "v6e:2x4"
+    assert targets.parse_target("v5p-32").topology == "v5p:2x2x4"
+    assert targets.parse_target("v4-128").topology == "v4:4x4x4"
+    assert targets.parse_target("v5p:2x4x4").num_devices == 32
+    g = targets.parse_target("h100-16")
+    assert (g.platform, g.topology, g.num_devices, g.num_hosts) == ("cuda", "1x2x8", 16, 2)
+    assert targets.parse_target("rtx4090").num_devices == 1 and targets.parse_target("a100").kind == "a100-80gb"
+    for bad in ("v5e-12", "v5p-7", "v9-8", "b200", ""):
+        with pytest.raises(targets.TargetError):
+            targets.parse_target(bad)
+
+
+def test_gpu_target_configs():
+    for name, facts in targets.GPUS.items():
+        text = targets.gpu_target_config(facts)
+        assert f"device_memory_size: {facts.memory_bytes}" in text and 'platform_name: "CUDA"' in text
+        assert "collective_memory_granularity" not in text  # this jaxlib's proto has no such field
+        major, minor = facts.compute_capability
+        assert f"cuda_compute_capability {{ major: {major} minor: {minor} }}" in text
+
+
+def test_a_target_config_file(tmp_path):
+    f = tmp_path / "card.txtpb"
+    f.write_text(targets.gpu_target_config(targets.GPUS["h200"]).replace("NVIDIA H200", "my card"))
+    t = targets.parse_target("gpu-2", target_config=str(f))
+    assert (t.num_devices, t.nominal_bytes, t.gpu.description) == (2, targets.GPUS["h200"].memory_bytes, "my card")
+
+
+def test_compiler_refusals_are_read():
+    assert fit.parse_out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                   "HLO temporaries (75.13G) exceeds available HBM (15.75G).") == (
+        int(75.13 * GIB), int(15.75 * GIB))
+    assert fit.parse_out_of_memory("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+                                   "Used 47.52G of 15.75G hbm. Exceeded hbm capacity by 31.77G.") == (
+        int(47.52 * GIB), int(15.75 * GIB))
+    assert fit.parse_out_of_memory("INTERNAL: something else") is None
+
+
+def test_missing_compiler_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(targets, "have_compiler", lambda platform: False)
+    with pytest.raises(targets.MissingCompiler, match=r"pip install -e '\.\[tpu\]'"):
+        targets.compile_devices(targets.parse_target("v5e-16"))
+    with pytest.raises(targets.MissingCompiler, match=r"pip install -e '\.\[cuda\]'"):
+        targets.compile_devices(targets.parse_target("h100"))
