@@ -15,6 +15,7 @@ from compiles import compiled_functions
 from mochi_jax import evaluate
 from mochi_jax.lib import variants as variants_lib
 from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints.runs import load_run_lora
 from mochi_jax.lib import cache, sampling
 from mochi_jax.demo import write_demo_clip, write_demo_models
 from mochi_jax.models.lora import LoraTarget
@@ -122,8 +123,6 @@ def test_batched_equals_each_lora_alone(setup):
     for node in (b_half[0]["blocks"]["attn"], b_half[0]["last_block"]["attn"]):
         for layer in node.values():
             layer["b"] = 0.5 * layer["b"]
-    from mochi_jax.train import load_run_lora
-
     refs = [None, (a_tree, a_targets), b_half, load_run_lora(run)]
     assert batched.shape == (4, 2, *noise.shape[1:])
     for k, lora in enumerate(refs):
