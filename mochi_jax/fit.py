@@ -364,6 +364,91 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     return report
 
 
+# ----------------------------------------------------------------------------- remat under a budget
+
+REMAT_LADDER = ("none", "dots", "dots_no_batch", "full")  # each keeps less than the one before, recomputes more
+
+
+def remat_ladder(n: int) -> list[tuple[str, str]]:
+    """(remat, remat_groups) settings for n stacked blocks, from the least recomputation to the most:
+    all blocks at one policy of REMAT_LADDER, then the first k blocks at it and the rest at the
+    next one for k = n-1 .. 1, then all at the next, and so on to 'full'."""
+    out = [(REMAT_LADDER[0], "")]
+    for p, q in zip(REMAT_LADDER, REMAT_LADDER[1:]):
+        out += [("full", f"{p}:{k},{q}:{n - k}") for k in range(n - 1, 0, -1)] + [(q, "")]
+    return out
+
+
+@dataclasses.dataclass
+class RematChoice:
+    remat: str
+    groups: str
+    bytes: int  # compiled memory per device
+    budget: int
+    tried: list  # [(remat, groups, bytes)] in the order compiled
+
+    def describe(self) -> str:
+        setting = self.groups or self.remat
+        return (f"{setting}: {self.bytes / GIB:.2f} GiB within the {self.budget / GIB:.2f} GiB budget "
+                f"({len(self.tried)} settings compiled)")
+
+
+def choose_remat(n: int, memory_of: Callable[[str, str], int], budget: int) -> RematChoice:
+    """The setting of `remat_ladder(n)` with the least recomputation whose compiled memory per
+    device (`memory_of(remat, groups)`) is within `budget` bytes, by bisection over the ladder
+    (memory falls along it: each step keeps fewer activations), so about log2(3n) compiles."""
+    ladder, memo, tried = remat_ladder(n), {}, []
+
+    def mem(i: int) -> int:
+        if i not in memo:
+            memo[i] = memory_of(*ladder[i])
+            tried.append((*ladder[i], memo[i]))
+        return memo[i]
+
+    last = len(ladder) - 1
+    if mem(last) > budget:
+        raise BadInput(f"remat='auto': even remat 'full' needs {mem(last) / GIB:.2f} GiB per device, over the "
+                       f"{budget / GIB:.2f} GiB budget (a smaller clip or batch, more fsdp / sequence devices, or "
+                       "a larger model.memory_budget_gb)")
+    lo, hi = 0, last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mem(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return RematChoice(*ladder[lo], mem(lo), budget, tried)
+
+
+def choose_remat_here(cfg, latent_shape, text_tokens: int) -> RematChoice:
+    """remat='auto' for a training run on the devices at hand: compile the config's train step for
+    its largest latent shape [12, t, h, w] and pick the least recomputation within
+    cfg.model.memory_budget_gb (default: what the first device reports it can hold)."""
+    import jax
+
+    from mochi_jax.checkpoints import dit_config
+
+    m = cfg.model
+    devices = jax.devices()
+    budget = int(m.memory_budget_gb * GIB)
+    if budget <= 0:
+        stats = devices[0].memory_stats() or {}
+        budget = int(stats.get("bytes_limit", 0))
+    if budget <= 0:
+        raise BadInput(f"remat='auto': {devices[0].platform} reports no memory limit; set --config.model.memory_budget_gb")
+    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention)
+    _, t, h, w = latent_shape
+    clip = (6 * (t - 1) + 1, 8 * h, 8 * w)
+    target = targets_lib.local_target(devices)
+
+    def memory_of(remat: str, groups: str) -> int:
+        c = dataclasses.replace(dit_cfg, remat=remat, remat_groups=groups)
+        return measure(train_program(cfg, c, devices, clip, text_tokens, jax.process_count()), target, budget,
+                       "model.memory_budget_gb").total_bytes
+
+    return choose_remat(dit_cfg.depth - 1, memory_of, budget)
+
+
 # ----------------------------------------------------------------------------- from a config
 
 
@@ -481,6 +566,11 @@ def check(cfg, what: str = "") -> Report:
 
     demo = bool(cfg.get("demo"))
 
+    def limit_of() -> tuple[int, str]:
+        if aot.memory_gib > 0:
+            return int(aot.memory_gib * GIB), "--config.aot.memory_gib"
+        return targets_lib.memory_limit(target, compile_devices(), aot.gpu_memory_fraction)
+
     if kind == "lora":
         m = cfg.model
         arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
@@ -491,6 +581,18 @@ def check(cfg, what: str = "") -> Report:
         if what == "train":
             f, h, w, src = _prepare_clip_defaults(cfg)
             clip, src = _clip(aot, f, h, w, src)
+            if m.remat == "auto":
+                limit, _ = limit_of()
+                budget = int(m.memory_budget_gb * GIB) if m.memory_budget_gb > 0 else limit
+
+                def memory_of(remat: str, groups: str) -> int:
+                    c = dataclasses.replace(dit_cfg, remat=remat, remat_groups=groups)
+                    return measure(train_program(cfg, c, compile_devices(), clip, aot.text_tokens, target.num_hosts),
+                                   target, limit, "").total_bytes
+
+                choice = choose_remat(dit_cfg.depth - 1, memory_of, budget)
+                dit_cfg = dataclasses.replace(dit_cfg, remat=choice.remat, remat_groups=choice.groups)
+                model_line += f"\n  remat    auto -> {choice.describe()}"
             program = train_program(cfg, dit_cfg, compile_devices(), clip, aot.text_tokens, target.num_hosts)
         else:  # the validation videos, rendered with the weights sharded as in training
             from mochi_jax.models import sharding as sharding_lib
@@ -500,6 +602,7 @@ def check(cfg, what: str = "") -> Report:
 
             v = cfg.validation
             s = v.sampling
+            dit_cfg = dataclasses.replace(dit_cfg, remat="none", remat_groups="")  # sampling keeps nothing for a backward
             clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
             targets = lora_lib.targets_from_config(cfg.lora.to_dict())
             mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), compile_devices())
@@ -555,9 +658,7 @@ def check(cfg, what: str = "") -> Report:
     if target.platform == "cuda":
         program.details.append("GPU      compiled with autotuning off (no GPU here): the kernels, not the memory, "
                                "may differ on the card")
-    limit, source = targets_lib.memory_limit(target, compile_devices(), aot.gpu_memory_fraction)
-    if aot.memory_gib > 0:
-        limit, source = int(aot.memory_gib * GIB), "--config.aot.memory_gib"
+    limit, source = limit_of()
     return measure(program, target, limit, source)
 
 

@@ -137,6 +137,8 @@ class Target:
         return f"{'v5litepod' if self.kind == 'v5e' else self.kind}-{self.num_devices * cores}"
 
     def describe(self) -> str:
+        if self.topology == "local":
+            return f"{self.num_devices} x {self.kind} (the devices at hand)"
         if self.platform == "tpu":
             return f"TPU {self.kind} slice {self.topology} ({self.num_devices} chips, {self.num_hosts} host(s))"
         return f"{self.num_devices} x {self.gpu.description} ({self.num_hosts} host(s))"
@@ -316,3 +318,9 @@ def memory_limit(target: Target, devices, gpu_fraction: float = JAX_GPU_MEM_FRAC
         if m:
             return parse_size(*m.groups()), "the TPU compiler's HBM limit"
     return target.nominal_bytes, f"{target.kind} nominal HBM"
+
+
+def local_target(devices) -> Target:
+    """The devices at hand (a real TPU, GPU or the CPU) as a Target, for compiling where one runs."""
+    d = devices[0]
+    return Target("local", d.platform, str(getattr(d, "device_kind", d.platform)), len(devices), "local")

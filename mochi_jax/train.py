@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mochi_jax import cli, demo
+from mochi_jax import cli, demo, fit
 from mochi_jax.lib import trainer
+from mochi_jax.lib.cache import Cache
 
 
 def train(cfg) -> Path:
-    """Run (or resume) the training described by `cfg`; the demo preset first makes its inputs."""
+    """Run (or resume) the training described by `cfg`; the demo preset first makes its inputs, and
+    remat='auto' is resolved here to the setting the compiler says fits (printed, and recorded in
+    the run's config.json)."""
     demo.ensure(cfg)
+    if cfg.model.remat == "auto":
+        cache = Cache(cfg.cache)
+        shape = max(cache.latent_shapes(), key=lambda s: s[1] * s[2] * s[3])
+        choice = fit.choose_remat_here(cfg, shape, int(cache[0]["t5_feats"].shape[0]))
+        cfg.model.remat, cfg.model.remat_groups = choice.remat, choice.groups
+        trainer.log(f"remat auto -> {choice.describe()}")
     return trainer.train(cfg)
 
 

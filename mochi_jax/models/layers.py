@@ -194,17 +194,19 @@ def stack_layers(tree: dict, name: str, n: int, shardings=None) -> dict:
     stacked = {}
     for path in list(flat[0]):
         xs = [layer.pop(path) for layer in flat]
-        stacked[path] = _stacker(target.get(path))(*xs)
+        stacked[path] = _stack(*xs, sharding=target.get(path))
         del xs
     out = {k: v for k, v in tree.items() if k not in names}
     out[name] = traverse_util.unflatten_dict(stacked)
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _stacker(sharding):
-    """jit(stack) into `sharding`, one per sharding so equal layer shapes compile once."""
-    return jax.jit(lambda *a: jnp.stack(a), out_shardings=sharding)
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def _stack(*layers, sharding=None):
+    """The layers stacked on a new leading axis, laid out as `sharding` (static: equal layer shapes
+    and shardings compile once, in jax.jit's own cache)."""
+    out = jnp.stack(layers)
+    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
 def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
