@@ -9,17 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from mochi_jax import cli, demo
+from mochi_jax.checkpoints.common import writable_dir
 from mochi_jax.lib import trainer
 
 
 def train(cfg) -> Path:
     """Run (or resume) the training described by `cfg`; the demo preset first makes its inputs."""
     demo.ensure(cfg)
+    writable_dir(cfg.run_dir)  # a read-only or misplaced run folder fails now, not at the first checkpoint
     return trainer.train(cfg)
 
 
 def main():
-    cli.run("configs/lora.py", train, "training configuration: configs/lora.py[:preset]")
+    cli.run("configs/lora.py", train, "training configuration: configs/lora.py[:preset]", command="mochi_jax.train")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,10 @@ def test_genmo_export_pads_ranks_and_writes_zero_partners(base, tmp_path):
         a, b = (np.asarray(x, "bfloat16").astype(np.float64) for x in (node["a"], node["b"] * np.float32(t.scale)))
         bf16["/".join(path)] = a @ b
     assert_same_deltas(deltas(back, back_targets), bf16, 1e-7)
-    assert "blocks/attn/qkv_y" in deltas(back, back_targets)  # the zero partners are read back (as zeros)
+    # the all-zero partners and the zero padding are not read back: only what adds something
+    assert set(deltas(back, back_targets)) == {"blocks/attn/qkv_x", "last_block/attn/qkv_x", "blocks/attn/proj_y",
+                                              "last_block/attn/qkv_y"}
+    assert back["last_block"]["attn"]["qkv_y"]["a"].shape[-1] == 2
 
 
 # ----------------------------------------------------------------------------- parity with diffusers
@@ -384,14 +387,14 @@ def test_refusals_name_the_file_and_every_bad_key(base, tmp_path, capsys):
     # against the model's dims (cfg): a lora_B with the wrong output size
     path = _write(tmp_path / "dims.safetensors", {"blocks.0.attn.qkv_x.lora_A": np.ones((2, w)),
                                                    "blocks.0.attn.qkv_x.lora_B": np.ones((w, 2))})
-    lora_io.load_lora(path)  # self-consistent on its own
+    lora_io.load_lora(path, depth=cfg.depth)  # self-consistent on its own
     with pytest.raises(lora_io.LoraFormatError, match=re.escape("blocks.0.attn.qkv_x.lora_B")):
         lora_io.load_lora(path, cfg=cfg)
     # genmo kwargs that contradict the tensors; depth inferred where the last block cannot be the last
     path = _write(tmp_path / "kw.safetensors", ok, {"kwargs": json.dumps({"qkv_proj_lora_rank": 4,
                                                                           "qkv_proj_lora_alpha": 4})})
     with pytest.raises(lora_io.LoraFormatError, match="qkv_proj_lora_rank = 4"):
-        lora_io.load_lora(path)
+        lora_io.load_lora(path, depth=cfg.depth)
     with pytest.raises(lora_io.LoraFormatError, match="pass the model's depth"):
         lora_io.load_lora(_write(tmp_path / "py.safetensors", {"blocks.1.attn.proj_y.lora_A": np.ones((2, w)),
                                                                "blocks.1.attn.proj_y.lora_B": np.ones((w, 2))}))

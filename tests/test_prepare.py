@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from mochi_jax.checkpoints import common
 from mochi_jax.configs import prepare as prepare_configs
 from mochi_jax.lib import cache as cache_lib
 from mochi_jax import prepare as prepare_cmd
@@ -229,22 +230,25 @@ def test_a_crash_mid_clip_leaves_no_partial_file_and_the_next_run_finishes(demo,
     synthetic.make_clips(src, n=3, num_frames=13, size=SIZE, seed=3)
     out = tmp_path / "cache"
     cfg = config_for(demo[0], src, out)
-    real_save = cache_lib.save_file
+    real_save = cache_lib.write_safetensors
     calls = []
 
-    def dies_on_second_clip(arrays, path):
+    def dies_on_second_clip(path, arrays):
         calls.append(path)
         if len(calls) == 3:  # empty prompt, clip_000, then clip_001: killed half-way through writing
             blob = safetensors.numpy.save(arrays)
-            with open(path, "wb") as f:
-                f.write(blob[: len(blob) // 2])
-            raise KeyboardInterrupt
-        real_save(arrays, path)
 
-    monkeypatch.setattr(cache_lib, "save_file", dies_on_second_clip)
+            def half_then_killed(f):
+                f.write(blob[: len(blob) // 2])
+                raise KeyboardInterrupt
+
+            common.write_atomically(path, half_then_killed)
+        return real_save(path, arrays)
+
+    monkeypatch.setattr(cache_lib, "write_safetensors", dies_on_second_clip)
     with pytest.raises(KeyboardInterrupt):
         prepare_lib.prepare(cfg)
-    monkeypatch.setattr(cache_lib, "save_file", real_save)
+    monkeypatch.setattr(cache_lib, "write_safetensors", real_save)
     assert sorted(p.name for p in (out / "clips").iterdir()) == ["clip_000.safetensors"]
     assert [e["name"] for e in Cache(out).entries] == ["clip_000"]
     # A process killed outright (no cleanup) leaves its temporary file behind; the next run removes it.

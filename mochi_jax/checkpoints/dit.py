@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, load_model, need_shape, read_metadata,
-                                         validate, write)
+from mochi_jax.checkpoints.common import (ConversionError, LazyTensor, Leaf, TensorSource, load_model, need_shape,
+                                         read_metadata, validate, write, write_safetensors)
 from mochi_jax.models.dit import DiTConfig
 
 GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -174,6 +174,16 @@ def _to_ours(genmo_key: str, x: np.ndarray, cfg: DiTConfig) -> np.ndarray:
     return x
 
 
+def _from_ours(genmo_key: str, x: np.ndarray, cfg: DiTConfig) -> np.ndarray:
+    """The inverse of `_to_ours`: our leaf -> the genmo tensor (PyTorch layout)."""
+    if genmo_key == "x_embedder.proj.weight":  # [(p1, p2, c), D] -> [D, C, p, p]
+        p = cfg.patch_size
+        return x.reshape(p, p, cfg.in_channels, x.shape[-1]).transpose(3, 2, 0, 1)
+    if genmo_key.endswith(".weight") and x.ndim == 2:
+        return x.T
+    return x
+
+
 def _our_path(genmo_key: str, cfg: DiTConfig) -> tuple[str, ...]:
     """genmo key -> its path in the checkpoint we write (the unrolled layout: blocks_N, last_block)."""
     parts = genmo_key.split(".")
@@ -222,6 +232,29 @@ def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
     out = write(plan(cfg, layout), src, out_dir, np_dtype, meta,
                 overwrite=overwrite, progress=progress)
     return out, cfg
+
+
+def save_genmo_dit(path, cfg: DiTConfig, params, dtype=None) -> Path:
+    """Write a DiT (our params, scanned layout as `load_dit` returns them) as genmo's
+    `dit.safetensors`: one file, genmo's key names and PyTorch shapes, the layout ComfyUI and
+    genmo's own code load (and `convert_dit` reads back). Tensors are built and written one at a
+    time, cast to `dtype` (default: the params' own)."""
+    tensors = {}
+    for gk, shape in genmo_shapes(cfg).items():
+        path_ = _our_path(gk, cfg)
+        index = None
+        if path_[0].startswith("blocks_"):  # blocks_N -> row N of the stacked 'blocks'
+            index, path_ = int(path_[0][len("blocks_"):]), ("blocks", *path_[1:])
+        leaf = params
+        for k in path_:
+            leaf = leaf[k]
+        dt = np.dtype(jnp.dtype(dtype if dtype is not None else leaf.dtype))
+
+        def build(gk=gk, leaf=leaf, index=index, dt=dt):
+            return _from_ours(gk, np.asarray(leaf if index is None else leaf[index]), cfg).astype(dt)
+
+        tensors[gk] = LazyTensor(shape, dt, build)
+    return write_safetensors(path, tensors, {"format": "pt"})
 
 
 def dit_config(path, **overrides) -> DiTConfig:
