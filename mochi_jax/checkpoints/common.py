@@ -270,7 +270,10 @@ def _read_header(f: Path) -> list[tuple[str, tuple[int, ...], str, tuple[int, in
         end = max(end, stop)
         out.append((key, shape, dtype, (8 + n + start, 8 + n + stop)))
     if 8 + n + end > size:
-        raise ConversionError(f"{f}: file is truncated ({size} bytes, its header promises {8 + n + end})")
+        cut = [key for key, _, _, (_, stop) in out if stop > size]
+        raise ConversionError(f"{f}: file is truncated ({size} bytes, its header promises {8 + n + end}); "
+                              f"{len(cut)} of its {len(out)} tensors do not fit: "
+                              + ", ".join(repr(k) for k in cut[:20]) + (" ..." if len(cut) > 20 else ""))
     return out
 
 
@@ -311,6 +314,27 @@ def need_shape(src, key: str, ndim: int | None = None) -> tuple[int, ...]:
     if ndim is not None and len(shape) != ndim:
         raise ConversionError(f"key {key!r} in {src.file_of(key)} has shape {shape}, expected {ndim} dimensions")
     return shape
+
+
+def vote(src, field: str, readings) -> int:
+    """An architecture number read from every tensor that shows it: `readings` are (key, value)
+    pairs (keys the file lacks are left out by the caller). The value most of them give wins,
+    so one corrupt tensor cannot change the architecture (`validate` then names that tensor,
+    with the shape the others imply); a tie between the most common values is an error naming
+    the tensors behind each."""
+    readings = [(k, int(v)) for k, v in readings]
+    if not readings:
+        raise ConversionError(f"{src.path}: no tensor shows the {field} (needed to infer the architecture)")
+    counts: dict[int, list[str]] = {}
+    for k, v in readings:
+        counts.setdefault(v, []).append(k)
+    ranked = sorted(counts.items(), key=lambda kv: -len(kv[1]))
+    if len(ranked) > 1 and len(ranked[0][1]) == len(ranked[1][1]):
+        tied = [(v, ks) for v, ks in ranked if len(ks) == len(ranked[0][1])]
+        raise ConversionError(f"{src.path}: the tensors disagree on the {field} and no value has more of them: "
+                              + "; ".join(f"{v} from {', '.join(repr(k) for k in ks[:5])}"
+                                          + (" ..." if len(ks) > 5 else "") for v, ks in tied))
+    return ranked[0][0]
 
 
 def json_beside(src, name: str) -> tuple[Path | None, dict]:
