@@ -51,15 +51,24 @@ def _named(e: OSError, path) -> OSError:
     return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno else OSError(f"{path}: {e}")
 
 
+def make_dirs(folder) -> Path:
+    """mkdir -p, with a file in the way named as such (NotADirectoryError naming that file)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)", str(in_the_way)) from e
+    except OSError as e:
+        raise _named(e, e.filename or folder) from e
+    return folder
+
+
 def writable_dir(folder) -> Path:
     """Make `folder` (and its parents) and check that files can be created in it, before any work
     is spent on what goes there. Raises the OSError (PermissionError, NotADirectoryError, EROFS,
     ENOSPC, ...) naming the folder, never a probe file."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as e:  # a file where the folder should be
-        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)", str(folder)) from e
+    folder = make_dirs(folder)
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -77,12 +86,7 @@ def write_atomically(path, data: bytes | str | Callable) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "Is a directory (a file name is needed)", str(path))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as e:
-        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)", str(path.parent)) from e
-    except OSError as e:
-        raise _named(e, path.parent) from e
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
