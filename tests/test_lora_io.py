@@ -260,6 +260,11 @@ def test_convert_infers_the_depth_only_when_the_file_shows_it(base, tmp_path, ca
                      "--to", "diffusers", "--depth", "4"]) == 0
     keys = load_file(tmp_path / "d.safetensors")
     assert "transformer.transformer_blocks.1.attn1.to_add_out.lora_A.weight" in keys  # not the last block's names
+    # the same without proj_y: it used to be written silently with block 1 as the last block
+    _write(tmp_path / "qkv.safetensors", {k: v for k, v in first.items() if ".qkv_" in k})
+    assert cli.main(["convert", str(tmp_path / "qkv.safetensors"), str(tmp_path / "q.safetensors"),
+                     "--to", "diffusers"]) == 2
+    assert "pass the model's depth" in capsys.readouterr().err and not (tmp_path / "q.safetensors").exists()
     # shown by the file: proj_y (which the last block lacks) on every block but the highest
     for path in (full, lora_io.save_diffusers(tmp_path / "full_d.safetensors", tree, targets)):
         assert lora_io.load_lora(path)[2]["depth"] == 4
