@@ -158,7 +158,8 @@ def test_t5_corrupt_architecture_tensor_is_named_alone(tmp_path):
     d, inner, ff, vocab, heads, layers = 16, 16, 24, 40, 2, 3
     sd = {t5_convert.EMBED: rng.standard_normal((vocab, d)), t5_convert.REL_BIAS: rng.standard_normal((32, heads)),
           t5_convert.FINAL_NORM: np.ones(d)}
-    shapes = {"attn_norm/weight": (d,), "ff_norm/weight": (d,), "attn/q/kernel": (inner, d), "attn/k/kernel": (inner, d),
+    shapes = {"attn_norm/weight": (d,), "ff_norm/weight": (d,), "attn/q/kernel": (inner, d),
+              "attn/k/kernel": (inner, d),
               "attn/v/kernel": (inner, d), "attn/o/kernel": (d, inner), "ff/wi_0/kernel": (ff, d),
               "ff/wi_1/kernel": (ff, d), "ff/wo/kernel": (d, ff)}
     for n in range(layers):
@@ -169,4 +170,5 @@ def test_t5_corrupt_architecture_tensor_is_named_alone(tmp_path):
     save_numpy({k: np.asarray(v, np.float32) for k, v in sd.items()}, str(src))
     with pytest.raises(convert.ConversionError) as e:
         convert.convert_t5(src, tmp_path / "out", progress=False)
-    assert [line.strip() for line in str(e.value).splitlines()[1:]] == [f"key {odd!r} in {src} has shape (8, 16), expected (16, 16)"]
+    lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+    assert lines == [f"key {odd!r} in {src} has shape (8, 16), expected (16, 16)"]

@@ -15,7 +15,6 @@ from safetensors.numpy import load_file
 from mochi_jax import cli
 from mochi_jax.checkpoints import common, lora_files
 from mochi_jax.lib import cache as cache_lib
-from mochi_jax.lib.report import write_markdown
 from mochi_jax.lib.video import write_mp4
 from mochi_jax.models.lora import LoraTarget
 
@@ -29,7 +28,8 @@ def _tiny_lora():
     for name, (d_in, d_out) in {"qkv_x": (8, 24), "qkv_y": (8, 24), "proj_x": (8, 8), "proj_y": (8, 8)}.items():
         tree["blocks"]["attn"][name] = {"a": rng.standard_normal((2, d_in, 2)), "b": rng.standard_normal((2, 2, d_out))}
         if name != "proj_y":
-            tree["last_block"]["attn"][name] = {"a": rng.standard_normal((d_in, 2)), "b": rng.standard_normal((2, d_out))}
+            tree["last_block"]["attn"][name] = {"a": rng.standard_normal((d_in, 2)),
+                                                "b": rng.standard_normal((2, d_out))}
         targets.append(LoraTarget(f"attn/{name}$", 2, 2.0))
     return tree, tuple(targets)
 

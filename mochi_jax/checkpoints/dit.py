@@ -91,7 +91,8 @@ def infer_config(src: TensorSource, layout: str) -> DiTConfig:
             ("attn.proj_x.weight", 1, 1), ("mlp_x.w1.weight", 1, 1), ("mlp_x.w2.weight", 0, 1))]
         + [(b + "attn.proj_y.weight", 1, 1) for b in inner]))
     head_dim = vote(src, "attention head size", read(
-        [(b + f"attn.{norm}.weight", 0, 1) for b in blocks for norm in ("q_norm_x", "k_norm_x", "q_norm_y", "k_norm_y")])
+        [(b + f"attn.{norm}.weight", 0, 1) for b in blocks
+         for norm in ("q_norm_x", "k_norm_x", "q_norm_y", "k_norm_y")])
         + [(k, 2 * v) for k, v in read([("pos_frequencies", 2, 1)])])
     text_width = vote(src, "text stream width", read(
         [("t5_yproj.weight", 0, 1), ("t5_yproj.bias", 0, 1), (last + "mod_y.weight", 0, 1)]
