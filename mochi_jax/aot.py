@@ -37,25 +37,11 @@ def main():
     targets.compile_only_environment()  # before jax is imported
     from mochi_jax import cli
 
-    status = {}
-
     def command(cfg):
-        status["code"] = run(cfg)
+        sys.exit(run(cfg))  # 0 fits, 1 does not, 2 bad input
 
-    try:
-        cli.run("configs/lora.py", command, "a configs/lora.py, sample.py or prepare.py config with an aot block")
-    except SystemExit as e:
-        if "code" not in status and e.code not in (0, None):
-            sys.exit(2)  # the flags or the config file were refused (absl said why)
-        if "code" not in status:
-            raise
-    except Exception as e:  # noqa: BLE001 - a flag absl could not parse (an unknown config field, a bad value)
-        if "code" in status:
-            raise
-        message = str(e).split("\\n")[-1].strip("'\" ")  # absl's repr of a KeyError: keep its last line
-        print(f"{PREFIX}: bad flags: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status.get("code", 0))
+    cli.run("configs/lora.py", command, "a configs/lora.py, sample.py or prepare.py config with an aot block",
+            command=PREFIX)  # flags it cannot take and user errors: one line, exit status 2
 
 
 if __name__ == "__main__":

@@ -4,10 +4,19 @@
 looked up in the current directory first, then among the installed project's configs
 (`mochi_jax.configs`, the repository's configs/ folder), so the same spelling works from any
 directory; an absolute path is used as it is.
+
+User errors end a command with one message naming the path or setting and the reason, on stderr,
+and exit status 2: a missing, unreadable or unwritable path, a path of the wrong kind (a file
+where a folder is needed or the other way round), a full or read-only file system, an input or
+setting the project refuses (ValueError and its kinds: LoraFormatError, ConversionError,
+CacheError, VideoError, TargetError, the config checks) and flags the config cannot take.
+Anything else is a bug and shows its traceback (so do user errors with MOCHI_JAX_TRACEBACK=1).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import warnings
 from importlib import resources
@@ -41,11 +50,44 @@ def _resolve_argv(argv: list[str], default: str) -> list[str]:
     return out
 
 
-def run(default_config: str, fn, help_text: str):
-    """Parse `--config` and call fn(config). absl logging is WARNING unless --verbosity is given
-    (orbax logs every save and restore at INFO); JAX's os.fork warning is silenced because the only
-    forks are ffmpeg subprocesses (fork + exec, no Python in the child)."""
+# errnos that say something about the user's paths or disk, not about the code
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOSPC,
+               errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.EFBIG, errno.ENOTEMPTY, errno.ELOOP}
+
+
+def user_error(e: BaseException) -> str | None:
+    """The message for an error the user can fix (see the module docstring), or None for a bug.
+    An OSError reads '<path>: <reason>' (its filename is the path the project meant, never a
+    temporary file: the project's writers name the real one)."""
+    if isinstance(e, OSError) and (e.errno in USER_ERRNOS or isinstance(
+            e, (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError))):
+        if e.filename is not None and e.strerror:
+            where = str(e.filename) + (f" -> {e.filename2}" if e.filename2 is not None else "")
+            return f"{where}: {e.strerror}"
+        return str(e) or type(e).__name__
+    if isinstance(e, ValueError):
+        return str(e) or type(e).__name__
+    return None
+
+
+def fail(command: str, e: BaseException) -> int:
+    """Print `<command>: <message>` for a user error and return exit status 2; re-raise anything
+    else (a bug), or everything with MOCHI_JAX_TRACEBACK=1."""
+    message = user_error(e)
+    if message is None or os.environ.get("MOCHI_JAX_TRACEBACK"):
+        raise e
+    print(f"{command}: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def run(default_config: str, fn, help_text: str, command: str):
+    """Parse `--config` and call fn(config); `command` ('mochi_jax.train') prefixes error messages.
+    absl logging is WARNING unless --verbosity is given (orbax logs every save and restore at
+    INFO); JAX's os.fork warning is silenced because the only forks are ffmpeg subprocesses (fork +
+    exec, no Python in the child). User errors exit with status 2 and one message (see above),
+    also flags absl or the config file refuse."""
     config = config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
+    started = []
 
     def main(argv):
         if len(argv) > 1:
@@ -53,6 +95,21 @@ def run(default_config: str, fn, help_text: str):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-        fn(config.value)
+        started.append(True)
+        try:
+            fn(config.value)
+        except Exception as e:  # noqa: BLE001 - user errors become one line, bugs are re-raised
+            sys.exit(fail(command, e))
 
-    app.run(main, argv=_resolve_argv(list(sys.argv), default_config))
+    try:
+        app.run(main, argv=_resolve_argv(list(sys.argv), default_config))
+    except SystemExit as e:
+        if not started and e.code not in (0, None):
+            sys.exit(2)  # absl refused the flags or the config file, and said why
+        raise
+    except Exception as e:  # noqa: BLE001 - a flag the config loader could not take (an unknown field, a bad value)
+        if started:
+            raise
+        message = str(e).split("\\n")[-1].strip("'\" ")  # absl's repr of a KeyError: keep its last line
+        print(f"{command}: bad flags: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)

@@ -31,6 +31,7 @@ import numpy as np
 
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae
+from mochi_jax.checkpoints.common import writable_dir
 from mochi_jax.checkpoints.runs import parse_loras
 from mochi_jax.lib import cache, sampling
 from mochi_jax.lib.clip import Scorer
@@ -206,8 +207,8 @@ def run(cfg) -> dict:
     demo.ensure(cfg)
     t_start = time.time()
     inp = check_inputs(cfg)
+    out_dir = writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     t_inputs = time.time() - t_start
-    out_dir = Path(cfg.out_dir)
     records, sheets, timing = render_and_score(cfg, inp, out_dir)
     names = list(records[0]["metrics"])
     summary, deltas = summarize(records, inp.variants, inp.prompts, names)
@@ -230,7 +231,8 @@ def run(cfg) -> dict:
 
 def main():
     # the report goes to files; the returned dict is not printed
-    cli.run("configs/eval.py", lambda cfg: run(cfg) and None, "evaluation configuration: configs/eval.py[:preset]")
+    cli.run("configs/eval.py", lambda cfg: run(cfg) and None, "evaluation configuration: configs/eval.py[:preset]",
+            command="mochi_jax.evaluate")
 
 
 if __name__ == "__main__":

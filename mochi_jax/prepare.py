@@ -19,7 +19,7 @@ def prepare(cfg) -> dict:
 
 
 def main():
-    cli.run("configs/prepare.py", prepare, "prepare settings: configs/prepare.py[:demo]")
+    cli.run("configs/prepare.py", prepare, "prepare settings: configs/prepare.py[:demo]", command="mochi_jax.prepare")
 
 
 if __name__ == "__main__":

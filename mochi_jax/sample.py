@@ -18,6 +18,7 @@ import numpy as np
 
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae
+from mochi_jax.checkpoints.common import writable_dir
 from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.lib import sampling
 from mochi_jax.lib.text import TextEncoder
@@ -62,6 +63,7 @@ def render(cfg):
 def run(cfg) -> list[Path]:
     """Render and write <out_dir>/<prompt slug>_seed<seed>.mp4 for every video; returns the paths."""
     demo.ensure(cfg)
+    writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     paths = []
     for seed, frames in render(cfg):
         paths.append(write_mp4(Path(cfg.out_dir) / f"{slug(cfg.prompt)}_seed{seed}.mp4", frames, fps=cfg.sampling.fps))
@@ -70,7 +72,7 @@ def run(cfg) -> list[Path]:
 
 
 def main():
-    cli.run("configs/sample.py", run, "sampling configuration: configs/sample.py[:preset]")
+    cli.run("configs/sample.py", run, "sampling configuration: configs/sample.py[:preset]", command="mochi_jax.sample")
 
 
 if __name__ == "__main__":

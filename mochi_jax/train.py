@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mochi_jax import cli, demo, fit
+from mochi_jax.checkpoints.common import writable_dir
 from mochi_jax.lib import trainer
 from mochi_jax.lib.cache import Cache
 
@@ -18,6 +19,7 @@ def train(cfg) -> Path:
     remat='auto' is resolved here to the setting the compiler says fits (printed, and recorded in
     the run's config.json)."""
     demo.ensure(cfg)
+    writable_dir(cfg.run_dir)  # a read-only or misplaced run folder fails now, not at the first checkpoint
     if cfg.model.remat == "auto":
         cache = Cache(cfg.cache)
         shape = max(cache.latent_shapes(), key=lambda s: s[1] * s[2] * s[3])
@@ -28,7 +30,7 @@ def train(cfg) -> Path:
 
 
 def main():
-    cli.run("configs/lora.py", train, "training configuration: configs/lora.py[:preset]")
+    cli.run("configs/lora.py", train, "training configuration: configs/lora.py[:preset]", command="mochi_jax.train")
 
 
 if __name__ == "__main__":

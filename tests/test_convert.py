@@ -1,17 +1,20 @@
 """The DiT converter's error discipline: every bad input named, nothing half-written."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from dit_ref import diffusers_to_genmo, make_reference, our_config
 from mochi_jax import checkpoints as convert
 from mochi_jax.checkpoints import common
+from mochi_jax.checkpoints import t5 as t5_convert
 from mochi_jax.checkpoints import load_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +76,12 @@ def test_truncated_corrupt_and_pickled_files_are_refused(genmo_sd, tmp_path):
     src = _save(genmo_sd, tmp_path / "dit.safetensors")
     data = src.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[:-100])
-    with pytest.raises(convert.ConversionError, match="trunc.safetensors.*truncated"):
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header.pop("__metadata__", None)
+    last = max(header, key=lambda k: header[k]["data_offsets"][1])  # the tensor whose bytes were cut
+    with pytest.raises(convert.ConversionError, match="trunc.safetensors.*truncated") as e:
         convert.convert_dit(tmp_path / "trunc.safetensors", tmp_path / "out", progress=False)
+    assert f"1 of its {len(header)} tensors do not fit: {last!r}" in str(e.value)  # the README promises the key
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(convert.ConversionError, match="junk.safetensors.*not a valid safetensors"):
         convert.convert_dit(tmp_path / "junk.safetensors", tmp_path / "out", progress=False)
@@ -116,3 +123,52 @@ def test_crash_mid_write_leaves_nothing_loadable(genmo_sd, tmp_path, monkeypatch
     assert not list(tmp_path.glob("out.partial_save*"))
     leaves = jax.tree_util.tree_leaves(params)
     assert sum(x.size for x in leaves) == sum(v.numel() for v in genmo_sd.values())
+
+
+@pytest.mark.parametrize("layout", ["genmo", "diffusers"])
+def test_a_corrupt_architecture_tensor_is_named_alone(genmo_sd, tmp_path, layout):
+    """The architecture is read from every tensor that shows it: a q-norm weight of the wrong width
+    (here half the head size, which still divides the width) is the one tensor named, not the
+    architecture it would imply (that blamed every other norm and pos_frequencies)."""
+    if layout == "genmo":
+        sd, odd = dict(genmo_sd), "blocks.0.attn.q_norm_x.weight"
+    else:
+        sd = {k: v.contiguous() for k, v in make_reference(our_config("h2d16"), seed=0).state_dict().items()}
+        odd = "transformer_blocks.0.attn1.norm_q.weight"
+    sd[odd] = torch.ones(8)  # head size 16 in h2d16
+    src = _save(sd, tmp_path / "odd.safetensors")
+    with pytest.raises(convert.ConversionError) as e:
+        convert.convert_dit(src, tmp_path / "out", progress=False)
+    lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+    assert lines == [f"key {odd!r} in {src} has shape (8,), expected (16,)"], str(e.value)
+    # channels x patch: the patch embedding against the output layer's weight and bias
+    sd = dict(genmo_sd)
+    sd["final_layer.linear.weight"] = torch.zeros(24, 32)  # 48 = 12 channels x 2 x 2
+    with pytest.raises(convert.ConversionError) as e:
+        convert.convert_dit(_save(sd, tmp_path / "out_layer.safetensors"), tmp_path / "out", progress=False)
+    assert "'final_layer.linear.weight'" in str(e.value) and "expected (48, 32)" in str(e.value)
+    sd.pop("final_layer.linear.bias")  # one against one: a tie, both named
+    with pytest.raises(convert.ConversionError, match="disagree on the patch pixels x channels") as e:
+        convert.convert_dit(_save(sd, tmp_path / "tie.safetensors"), tmp_path / "out", progress=False)
+    assert "48 from 'x_embedder.proj.weight'" in str(e.value) and "24 from 'final_layer.linear.weight'" in str(e.value)
+
+
+def test_t5_corrupt_architecture_tensor_is_named_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    d, inner, ff, vocab, heads, layers = 16, 16, 24, 40, 2, 3
+    sd = {t5_convert.EMBED: rng.standard_normal((vocab, d)), t5_convert.REL_BIAS: rng.standard_normal((32, heads)),
+          t5_convert.FINAL_NORM: np.ones(d)}
+    shapes = {"attn_norm/weight": (d,), "ff_norm/weight": (d,), "attn/q/kernel": (inner, d),
+              "attn/k/kernel": (inner, d),
+              "attn/v/kernel": (inner, d), "attn/o/kernel": (d, inner), "ff/wi_0/kernel": (ff, d),
+              "ff/wi_1/kernel": (ff, d), "ff/wo/kernel": (d, ff)}
+    for n in range(layers):
+        sd.update({key: rng.standard_normal(shapes[ours]) for ours, key in t5_convert._block_keys(n).items()})
+    odd = t5_convert._block_keys(0)["attn/q/kernel"]
+    sd[odd] = rng.standard_normal((8, d))  # 2 heads of 4 instead of 8: it used to set the attention width
+    src = tmp_path / "t5.safetensors"
+    save_numpy({k: np.asarray(v, np.float32) for k, v in sd.items()}, str(src))
+    with pytest.raises(convert.ConversionError) as e:
+        convert.convert_t5(src, tmp_path / "out", progress=False)
+    lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+    assert lines == [f"key {odd!r} in {src} has shape (8, 16), expected (16, 16)"]

@@ -160,7 +160,10 @@ def test_genmo_export_pads_ranks_and_writes_zero_partners(base, tmp_path):
         a, b = (np.asarray(x, "bfloat16").astype(np.float64) for x in (node["a"], node["b"] * np.float32(t.scale)))
         bf16["/".join(path)] = a @ b
     assert_same_deltas(deltas(back, back_targets), bf16, 1e-7)
-    assert "blocks/attn/qkv_y" in deltas(back, back_targets)  # the zero partners are read back (as zeros)
+    # the all-zero partners and the zero padding are not read back: only what adds something
+    assert set(deltas(back, back_targets)) == {"blocks/attn/qkv_x", "last_block/attn/qkv_x", "blocks/attn/proj_y",
+                                              "last_block/attn/qkv_y"}
+    assert back["last_block"]["attn"]["qkv_y"]["a"].shape[-1] == 2
 
 
 # ----------------------------------------------------------------------------- parity with diffusers
@@ -212,6 +215,105 @@ def test_diffusers_files_match_diffusers_loader(base, tmp_path, name):
     err2 = rel_l2(ours, ref)
     assert err2 <= 1e-5
     print(f"{name}: ours vs diffusers, our export {err1:.2e}, PEFT-style rank-3r file {err2:.2e}")
+
+
+def test_diffusers_export_has_one_rank_and_leaves_out_zero_adapters(base, tmp_path):
+    """A diffusers file carries no alphas; diffusers before 0.40 then gives every adapter one
+    alpha (the first or the most common rank), so adapters of another rank come out rescaled
+    while every key counts as loaded. save_diffusers pads every adapter to one rank with zeros
+    (exact), which every release applies as alpha = rank: tests/harness/diffusers_releases.py
+    measures it with diffusers 0.32, 0.35 and 0.39 (README). Adapters and rank components that
+    add nothing are not written; our reader gives each layer back at its own rank."""
+    cfg, _, params, _, _ = base("h3d8")
+    tree, targets = random_lora(params, SPEC, seed=5)  # ranks 4, 3, 2 and 2
+    tree["blocks"]["attn"]["proj_x"]["b"][1] = 0  # block 1's proj_x adapter adds nothing
+    tree["blocks"]["attn"]["qkv_x"]["a"][..., 3] = 0  # nor does qkv_x's 4th component in blocks 0-2
+    sd = load_file(lora_io.save_diffusers(tmp_path / "d.safetensors", tree, targets))
+    ranks = {v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight")}
+    ranks |= {v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
+    assert ranks == {4}
+    assert "transformer.transformer_blocks.1.attn1.to_out.0.lora_A.weight" not in sd
+    assert "transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in sd
+    assert not np.any(sd["transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight"][3:])  # rank 3 padded
+    back, back_targets, info = lora_io.load_lora(tmp_path / "d.safetensors", cfg=cfg)
+    assert_same_deltas(deltas(back, back_targets), deltas(tree, targets), 1e-6)
+    got = {t.pattern: t.rank for t in back_targets}
+    assert got["^blocks/attn/qkv_x$"] == 3 and got["^last_block/attn/qkv_x$"] == 4 and got["^blocks/mlp_x/w1$"] == 2
+    assert info["layers"]["blocks/attn/proj_x"]["blocks"] == [0, 2]  # block 1 was not written
+
+
+def test_convert_infers_the_depth_only_when_the_file_shows_it(base, tmp_path, capsys):
+    """A LoRA of the first blocks of a deeper model must not be written with its highest block
+    under the last block's names: without --depth the command asks for it."""
+    cfg, _, params, _, _ = base("h3d8")  # depth 4
+    tree, targets = random_lora(params, {r"attn/(qkv|proj)_[xy]$": (2, 2.0)}, seed=7)
+    full = lora_io.save_genmo(tmp_path / "full.safetensors", tree, targets, cfg=cfg)
+    sd = load_file(full)
+    first = {k: v for k, v in sd.items() if int(k.split(".")[1]) < 2}  # blocks 0 and 1 of 4
+    _write(tmp_path / "first.safetensors", first)
+    assert cli.main(["convert", str(tmp_path / "first.safetensors"), str(tmp_path / "d.safetensors"),
+                     "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert "first.safetensors" in err and "highest block is 1" in err and "--depth" in err
+    assert not (tmp_path / "d.safetensors").exists()
+    assert cli.main(["convert", str(tmp_path / "first.safetensors"), str(tmp_path / "d.safetensors"),
+                     "--to", "diffusers", "--depth", "4"]) == 0
+    keys = load_file(tmp_path / "d.safetensors")
+    assert "transformer.transformer_blocks.1.attn1.to_add_out.lora_A.weight" in keys  # not the last block's names
+    # the same without proj_y: it used to be written silently with block 1 as the last block
+    _write(tmp_path / "qkv.safetensors", {k: v for k, v in first.items() if ".qkv_" in k})
+    assert cli.main(["convert", str(tmp_path / "qkv.safetensors"), str(tmp_path / "q.safetensors"),
+                     "--to", "diffusers"]) == 2
+    assert "pass the model's depth" in capsys.readouterr().err and not (tmp_path / "q.safetensors").exists()
+    # shown by the file: proj_y (which the last block lacks) on every block but the highest
+    for path in (full, lora_io.save_diffusers(tmp_path / "full_d.safetensors", tree, targets)):
+        assert lora_io.load_lora(path)[2]["depth"] == 4
+    # the diffusers last-block module norm1_context.linear_1 shows it too; Mochi 1's block 47 does
+    last = {"transformer.transformer_blocks.2.norm1_context.linear_1.lora_A.weight": np.ones((1, cfg.width)),
+            "transformer.transformer_blocks.2.norm1_context.linear_1.lora_B.weight": np.ones((cfg.text_width, 1))}
+    assert lora_io.load_lora(_write(tmp_path / "last.safetensors", last))[2]["depth"] == 3
+    mochi = {"blocks.47.attn.qkv_x.lora_A": np.ones((1, 8)), "blocks.47.attn.qkv_x.lora_B": np.ones((24, 1))}
+    assert lora_io.load_lora(_write(tmp_path / "mochi.safetensors", mochi))[2]["depth"] == 48
+    # info shows an ambiguous file anyway
+    assert cli.main(["info", str(tmp_path / "first.safetensors")]) == 0
+    assert "depth unknown (blocks up to 1" in capsys.readouterr().out
+
+
+def test_info_says_when_the_scale_is_folded_and_convert_drops_zero_adapters(base, tmp_path, capsys):
+    cfg, _, params, _, _ = base("h3d8")
+    tree, targets = random_lora(params, {r"attn/qkv_x$": (4, 16.0), r"^blocks/attn/proj_y$": (2, 2.0)}, seed=8)
+    g = lora_io.save_genmo(tmp_path / "g.safetensors", tree, targets, cfg=cfg)  # writes zero qkv_y / proj_x partners
+    assert cli.main(["info", str(g)]) == 0
+    out = capsys.readouterr().out
+    assert "alpha 4 = rank, scale 1" in out and "already folded into lora_B" in out
+    assert "all-zero in every block (left out): " in out and "blocks/attn/qkv_y" in out
+    assert cli.main(["convert", str(g), str(tmp_path / "d.safetensors"), "--to", "diffusers"]) == 0
+    assert "left out all-zero" in capsys.readouterr().out
+    keys = set(load_file(tmp_path / "d.safetensors"))
+    assert not any("add_q_proj" in k or "to_out" in k for k in keys)  # the zero partners are gone
+    assert {k.split(".")[4] for k in keys} == {"to_q", "to_k", "to_v", "to_add_out"}
+
+
+def test_convert_reads_a_training_run_directory(base, tmp_path, monkeypatch, capsys):
+    cfg, _, params, _, _ = base("h3d8")
+    tree, targets = random_lora(params, {r"attn/qkv_[xy]$": (2, 4.0)}, seed=9)
+    seen = []
+
+    def fake_run(path):
+        seen.append(path)
+        return tree, targets
+
+    monkeypatch.setattr(cli, "load_run_lora", fake_run)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert cli.main(["convert", str(run), str(tmp_path / "r.safetensors"), "--to", "genmo"]) == 0
+    assert seen == [run] and f"training run {run}" in capsys.readouterr().out
+    back, back_targets, _ = lora_io.load_lora(tmp_path / "r.safetensors", depth=cfg.depth)
+    assert_same_deltas(deltas(back, back_targets), deltas(tree, targets), 1e-6)
+    # a folder that is no run: one line, exit status 2
+    monkeypatch.undo()
+    assert cli.main(["convert", str(tmp_path), str(tmp_path / "x.safetensors"), "--to", "genmo"]) == 2
+    assert "not a training run directory" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- genmo / kohya / ComfyUI files
@@ -326,7 +428,7 @@ def test_combine_equals_merging_each(base):
 
 
 def test_merge_checkpoint_and_unmerge(base, tmp_path):
-    cfg, _, params, ckpt, _ = base("h3d8")
+    cfg, _, params, ckpt, genmo = base("h3d8")
     tree, targets = random_lora(params, SPEC, seed=13)
     f = lora_io.save_genmo(tmp_path / "l.safetensors", tree, targets)
     assert cli.main(["merge", str(ckpt), str(f), str(tmp_path / "m"), "--strength", "0.8"]) == 0
@@ -336,6 +438,17 @@ def test_merge_checkpoint_and_unmerge(base, tmp_path):
     want = lora_lib.merge(params, loaded, loaded_targets, 0.8)
     jax.tree_util.tree_map(np.testing.assert_array_equal, merged, want)
     assert not np.array_equal(merged["blocks"]["attn"]["qkv_x"]["kernel"], params["blocks"]["attn"]["qkv_x"]["kernel"])
+    # genmo's layout (ComfyUI): one safetensors with the key names and shapes of genmo's dit.safetensors,
+    # which our converter reads back to the same merged weights
+    assert cli.main(["merge", str(ckpt), str(f), str(tmp_path / "m.safetensors"), "--strength", "0.8",
+                     "--format", "genmo"]) == 0
+    with safe_open(str(tmp_path / "m.safetensors"), "np") as out_file, safe_open(str(genmo), "np") as ref_file:
+        assert set(out_file.keys()) == set(ref_file.keys())
+        assert all(out_file.get_slice(k).get_shape() == ref_file.get_slice(k).get_shape() for k in ref_file.keys())
+    c2, from_genmo = load_dit(convert.convert_dit(tmp_path / "m.safetensors", tmp_path / "m2", dtype="float32",
+                                                  progress=False)[0])
+    assert c2.arch() == cfg.arch()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_genmo, want)
     out, _ = lora_io.merge_checkpoint(tmp_path / "m", f, tmp_path / "u", strength=0.8, unmerge=True)
     _, restored = load_dit(out)
     worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / (1 + np.abs(np.asarray(y)))))
@@ -384,14 +497,14 @@ def test_refusals_name_the_file_and_every_bad_key(base, tmp_path, capsys):
     # against the model's dims (cfg): a lora_B with the wrong output size
     path = _write(tmp_path / "dims.safetensors", {"blocks.0.attn.qkv_x.lora_A": np.ones((2, w)),
                                                    "blocks.0.attn.qkv_x.lora_B": np.ones((w, 2))})
-    lora_io.load_lora(path)  # self-consistent on its own
+    lora_io.load_lora(path, depth=cfg.depth)  # self-consistent on its own
     with pytest.raises(lora_io.LoraFormatError, match=re.escape("blocks.0.attn.qkv_x.lora_B")):
         lora_io.load_lora(path, cfg=cfg)
     # genmo kwargs that contradict the tensors; depth inferred where the last block cannot be the last
     path = _write(tmp_path / "kw.safetensors", ok, {"kwargs": json.dumps({"qkv_proj_lora_rank": 4,
                                                                           "qkv_proj_lora_alpha": 4})})
     with pytest.raises(lora_io.LoraFormatError, match="qkv_proj_lora_rank = 4"):
-        lora_io.load_lora(path)
+        lora_io.load_lora(path, depth=cfg.depth)
     with pytest.raises(lora_io.LoraFormatError, match="pass the model's depth"):
         lora_io.load_lora(_write(tmp_path / "py.safetensors", {"blocks.1.attn.proj_y.lora_A": np.ones((2, w)),
                                                                "blocks.1.attn.proj_y.lora_B": np.ones((w, 2))}))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from mochi_jax.checkpoints import common
 from mochi_jax.configs import prepare as prepare_configs
 from mochi_jax.lib import cache as cache_lib
 from mochi_jax import prepare as prepare_cmd
@@ -167,8 +168,8 @@ def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, mo
     grey_clip(src / "short.mp4", [100] * 10, fps=30)
     grey_clip(src / "nocap.mp4", [50] * 25, fps=30)
     grey_clip(src / "blank.mp4", [150] * 25, fps=30)
-    for name, text in [("corrupt", "x"), ("zero", "x"), ("short", "grey"), ("blank", " \n\t ")]:
-        (src / f"{name}.txt").write_text(text)
+    for name, text in [("corrupt", "x"), ("zero", "x"), ("short", "grey"), ("blank", " \n\t "), ("lonely", "x")]:
+        (src / f"{name}.txt").write_text(text)  # lonely.txt: a caption without a video
     out = tmp_path / "cache"
     cfg = config_for(demo[0], src, out)
 
@@ -176,7 +177,8 @@ def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, mo
     good = ["clip_000", "clip_001", "clip_002"]
     assert report["new"] == good and report["clips"] == good
     reasons = {s["source"].split("/")[-1]: s["reason"] for s in report["skipped"]}
-    assert sorted(reasons) == ["blank.mp4", "corrupt.mp4", "nocap.mp4", "short.mp4", "zero.mp4"]
+    assert sorted(reasons) == ["blank.mp4", "corrupt.mp4", "lonely.txt", "nocap.mp4", "short.mp4", "zero.mp4"]
+    assert reasons["lonely.txt"].startswith("caption without a video: no lonely.mp4/")
     assert reasons["blank.mp4"].startswith("empty caption")
     assert reasons["corrupt.mp4"].startswith("unreadable")
     assert reasons["nocap.mp4"].startswith("no caption")
@@ -187,7 +189,7 @@ def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, mo
         assert f"{name}: {reason}" in printed
     assert sorted(p.name for p in (out / "clips").iterdir()) == [f"{n}.safetensors" for n in good]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "mochi_jax.cache/1" and len(manifest["skipped"]) == 5
+    assert manifest["format"] == "mochi_jax.cache/1" and len(manifest["skipped"]) == 6
 
     # The cache holds what our VAE and T5 give for the same frames and captions, called directly.
     vae_cfg, vae_params = load_vae(cfg.vae, dtype="float32")
@@ -220,7 +222,7 @@ def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, mo
 
     monkeypatch.setattr(prepare_lib, "load_models", no_models)
     again = prepare_lib.prepare(cfg)
-    assert again["new"] == [] and again["reused"] == good and len(again["skipped"]) == 5
+    assert again["new"] == [] and again["reused"] == good and len(again["skipped"]) == 6
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
 
 
@@ -229,22 +231,25 @@ def test_a_crash_mid_clip_leaves_no_partial_file_and_the_next_run_finishes(demo,
     synthetic.make_clips(src, n=3, num_frames=13, size=SIZE, seed=3)
     out = tmp_path / "cache"
     cfg = config_for(demo[0], src, out)
-    real_save = cache_lib.save_file
+    real_save = cache_lib.write_safetensors
     calls = []
 
-    def dies_on_second_clip(arrays, path):
+    def dies_on_second_clip(path, arrays):
         calls.append(path)
         if len(calls) == 3:  # empty prompt, clip_000, then clip_001: killed half-way through writing
             blob = safetensors.numpy.save(arrays)
-            with open(path, "wb") as f:
-                f.write(blob[: len(blob) // 2])
-            raise KeyboardInterrupt
-        real_save(arrays, path)
 
-    monkeypatch.setattr(cache_lib, "save_file", dies_on_second_clip)
+            def half_then_killed(f):
+                f.write(blob[: len(blob) // 2])
+                raise KeyboardInterrupt
+
+            common.write_atomically(path, half_then_killed)
+        return real_save(path, arrays)
+
+    monkeypatch.setattr(cache_lib, "write_safetensors", dies_on_second_clip)
     with pytest.raises(KeyboardInterrupt):
         prepare_lib.prepare(cfg)
-    monkeypatch.setattr(cache_lib, "save_file", real_save)
+    monkeypatch.setattr(cache_lib, "write_safetensors", real_save)
     assert sorted(p.name for p in (out / "clips").iterdir()) == ["clip_000.safetensors"]
     assert [e["name"] for e in Cache(out).entries] == ["clip_000"]
     # A process killed outright (no cleanup) leaves its temporary file behind; the next run removes it.
@@ -255,6 +260,40 @@ def test_a_crash_mid_clip_leaves_no_partial_file_and_the_next_run_finishes(demo,
     assert sorted(p.name for p in (out / "clips").iterdir()) == [f"clip_{k:03d}.safetensors" for k in range(3)]
     cache = Cache(out)
     assert len(cache) == 3 and all(cache[i]["mean"].shape == (12, 3, 6, 10) for i in range(3))
+
+
+def test_a_folder_without_videos_is_refused_before_any_model_is_loaded(demo, tmp_path, monkeypatch):
+    def no_models(cfg):
+        raise AssertionError("no model may be loaded for a folder without videos")
+
+    monkeypatch.setattr(prepare_lib, "load_models", no_models)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{empty}: no videos"):
+        prepare_lib.prepare(config_for(demo[0], empty, tmp_path / "cache"))
+    (empty / "dog.txt").write_text("a dog")  # captions alone are named
+    with pytest.raises(ValueError, match=r"1 caption\(s\) without a video: dog\.txt"):
+        prepare_lib.prepare(config_for(demo[0], empty, tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(FileNotFoundError, match="input_dir does not exist"):
+        prepare_lib.prepare(config_for(demo[0], tmp_path / "missing", tmp_path / "cache"))
+    # videos that all fail: the reasons are listed, then an error (no cache worth training on)
+    (empty / "dog.mp4").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of its 1 videos could be prepared"):
+        prepare_lib.prepare(config_for(demo[0], empty, tmp_path / "cache"))
+
+
+def test_the_demo_preset_never_writes_into_a_folder_the_user_names(demo, tmp_path, monkeypatch):
+    """configs/prepare.py:demo with input_dir set to the user's (empty) folder: the demo makes its
+    models and clips under its own root only, and prepare then refuses the empty folder."""
+    mine = tmp_path / "my_clips"
+    mine.mkdir()
+    cfg = config_for(demo[0], mine, tmp_path / "my_cache")
+    assert cfg.demo.clips  # the preset does make synthetic clips (under demo.root)
+    monkeypatch.setattr(prepare_lib, "load_models", lambda cfg: pytest.fail("no model may be loaded"))
+    with pytest.raises(ValueError, match=f"{mine}: no videos"):
+        prepare_cmd.prepare(cfg)
+    assert list(mine.iterdir()) == []
 
 
 def test_changed_settings_are_refused_unless_overwrite(demo):

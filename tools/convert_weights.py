@@ -16,12 +16,15 @@ OpenAI / open_clip state dict saved as safetensors (open_clip_config.json beside
 heads default to width // 64 when no config says otherwise (--vision-heads / --text-heads).
 Tensors are read one at a time; every key and shape is checked before anything is written, and
 the output appears only when complete. Pickled files (.pt/.bin/.ckpt) are refused.
+Exit status 2 for anything the user can fix (a missing or bad source, an unwritable output), with
+one message naming the file, key or folder.
 """
 
 import argparse
 import sys
 
 from mochi_jax import checkpoints as convert
+from mochi_jax import cli
 
 
 def main(argv=None):
@@ -55,9 +58,8 @@ def main(argv=None):
             print(f"wrote {out}: CLIP ViT-{cfg.patch_size} {cfg.image_size}px, vision {cfg.vision_layers}x"
                   f"{cfg.vision_width} ({cfg.vision_heads} heads), text {cfg.text_layers}x{cfg.text_width} "
                   f"({cfg.text_heads} heads), {cfg.activation}, {args.dtype}")
-    except convert.ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # noqa: BLE001 - user errors: one line and exit status 2; bugs keep their traceback
+        return cli.fail("tools/convert_weights.py", e)
     return 0
 
 

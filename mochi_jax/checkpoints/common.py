@@ -10,15 +10,19 @@ The pieces every model converter shares:
   * `validate` / `write` - check a plan against the source, then stream it into orbax.
   * `load_tree` / `load_model` / `save_model` - read a converted checkpoint (into shardings, with
     scanned layer stacks restacked) and write any params tree in the same layout.
+  * `write_atomically` / `writable_dir` - the project's file writes: whole files only, with the
+    permissions any other program's new files get (the umask), errors naming the real path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -38,6 +42,115 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message names the file and key."""
+
+
+# ----------------------------------------------------------------------------- writing files
+
+def _named(e: OSError, path) -> OSError:
+    """The same OSError (same type, errno and reason) naming `path` instead of a temporary file."""
+    return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno else OSError(f"{path}: {e}")
+
+
+def make_dirs(folder) -> Path:
+    """mkdir -p, with a file in the way named as such (NotADirectoryError naming that file)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)", str(in_the_way)) from e
+    except OSError as e:
+        raise _named(e, e.filename or folder) from e
+    return folder
+
+
+def writable_dir(folder) -> Path:
+    """Make `folder` (and its parents) and check that files can be created in it, before any work
+    is spent on what goes there. Raises the OSError (PermissionError, NotADirectoryError, EROFS,
+    ENOSPC, ...) naming the folder, never a probe file."""
+    folder = make_dirs(folder)
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise _named(e, folder) from e
+    return folder
+
+
+def write_atomically(path, data: bytes | str | Callable) -> Path:
+    """Write `data` (bytes, text, or a function that writes to a binary file object) to `path`
+    through a temporary file in the same folder, renamed into place when complete: a reader sees
+    no file or the whole file. The file is created with open(), so it has the permissions any
+    program's new file gets (0o666 minus the umask). An error (no such folder, permission, a
+    read-only or full file system, `path` being a folder) names `path`, not the temporary file."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (a file name is needed)", str(path))
+    make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _named(e, path) from e
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: there is nothing to remove
+            pass
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor for `write_safetensors` that is built only when its bytes are written."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    build: Callable[[], np.ndarray]
+
+
+_ST_NAME = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+            np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32",
+            np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+            np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2"}
+
+
+def write_safetensors(path, tensors: Mapping[str, "np.ndarray | LazyTensor"],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file with `write_atomically`, one tensor at a time (a LazyTensor is
+    built when its turn comes, so a whole model never sits in memory twice). safetensors' own
+    save_file writes a private temporary file (mode 0600, unreadable to another user's ComfyUI
+    or sampling service) and its errors name that file; this writes the same format itself."""
+    entries, header, offset = [], {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for key, t in tensors.items():
+        shape, dtype = (tuple(t.shape), np.dtype(t.dtype))
+        if dtype not in _ST_NAME:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, which safetensors cannot store")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": _ST_NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        entries.append((key, t, shape, dtype))
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(f):
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for key, t, shape, dtype in entries:
+            x = t.build() if isinstance(t, LazyTensor) else t
+            x = np.asarray(x, dtype=dtype.newbyteorder("<"))
+            if x.shape != shape:
+                raise ValueError(f"{path}: tensor {key!r} was built with shape {x.shape}, announced {shape}")
+            f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+
+    return write_atomically(path, write)
 
 
 class TensorSource:
@@ -161,7 +274,10 @@ def _read_header(f: Path) -> list[tuple[str, tuple[int, ...], str, tuple[int, in
         end = max(end, stop)
         out.append((key, shape, dtype, (8 + n + start, 8 + n + stop)))
     if 8 + n + end > size:
-        raise ConversionError(f"{f}: file is truncated ({size} bytes, its header promises {8 + n + end})")
+        cut = [key for key, _, _, (_, stop) in out if stop > size]
+        raise ConversionError(f"{f}: file is truncated ({size} bytes, its header promises {8 + n + end}); "
+                              f"{len(cut)} of its {len(out)} tensors do not fit: "
+                              + ", ".join(repr(k) for k in cut[:20]) + (" ..." if len(cut) > 20 else ""))
     return out
 
 
@@ -204,6 +320,27 @@ def need_shape(src, key: str, ndim: int | None = None) -> tuple[int, ...]:
     return shape
 
 
+def vote(src, field: str, readings) -> int:
+    """An architecture number read from every tensor that shows it: `readings` are (key, value)
+    pairs (keys the file lacks are left out by the caller). The value most of them give wins,
+    so one corrupt tensor cannot change the architecture (`validate` then names that tensor,
+    with the shape the others imply); a tie between the most common values is an error naming
+    the tensors behind each."""
+    readings = [(k, int(v)) for k, v in readings]
+    if not readings:
+        raise ConversionError(f"{src.path}: no tensor shows the {field} (needed to infer the architecture)")
+    counts: dict[int, list[str]] = {}
+    for k, v in readings:
+        counts.setdefault(v, []).append(k)
+    ranked = sorted(counts.items(), key=lambda kv: -len(kv[1]))
+    if len(ranked) > 1 and len(ranked[0][1]) == len(ranked[1][1]):
+        tied = [(v, ks) for v, ks in ranked if len(ks) == len(ranked[0][1])]
+        raise ConversionError(f"{src.path}: the tensors disagree on the {field} and no value has more of them: "
+                              + "; ".join(f"{v} from {', '.join(repr(k) for k in ks[:5])}"
+                                          + (" ..." if len(ks) > 5 else "") for v, ks in tied))
+    return ranked[0][0]
+
+
 def json_beside(src, name: str) -> tuple[Path | None, dict]:
     """(path, parsed JSON) of the file `name` in the checkpoint's folder, or (None, {}) if there is none."""
     f = (src.path if src.path.is_dir() else src.path.parent) / name
@@ -237,13 +374,16 @@ def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike,
     half. `metadata` (JSON) is stored as the checkpoint's custom metadata.
     """
     out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a checkpoint is a folder; this is a file)",
+                                 str(out_dir))
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
+    writable_dir(out_dir.parent)  # a read-only, missing or full place fails here, naming it
     if out_dir.exists():
-        if not overwrite:
-            raise ConversionError(f"{out_dir} exists; pass --overwrite to replace it")
         shutil.rmtree(out_dir)
     for stale in out_dir.parent.glob(out_dir.name + ".partial_save*"):
         shutil.rmtree(stale)  # left by an earlier, interrupted conversion
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     batch: dict[tuple[str, ...], np.ndarray] = {}
     size, first = 0, True
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, load_model, need_shape, read_metadata,
-                                         validate, write)
+from mochi_jax.checkpoints.common import (ConversionError, LazyTensor, Leaf, TensorSource, load_model, read_metadata,
+                                         validate, vote, write, write_safetensors)
 from mochi_jax.models.dit import DiTConfig
 
 GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -43,17 +44,82 @@ def open_dit(path) -> tuple[TensorSource, str]:
 
 # ----------------------------------------------------------------------------- architecture
 
+def _genmo_view(src: TensorSource, layout: str, depth: int) -> Callable:
+    """genmo key -> (the name to show, its shape in genmo's layout) or None when the file lacks it;
+    for the diffusers layout through its q/k/v parts (rows added up)."""
+    keys, cfg = src.keys(), SimpleNamespace(depth=depth)
+
+    def view(genmo_key: str):
+        names = [genmo_key] if layout == "genmo" else _diffusers_sources(genmo_key, cfg)[0]
+        if not all(k in keys for k in names):
+            return None
+        shapes = [tuple(src.shape(k)) for k in names]
+        if len({(len(s), s[1:]) for s in shapes}) != 1 or not shapes[0]:
+            return None
+        return names[0] if len(names) == 1 else "+".join(names), (sum(s[0] for s in shapes), *shapes[0][1:])
+
+    return view
+
+
 def infer_config(src: TensorSource, layout: str) -> DiTConfig:
-    d = layout == "diffusers"
+    """The architecture, each number read from every tensor that shows it (`common.vote`): one
+    corrupt tensor cannot change it, so `validate` names that tensor and only it."""
     block_re = re.compile(r"^(transformer_blocks|blocks)\.(\d+)\.")
     depth = 1 + max((int(m.group(2)) for k in src.keys() if (m := block_re.match(k))), default=-1)
-    width, in_ch, p, _ = need_shape(src, "patch_embed.proj.weight" if d else "x_embedder.proj.weight")
-    head_dim = need_shape(src, "transformer_blocks.0.attn1.norm_q.weight" if d else "blocks.0.attn.q_norm_x.weight")[0]
-    text_width, t5_dim = need_shape(src, "time_embed.caption_proj.weight" if d else "t5_yproj.weight")
-    time_dim = need_shape(src, "time_embed.timestep_embedder.linear_1.weight" if d else "t_embedder.mlp.0.weight")[1]
-    if width % head_dim or depth < 2:
-        raise ConversionError(f"{src.path}: inconsistent architecture (width {width}, head dim {head_dim}, "
-                              f"depth {depth})")
+    if depth < 2:
+        raise ConversionError(f"{src.path}: {depth} blocks; a Mochi DiT has at least 2")
+    view = _genmo_view(src, layout, depth)
+
+    def read(specs):
+        """(shown key, dim // div) for every (genmo key, axis, div) the file holds with a whole quotient."""
+        out = []
+        for key, axis, div in specs:
+            got = view(key)
+            if got is not None and len(got[1]) > axis and got[1][axis] % div == 0:
+                out.append((got[0], got[1][axis] // div))
+        return out
+
+    blocks, inner, last = [f"blocks.{n}." for n in range(depth)], [f"blocks.{n}." for n in range(depth - 1)], \
+        f"blocks.{depth - 1}."
+    width = vote(src, "model width", read(
+        [("x_embedder.proj.weight", 0, 1), ("x_embedder.proj.bias", 0, 1), ("t_embedder.mlp.0.weight", 0, 1),
+         ("t_embedder.mlp.2.weight", 0, 1), ("t_embedder.mlp.2.weight", 1, 1), ("t5_y_embedder.to_out.weight", 0, 1),
+         ("final_layer.mod.weight", 1, 1), ("final_layer.linear.weight", 1, 1)]
+        + [(b + k, axis, div) for b in blocks for k, axis, div in (
+            ("mod_x.weight", 1, 1), ("mod_x.weight", 0, 4), ("mod_y.weight", 1, 1), ("attn.qkv_x.weight", 1, 1),
+            ("attn.qkv_x.weight", 0, 3), ("attn.qkv_y.weight", 0, 3), ("attn.proj_x.weight", 0, 1),
+            ("attn.proj_x.weight", 1, 1), ("mlp_x.w1.weight", 1, 1), ("mlp_x.w2.weight", 0, 1))]
+        + [(b + "attn.proj_y.weight", 1, 1) for b in inner]))
+    head_dim = vote(src, "attention head size", read(
+        [(b + f"attn.{norm}.weight", 0, 1) for b in blocks
+         for norm in ("q_norm_x", "k_norm_x", "q_norm_y", "k_norm_y")])
+        + [(k, 2 * v) for k, v in read([("pos_frequencies", 2, 1)])])
+    text_width = vote(src, "text stream width", read(
+        [("t5_yproj.weight", 0, 1), ("t5_yproj.bias", 0, 1), (last + "mod_y.weight", 0, 1)]
+        + [(b + "attn.qkv_y.weight", 1, 1) for b in blocks]
+        + [(b + k, axis, div) for b in inner for k, axis, div in (
+            ("mod_y.weight", 0, 4), ("attn.proj_y.weight", 0, 1), ("mlp_y.w1.weight", 1, 1),
+            ("mlp_y.w2.weight", 0, 1))]))
+    t5_dim = vote(src, "T5 feature width", read(
+        [("t5_yproj.weight", 1, 1), ("t5_y_embedder.to_q.weight", 0, 1), ("t5_y_embedder.to_q.weight", 1, 1),
+         ("t5_y_embedder.to_kv.weight", 0, 2), ("t5_y_embedder.to_kv.weight", 1, 1),
+         ("t5_y_embedder.to_out.weight", 1, 1)]))
+    time_dim = vote(src, "timestep embedding width", read([("t_embedder.mlp.0.weight", 1, 1)]))
+    # channels and patch size: x_embedder's [width, c, p, p], checked against the output layer's p * p * c rows
+    got = view("x_embedder.proj.weight")
+    if got is None or len(got[1]) != 4 or got[1][2] != got[1][3]:
+        raise ConversionError(f"{src.path}: the patch embedding {got[0] if got else 'x_embedder.proj.weight'!r} "
+                              f"{'has shape ' + str(got[1]) if got else 'is missing'}; expected [width, channels, "
+                              f"patch, patch] (needed to infer the architecture)")
+    in_ch, p = got[1][1], got[1][2]
+    pixels = vote(src, "patch pixels x channels", [(got[0], in_ch * p * p)] + read(
+        [("final_layer.linear.weight", 0, 1), ("final_layer.linear.bias", 0, 1)]))
+    if pixels != in_ch * p * p:
+        raise ConversionError(f"{src.path}: {got[0]!r} has shape {got[1]} ({in_ch} channels x patch {p}x{p} = "
+                              f"{in_ch * p * p}), but the output layer has {pixels} rows")
+    if width % head_dim:
+        raise ConversionError(f"{src.path}: inconsistent architecture: the model width {width} is not a multiple of "
+                              f"the head size {head_dim}")
     return DiTConfig(depth=depth, num_heads=width // head_dim, head_dim=head_dim, text_width=text_width,
                      t5_dim=t5_dim, in_channels=in_ch, patch_size=p, time_embed_dim=time_dim)
 
@@ -174,6 +240,16 @@ def _to_ours(genmo_key: str, x: np.ndarray, cfg: DiTConfig) -> np.ndarray:
     return x
 
 
+def _from_ours(genmo_key: str, x: np.ndarray, cfg: DiTConfig) -> np.ndarray:
+    """The inverse of `_to_ours`: our leaf -> the genmo tensor (PyTorch layout)."""
+    if genmo_key == "x_embedder.proj.weight":  # [(p1, p2, c), D] -> [D, C, p, p]
+        p = cfg.patch_size
+        return x.reshape(p, p, cfg.in_channels, x.shape[-1]).transpose(3, 2, 0, 1)
+    if genmo_key.endswith(".weight") and x.ndim == 2:
+        return x.T
+    return x
+
+
 def _our_path(genmo_key: str, cfg: DiTConfig) -> tuple[str, ...]:
     """genmo key -> its path in the checkpoint we write (the unrolled layout: blocks_N, last_block)."""
     parts = genmo_key.split(".")
@@ -222,6 +298,29 @@ def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=T
     out = write(plan(cfg, layout), src, out_dir, np_dtype, meta,
                 overwrite=overwrite, progress=progress)
     return out, cfg
+
+
+def save_genmo_dit(path, cfg: DiTConfig, params, dtype=None) -> Path:
+    """Write a DiT (our params, scanned layout as `load_dit` returns them) as genmo's
+    `dit.safetensors`: one file, genmo's key names and PyTorch shapes, the layout ComfyUI and
+    genmo's own code load (and `convert_dit` reads back). Tensors are built and written one at a
+    time, cast to `dtype` (default: the params' own)."""
+    tensors = {}
+    for gk, shape in genmo_shapes(cfg).items():
+        path_ = _our_path(gk, cfg)
+        index = None
+        if path_[0].startswith("blocks_"):  # blocks_N -> row N of the stacked 'blocks'
+            index, path_ = int(path_[0][len("blocks_"):]), ("blocks", *path_[1:])
+        leaf = params
+        for k in path_:
+            leaf = leaf[k]
+        dt = np.dtype(jnp.dtype(dtype if dtype is not None else leaf.dtype))
+
+        def build(gk=gk, leaf=leaf, index=index, dt=dt):
+            return _from_ours(gk, np.asarray(leaf if index is None else leaf[index]), cfg).astype(dt)
+
+        tensors[gk] = LazyTensor(shape, dt, build)
+    return write_safetensors(path, tensors, {"format": "pt"})
 
 
 def dit_config(path, **overrides) -> DiTConfig:

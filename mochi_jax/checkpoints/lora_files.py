@@ -20,7 +20,7 @@ stacked A and block-diagonal B. All of it is exact.
 
 Writes genmo-native files (alpha/rank folded into lora_B, `kwargs` with alpha = rank, no `.alpha`
 tensors: ComfyUI and genmo read it the same way) and diffusers files (scale folded, no metadata,
-so diffusers' alpha = rank is right).
+one rank for all adapters, so diffusers' alpha = rank is right in every release from 0.32 on).
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from safetensors.numpy import save_file
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import ConversionError, TensorSource, save_model
-from mochi_jax.checkpoints.dit import load_dit
+from mochi_jax.checkpoints.common import ConversionError, TensorSource, save_model, write_safetensors
+from mochi_jax.checkpoints.dit import load_dit, save_genmo_dit
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig
 from mochi_jax.models.lora import LoraTarget, layers_of, find_target
@@ -152,7 +151,10 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     Returns (lora_tree, targets, info): the tree in our scanned layout ('blocks' stacked over
     depth-1 blocks, 'last_block' separate; numpy float32), ready for `MochiDiT(cfg, targets)`;
     targets with exact per-layer patterns ('^blocks/attn/qkv_x$'); info describes the file.
-    `depth` (or `cfg.depth`) says which block is the last; without it, max block index + 1.
+    `depth` (or `cfg.depth`) says which block is the last; without it the file must show it
+    (`_infer_depth`), else DepthUnknown. Adapters and rank components that are zero in every
+    block (zero padding, a genmo file's zero partners) are dropped; `info['zero_layers']` names
+    the layers that were nothing but zeros.
     With `cfg`, every factor is checked against the model's dims. Any key that cannot be used
     raises LoraFormatError naming the file and every offending key."""
     path = Path(path)
@@ -206,7 +208,7 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
         raise LoraFormatError(f"{path}: holds no LoRA tensors")
     inferred = depth is None
     if inferred and entries:
-        depth = 1 + max(n for n, _, _ in entries)
+        depth = _infer_depth(entries, path)
     hint = f" (depth {depth} was inferred from the file; pass the model's depth)" if inferred else ""
     fmt = families.pop() if families else "unknown"
 
@@ -288,7 +290,7 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     # 3. fuse q/k/v pieces, stack the blocks, pad ranks, fold scales where they differ
     lora, targets = {}, []
     info = {"file": str(path), "format": fmt, "depth": depth, "depth_inferred": inferred, "layers": {},
-            "notes": _notes(fmt, genmo_kwargs, meta, pieces)}
+            "zero_layers": [], "notes": _notes(fmt, genmo_kwargs, meta, pieces)}
     for (group, layer), per_block in sorted(pieces.items()):
         fused = {n: _fuse(ps, path) for n, ps in per_block.items()}
         dims = {(a.shape[0], b.shape[1]) for a, b, _, _ in fused.values()}
@@ -308,23 +310,74 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
             i = n if group == "blocks" else 0
             a_st[i, :, :a.shape[1]] = a
             b_st[i, :b.shape[0]] = b if keep else b * np.float32(scale)
+        # rank components that add nothing in any block (a zero column of a or row of b: zero
+        # padding, or a genmo file's all-zero partner adapters) are dropped, a layer of them all too
+        adds = np.any(a_st != 0, axis=1) & np.any(b_st != 0, axis=2)  # [blocks, rank]
+        live = adds.any(axis=0)
+        blocks = [n for n in sorted(per_block) if adds[n if group == "blocks" else 0].any()]
+        all_pieces = [p for ps in per_block.values() for p in ps]
+        if not live.any():
+            info["zero_layers"].append(f"{group}/{layer}")
+            continue
+        file_rank = rank
+        if not live.all():
+            a_st, b_st, rank = a_st[..., live], b_st[:, live], int(live.sum())
+            alpha = alpha * rank / file_rank if keep else float(rank)  # the same scale alpha / rank
         if group == "last_block":
             a_st, b_st = a_st[0], b_st[0]
         node = lora.setdefault(group, {})
         for part in layer.split("/"):
             node = node.setdefault(part, {})
         node.update(a=a_st, b=b_st)
-        all_pieces = [p for ps in per_block.values() for p in ps]
         dropout = max(p.dropout for p in all_pieces)
         targets.append(LoraTarget(f"^{group}/{layer}$", rank=rank, alpha=alpha, dropout=dropout))
         info["layers"][f"{group}/{layer}"] = {
-            "rank": rank, "alpha": alpha, "blocks": sorted(per_block),
+            "rank": rank, "alpha": alpha, "blocks": blocks, "zero_blocks": sorted(set(per_block) - set(blocks)),
+            "zero_rank_dropped": file_rank - rank,
             "file_ranks": sorted({p.a.shape[1] for p in all_pieces}),
             "file_alphas": sorted({p.label[1] if p.label else p.scale * math.sqrt(p.a.shape[1])
                                    for p in all_pieces}),
             "alpha_source": sorted({p.alpha_source for p in all_pieces}),
             "scale_folded_into_b": not keep}
     return lora, tuple(targets), info
+
+
+MOCHI_DEPTH = 48  # Mochi 1's blocks
+
+
+class DepthUnknown(LoraFormatError):
+    """The file does not show whether its highest block is the model's last one: pass the depth."""
+
+    def __init__(self, message: str, highest: int):
+        super().__init__(message)
+        self.highest = highest
+
+
+def _infer_depth(entries, path) -> int:
+    """The model's depth when the file shows it: its highest block N is the last block if it
+    names a last-block-only module (diffusers' norm1_context.linear_1), or if a layer the last
+    block lacks (attn/proj_y, mlp_y) adapts every block before N but not N, or if N is Mochi 1's
+    last block (47). Otherwise raises DepthUnknown: writing block N under the last block's names
+    would be wrong whenever the model has more blocks (the file covers only some of them)."""
+    layers: dict[int, set[str]] = {}
+    for n, fam, module in entries:
+        if fam == "diffusers" and module == "norm1_context.linear_1":
+            layer = "last-only"
+        else:
+            layer = _DIFFUSERS[module][0] if fam == "diffusers" else _GENMO[module]
+        layers.setdefault(n, set()).add(layer)
+    top = max(layers)
+    not_last = sorted(layer for layer in layers[top] if layer in _LAYERS and not _LAYERS[layer][1])
+    if "last-only" in layers[top] and not not_last:
+        return top + 1
+    skipped = [layer for layer, (_, in_last, _) in _LAYERS.items() if not in_last and layer not in layers[top]
+               and top > 0 and all(layer in layers.get(n, ()) for n in range(top))]
+    if not not_last and (skipped or top + 1 == MOCHI_DEPTH):
+        return top + 1
+    why = (f"block {top} has {', '.join(not_last)}, which the last block lacks, so the model has more blocks"
+           if not_last else f"nothing in it shows whether block {top} is the model's last block")
+    raise DepthUnknown(f"{path}: the file's highest block is {top}, and {why}; pass the model's depth "
+                       f"(tools/lora.py --depth N; Mochi 1: {MOCHI_DEPTH})", top)
 
 
 def _fuse(pieces: list[_Piece], path):
@@ -410,14 +463,10 @@ def _export_layers(lora: Mapping, targets: Sequence[LoraTarget], depth: int | No
 
 
 def _write(path, tensors: dict, metadata: dict, dtype):
+    """The file, atomically and with the permissions of any new file (common.write_safetensors)."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, {k: v.astype(np_dtype) for k, v in tensors.items()},
+                             {k: str(v) for k, v in metadata.items()})
 
 
 def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | None = None,
@@ -482,18 +531,39 @@ def _widths(layers: dict, cfg: DiTConfig | None) -> tuple[int, int | None]:
 def save_diffusers(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | None = None,
                    dtype="float32"):
     """Write a diffusers LoRA (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`, ...)
-    that `MochiPipeline.load_lora_weights` reads as is: the scale folded into lora_B and no alpha
-    metadata (diffusers then uses alpha = rank); a fused qkv adapter becomes to_q/to_k/to_v
-    adapters sharing lora_A, with lora_B the row thirds."""
+    that `MochiPipeline.load_lora_weights` of every diffusers release with Mochi LoRAs (0.32 on)
+    applies exactly: the scale folded into lora_B, no alpha metadata (diffusers then takes alpha =
+    rank) and ONE rank for every adapter, the lower ranks zero-padded (exact). diffusers before
+    0.40 gives every adapter alpha = the first adapter's rank when ranks differ, so adapters of
+    another rank would come out scaled by the ratio of the ranks. A fused qkv adapter becomes
+    to_q/to_k/to_v adapters sharing lora_A, with lora_B the row thirds. Adapters that add
+    nothing (all-zero factors, as a genmo file's zero partners) are left out, and so are rank
+    components whose a column or b row is zero (e.g. an earlier zero-padding)."""
     depth, layers, _ = _export_layers(lora, targets, depth)
+
+    def modules(drop_zeros: bool) -> dict:
+        out = {}
+        for (n, layer), (a, b) in sorted(layers.items()):
+            if drop_zeros:
+                keep = np.any(a != 0, axis=0) & np.any(b != 0, axis=1)  # rank components that add something
+                a, b = a[:, keep], b[keep]
+            if _LAYERS[layer][2]:
+                b = _swap_halves(b)
+            names = _diffusers_modules(layer, n == depth - 1)
+            for module, b_part in zip(names, np.split(b, len(names), axis=1)):
+                if a.shape[1] and (np.any(b_part) or not drop_zeros):
+                    out[f"transformer.transformer_blocks.{n}.{module}"] = (a, b_part)
+        return out
+
+    adapters = modules(drop_zeros=True) or modules(drop_zeros=False)  # an all-zero LoRA is written as it is
+    if not adapters:
+        raise LoraFormatError(f"{path}: the LoRA has no layers to write")
+    rank = max(a.shape[1] for a, _ in adapters.values())
     tensors = {}
-    for (n, layer), (a, b) in sorted(layers.items()):
-        if _LAYERS[layer][2]:
-            b = _swap_halves(b)
-        modules = _diffusers_modules(layer, n == depth - 1)
-        for i, b_part in enumerate(np.split(b, len(modules), axis=1)):
-            key = f"transformer.transformer_blocks.{n}.{modules[i]}"
-            tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a.T, b_part.T
+    for key, (a, b) in adapters.items():
+        a_pad, b_pad = np.zeros((rank, a.shape[0]), np.float32), np.zeros((b.shape[1], rank), np.float32)
+        a_pad[:a.shape[1]], b_pad[:, :a.shape[1]] = a.T, b.T
+        tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a_pad, b_pad
     return _write(path, tensors, {"format": "pt"}, dtype)
 
 
@@ -531,12 +601,17 @@ def combine(loras: Sequence[tuple[Mapping, Sequence[LoraTarget], float]]):
     return out, tuple(targets)
 
 
-def merge_checkpoint(base_dir, lora, out_dir, strength: float = 1.0, unmerge: bool = False,
-                     overwrite: bool = False, progress: bool = False):
-    """Fold a LoRA (file path, or (tree, targets)) into a converted DiT checkpoint and write it
-    where `load_dit(out_dir)` reads it, in the base checkpoint's dtype. `unmerge=True` removes
-    a merged LoRA again (exact up to the rounding of that dtype). Returns (out_dir, info)."""
-
+def merge_checkpoint(base_dir, lora, out, strength: float = 1.0, unmerge: bool = False,
+                     overwrite: bool = False, progress: bool = False, format: str = "orbax"):
+    """Fold a LoRA (file path, or (tree, targets)) into a converted DiT checkpoint, in the base
+    checkpoint's dtype. `format='orbax'`: `out` is a checkpoint folder `load_dit(out)` reads;
+    `format='genmo'`: `out` is one safetensors file in genmo's layout (dit.safetensors key names),
+    which ComfyUI and genmo's code load. `unmerge=True` removes a merged LoRA again (exact up to
+    the rounding of that dtype). Returns (out, info)."""
+    if format not in ("orbax", "genmo"):
+        raise ValueError(f"format={format!r}: choose 'orbax' (a checkpoint folder) or 'genmo' (one safetensors file)")
+    if format == "genmo" and Path(out).exists() and not overwrite:
+        raise ConversionError(f"{out} exists; pass --overwrite to replace it")
     cfg, params = load_dit(base_dir)
     if isinstance(lora, (str, os.PathLike)):
         tree, targets, info = load_lora(lora, cfg=cfg)
@@ -547,7 +622,9 @@ def merge_checkpoint(base_dir, lora, out_dir, strength: float = 1.0, unmerge: bo
         params = fn(params, tree, targets, strength)
     except (ValueError, KeyError) as e:
         raise LoraFormatError(f"LoRA does not fit {base_dir}: {e}") from e
-    out = save_model(out_dir, params, "mochi_dit", cfg.arch(), unstack=[("blocks", cfg.depth - 1)],
+    if format == "genmo":
+        return save_genmo_dit(out, cfg, params, dtype=cfg.param_dtype), info
+    out = save_model(out, params, "mochi_dit", cfg.arch(), unstack=[("blocks", cfg.depth - 1)],
                      dtype=jnp.dtype(cfg.param_dtype), overwrite=overwrite, progress=progress,
                      extra_metadata={"lora": {"source": str(lora) if info else "in memory",
                                               "strength": strength, "unmerged": unmerge}})

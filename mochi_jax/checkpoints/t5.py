@@ -15,8 +15,10 @@ stacks them into `blocks/...` with a leading layer axis for the scan, into shard
 
 `encoder.embed_tokens.weight` is the tied copy of `shared.weight`; when a file holds both they
 must be equal (compared in row chunks before anything is written) and one is read. The
-architecture is inferred from the tensor shapes; max_distance and eps (not visible in the
-shapes) come from the folder's config.json when there is one, else the v1.1 defaults.
+architecture is inferred from the tensor shapes, each number from every tensor that shows it
+(one corrupt tensor is then named by the shape check, not taken as the architecture);
+max_distance and eps (not visible in the shapes) come from the folder's config.json when there
+is one, else the v1.1 defaults.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from safetensors import safe_open
 import jax.numpy as jnp
 
 from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, json_beside, load_model, need_shape,
-                                         validate, write)
+                                         validate, vote, write)
 from mochi_jax.models.t5 import T5Config
 
 EMBED, TIED = "shared.weight", "encoder.embed_tokens.weight"
@@ -63,15 +65,29 @@ def open_t5(path) -> TensorSource:
 
 def infer_config(src: TensorSource) -> T5Config:
     keys = src.keys()
-    embed_key = EMBED if EMBED in keys else TIED if TIED in keys else EMBED
-    vocab, d_model = need_shape(src, embed_key)
-    num_buckets, num_heads = need_shape(src, REL_BIAS)
-    inner, _ = need_shape(src, _block_keys(0)["attn/q/kernel"])
-    d_ff, _ = need_shape(src, _block_keys(0)["ff/wi_0/kernel"])
     block_re = re.compile(r"^encoder\.block\.(\d+)\.")
     num_layers = 1 + max(int(m.group(1)) for k in keys if (m := block_re.match(k)))
+    num_buckets, num_heads = need_shape(src, REL_BIAS, 2)
+
+    def read(specs):  # every (key, axis) the file holds: each architecture number is voted on by all of them
+        return [(k, src.shape(k)[axis]) for k, axis in specs if k in keys and len(src.shape(k)) > axis]
+
+    blocks = [_block_keys(n) for n in range(num_layers)]
+    vocab = vote(src, "vocabulary size", read([(EMBED, 0), (TIED, 0)]))
+    d_model = vote(src, "model width", read(
+        [(EMBED, 1), (TIED, 1), (FINAL_NORM, 0)]
+        + [(b[k], axis) for b in blocks for k, axis in (
+            ("attn_norm/weight", 0), ("ff_norm/weight", 0), ("attn/q/kernel", 1), ("attn/k/kernel", 1),
+            ("attn/v/kernel", 1), ("attn/o/kernel", 0), ("ff/wi_0/kernel", 1), ("ff/wi_1/kernel", 1),
+            ("ff/wo/kernel", 0))]))
+    inner = vote(src, "attention width", read(
+        [(b[k], axis) for b in blocks for k, axis in (("attn/q/kernel", 0), ("attn/k/kernel", 0),
+                                                       ("attn/v/kernel", 0), ("attn/o/kernel", 1))]))
+    d_ff = vote(src, "feed-forward width", read(
+        [(b[k], axis) for b in blocks for k, axis in (("ff/wi_0/kernel", 0), ("ff/wi_1/kernel", 0),
+                                                       ("ff/wo/kernel", 1))]))
     if inner % num_heads:
-        raise ConversionError(f"{src.path}: attention width {inner} ({_block_keys(0)['attn/q/kernel']}) is not "
+        raise ConversionError(f"{src.path}: the attention width {inner} (of the q, k, v, o weights) is not "
                               f"a multiple of the {num_heads} heads of {REL_BIAS}")
     fields = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_kv=inner // num_heads,
                   d_ff=d_ff, vocab_size=vocab, num_buckets=num_buckets)

@@ -18,17 +18,19 @@ Layout of a cache folder:
         t5_feats float32 [L, D], t5_mask bool [L]   "" encoded as a real prompt (diffusers)
 
 The trainer draws z = mean + exp(logvar / 2) * n with fresh noise n at every step. Every file
-is written under a temporary name and renamed into place, so a reader never sees half a file.
+is written under a temporary name (`.<name>.tmp<pid>`) and renamed into place, so a reader never
+sees half a file; files get the permissions of any new file (0o666 minus the umask).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+
+from mochi_jax.checkpoints.common import write_atomically, write_safetensors
 
 FORMAT = "mochi_jax.cache/1"
 MANIFEST = "manifest.json"
@@ -41,34 +43,15 @@ class CacheError(ValueError):
     """A missing or malformed cache file; the message names it."""
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-
-
 def write_arrays(path, arrays: dict) -> Path:
-    """Save {name: array} as safetensors at `path`, atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Save {name: array} as safetensors at `path`, atomically (temporary file, then rename), with
+    the permissions of any new file (the umask); errors name `path`."""
+    return write_safetensors(path, arrays)
 
 
 def write_manifest(cache_dir, manifest: dict) -> Path:
-    """Write manifest.json atomically."""
-    path = Path(cache_dir) / MANIFEST
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write manifest.json atomically (as `write_arrays`)."""
+    return write_atomically(Path(cache_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def remove_stale_temporaries(cache_dir) -> list[Path]:

@@ -23,6 +23,7 @@ cache is the same as one device makes (float rounding aside), so either may resu
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mochi_jax.checkpoints.common import read_metadata
+from mochi_jax.checkpoints.common import read_metadata, writable_dir
 from mochi_jax.checkpoints.vae import load_vae
 from mochi_jax.lib import cache as cache_lib
 from mochi_jax.lib.text import TextEncoder
@@ -60,6 +61,14 @@ def find_sources(input_dir) -> list[Path]:
     """Videos under input_dir (recursive, sorted, hidden files and folders ignored)."""
     root = Path(input_dir)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def orphan_captions(input_dir, sources) -> list[Path]:
+    """.txt files under input_dir (hidden ones ignored) that caption none of `sources`."""
+    root = Path(input_dir)
+    captioned = {src.with_suffix("") for src in sources}
+    return sorted(p for p in root.rglob("*.txt") if p.is_file() and p.with_suffix("") not in captioned
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
@@ -302,9 +311,18 @@ def prepare(cfg) -> dict:
     'new' (encoded now), 'reused' (already cached), 'skipped' [{'source', 'reason'}]} and prints it."""
     check_config(cfg)
     input_dir, out = Path(cfg.input_dir), Path(cfg.output_dir)
+    if not input_dir.exists():
+        raise FileNotFoundError(errno.ENOENT, "input_dir does not exist", str(input_dir))
     if not input_dir.is_dir():
-        raise FileNotFoundError(f"input_dir {input_dir} is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+        raise NotADirectoryError(errno.ENOTDIR, "input_dir is a file, not a folder of clips", str(input_dir))
+    sources = find_sources(input_dir)
+    orphans = orphan_captions(input_dir, sources)
+    if not sources:  # before any model is loaded
+        raise ValueError(f"{input_dir}: no videos ({' '.join(VIDEO_SUFFIXES)}) to prepare, so no cache to write"
+                         + (f"; {len(orphans)} caption(s) without a video: "
+                            + ", ".join(str(p.relative_to(input_dir)) for p in orphans[:10])
+                            + (" ..." if len(orphans) > 10 else "") if orphans else ""))
+    writable_dir(out)
     cache_lib.remove_stale_temporaries(out)
     current = settings(cfg)
     done = _existing(out, cfg, current)
@@ -324,11 +342,16 @@ def prepare(cfg) -> dict:
         manifest["clips"].sort(key=lambda c: c["name"])
         cache_lib.write_manifest(out, manifest)
 
-    if cfg.overwrite or not (out / cache_lib.EMPTY_PROMPT).is_file():
-        feats, mask = get_models().encode_text([""])
-        cache_lib.write_arrays(out / cache_lib.EMPTY_PROMPT, {"t5_feats": feats[0], "t5_mask": mask[0]})
+    empty_prompt_due = [bool(cfg.overwrite or not (out / cache_lib.EMPTY_PROMPT).is_file())]
 
-    sources = find_sources(input_dir)
+    def encode_empty_prompt():  # with the first clip encoded (no model is loaded for a run that has none)
+        if empty_prompt_due[0]:
+            feats, mask = get_models().encode_text([""])
+            cache_lib.write_arrays(out / cache_lib.EMPTY_PROMPT, {"t5_feats": feats[0], "t5_mask": mask[0]})
+            empty_prompt_due[0] = False
+
+    manifest["skipped"] += [{"source": str(p), "reason": f"caption without a video: no {p.stem}"
+                             f"{'/'.join(VIDEO_SUFFIXES)} beside it"} for p in orphans]
     bar = tqdm(total=len(sources), desc="prepare", unit="clip")
 
     def skip(source, reason: str):
@@ -362,6 +385,7 @@ def prepare(cfg) -> dict:
         save_manifest()
         if not ready:
             continue
+        encode_empty_prompt()
         feats, masks = get_models().encode_text([r[2] for r in ready])
         for (name, src, caption, frames), feat, mask in zip(ready, feats, masks):
             mean, logvar = get_models().encode_video(frames)
@@ -378,9 +402,14 @@ def prepare(cfg) -> dict:
             report["new"].append(name)
             bar.update()
     bar.close()
+    if manifest["clips"]:
+        encode_empty_prompt()  # e.g. a resumed cache whose empty-prompt file went missing
     save_manifest()
     report["clips"] = [c["name"] for c in manifest["clips"]]
     print(format_report(report))
+    if not manifest["clips"]:
+        raise ValueError(f"{input_dir}: none of its {len(sources)} videos could be prepared (the reasons are "
+                         "listed above)")
     return report
 
 
