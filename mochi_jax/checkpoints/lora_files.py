@@ -156,19 +156,16 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     block (zero padding, a genmo file's zero partners) are dropped; `info['zero_layers']` names
     the layers that were nothing but zeros.
     With `cfg`, every factor is checked against the model's dims. Any key that cannot be used
-    raises LoraFormatError naming the file and every offending key."""
-    path = Path(path)
+    raises LoraFormatError naming the file and every offending key.
 
+    Three steps: `_classify` (every key by block, spelling and module), `_read_pieces` (each
+    adapter in our layout with its scale) and `_assemble` (fused, stacked, padded, zeros dropped);
+    the unusable keys of the first two are collected and reported together."""
+    path = Path(path)
     try:
         src = TensorSource(path)
     except ConversionError as e:
         raise LoraFormatError(str(e)) from e
-
-    def get(key):
-        try:
-            return src.get(key).astype(np.float32)
-        except ConversionError as e:
-            raise LoraFormatError(str(e)) from e
     if len(src.files) != 1:
         raise LoraFormatError(f"{path}: expected one LoRA .safetensors file")
     meta = _safetensors_metadata(src.files[0])
@@ -177,7 +174,33 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
             raise LoraFormatError(f"{path}: depth={depth} contradicts cfg.depth={cfg.depth}")
         depth = cfg.depth
 
-    # 1. classify every key
+    entries, fmt, bad = _classify(src, path)
+    inferred = depth is None
+    if inferred and entries:
+        depth = _infer_depth(entries, path)
+    hint = f" (depth {depth} was inferred from the file; pass the model's depth)" if inferred else ""
+
+    genmo_kwargs = _json_meta(meta, "kwargs", path) if fmt == "genmo" else None
+    peft = None
+    if fmt == "diffusers":
+        raw = _json_meta(meta, "lora_adapter_metadata", path)
+        if raw is not None:
+            peft = {k[len("transformer."):]: v for k, v in raw.items() if k.startswith("transformer.")} or None
+        if peft and peft.get("use_dora"):
+            raise LoraFormatError(f"{path}: DoRA adapters (use_dora) are not supported")
+
+    pieces = _read_pieces(src, path, entries, depth, hint, cfg, genmo_kwargs, peft, bad)
+    if bad:
+        raise LoraFormatError(f"{path}: cannot use {len(bad)} LoRA entr{'y' if len(bad) == 1 else 'ies'}:\n  "
+                              + "\n  ".join(bad))
+    return _assemble(path, pieces, depth, inferred, fmt, genmo_kwargs, meta)
+
+
+def _classify(src: TensorSource, path: Path) -> tuple[dict, str, list[str]]:
+    """Step 1 of load_lora: every key of the file by block, spelling and module.
+
+    Returns ({(block, 'genmo' | 'diffusers', module): {role: key}}, the format ('genmo', 'kohya',
+    'diffusers'), and a line for every key that cannot be used). One file must use one spelling."""
     bad: list[str] = []
     entries: dict[tuple[int, str, str], dict[str, str]] = {}  # (block, family, module) -> role -> key
     families = set()
@@ -206,22 +229,21 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
         raise LoraFormatError(f"{path}: mixes key spellings {sorted(families)}; one file must use one format")
     if not entries and not bad:
         raise LoraFormatError(f"{path}: holds no LoRA tensors")
-    inferred = depth is None
-    if inferred and entries:
-        depth = _infer_depth(entries, path)
-    hint = f" (depth {depth} was inferred from the file; pass the model's depth)" if inferred else ""
-    fmt = families.pop() if families else "unknown"
+    return entries, (families.pop() if families else "unknown"), bad
 
-    genmo_kwargs = _json_meta(meta, "kwargs", path) if fmt == "genmo" else None
-    peft = None
-    if fmt == "diffusers":
-        raw = _json_meta(meta, "lora_adapter_metadata", path)
-        if raw is not None:
-            peft = {k[len("transformer."):]: v for k, v in raw.items() if k.startswith("transformer.")} or None
-        if peft and peft.get("use_dora"):
-            raise LoraFormatError(f"{path}: DoRA adapters (use_dora) are not supported")
 
-    # 2. read every adapter as a piece of one of our layers
+def _read_pieces(src: TensorSource, path: Path, entries: dict, depth: int, hint: str, cfg: DiTConfig | None,
+                 genmo_kwargs: dict | None, peft: dict | None, bad: list[str]) -> dict:
+    """Step 2 of load_lora: every adapter as a piece of one of our layers, in our layout (a [in, r],
+    b [r, out part], unscaled, with its scale from .alpha tensors, genmo's kwargs or PEFT's
+    metadata). Returns {(group, layer): {block: [pieces]}}; what cannot be used goes to `bad`."""
+
+    def get(key):
+        try:
+            return src.get(key).astype(np.float32)
+        except ConversionError as e:
+            raise LoraFormatError(str(e)) from e
+
     pieces: dict[tuple[str, str], dict[int, list[_Piece]]] = {}  # (group, layer) -> block -> pieces
     for (n, fam, module), slot in sorted(entries.items()):
         keys = tuple(sorted(slot.values()))
@@ -283,11 +305,13 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
         group = "last_block" if last else "blocks"
         pieces.setdefault((group, layer), {}).setdefault(n, []).append(
             _Piece(part, nparts, a, b, scale, None if rs else (r, alpha), dropout, source, keys))
-    if bad:
-        raise LoraFormatError(f"{path}: cannot use {len(bad)} LoRA entr{'y' if len(bad) == 1 else 'ies'}:\n  "
-                              + "\n  ".join(bad))
+    return pieces
 
-    # 3. fuse q/k/v pieces, stack the blocks, pad ranks, fold scales where they differ
+
+def _assemble(path: Path, pieces: dict, depth: int, inferred: bool, fmt: str, genmo_kwargs: dict | None,
+              meta: dict) -> tuple[dict, tuple[LoraTarget, ...], dict]:
+    """Step 3 of load_lora: fuse q/k/v pieces, stack the blocks, pad ranks, fold scales where they
+    differ, drop rank components that are zero in every block. Returns (tree, targets, info)."""
     lora, targets = {}, []
     info = {"file": str(path), "format": fmt, "depth": depth, "depth_inferred": inferred, "layers": {},
             "zero_layers": [], "notes": _notes(fmt, genmo_kwargs, meta, pieces)}
