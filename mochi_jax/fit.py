@@ -103,6 +103,9 @@ class Report:
             lines.append(f"DOES NOT FIT: the compiler needs at least {share}")
         else:
             lines.append(f"DOES NOT FIT: {share}, {(self.total_bytes - self.limit_bytes) / GIB:.2f} GiB over")
+            if self.hardware.startswith("TPU") and self.limit_source == "the TPU compiler's HBM limit":
+                lines.append("  (the TPU compiler accepted the program, but its own memory analysis is over the "
+                             "limit it enforces on simpler programs: not counted as fitting until run on a chip)")
         return "\n".join(lines)
 
 
