@@ -11,8 +11,10 @@ policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds 
 (XLA_CLIENT_MEM_FRACTION=.95).
 TPU: 'xla' attention (the 'splash' kernel is another engineer's; --attention=splash once it exists),
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
-then fsdp=N/s x sequence=s (batch N/s) for s = 2, 4, 8 until one fits. --all measures every slice
-of every clip length; by default the search of a clip length stops at the first slice that fits.
+then fsdp=N/s x sequence=s (batch N/s) for s = 2, 4, 8 until one fits (--frugal: the other way round,
+from the most sequence-parallel mesh until one does not fit, so a slice that cannot hold the clip costs
+one compile). --all measures every slice of every clip length; by default the search of a clip length
+stops at the first slice that fits.
 
 Every cell is compiled in a fresh process (the compiler's memory is returned between cells) and saved
 to the JSON as soon as it is measured, so an interrupted run resumes where it stopped (--redo measures
@@ -163,14 +165,19 @@ def run_tpu(args):
         for name in args.slices:
             chips = targets.parse_target(name).num_devices
             fitted = False
-            for mesh, batch in tpu_meshes(chips):
+            meshes = tpu_meshes(chips)
+            for mesh, batch in (meshes[::-1] if args.frugal else meshes):
                 tag = "x".join(f"{k[0]}{v}" for k, v in mesh.items() if v > 1) or "1"
                 key = f"{args.attention}/{frames}/{name}/{tag}"
                 over = {"aot.target": name, "model.attention": args.attention, "model.remat": "full",
                         "aot.num_frames": frames, "batch_size": batch}
                 over.update({f"mesh.{k}": v for k, v in mesh.items()})
                 r = cell(data, path, key, over, args.redo)
-                if r.get("fits"):
+                if args.frugal:  # from the most sequence-parallel mesh: the first that fails ends the slice
+                    if not r.get("fits"):
+                        break
+                    fitted = True
+                elif r.get("fits"):
                     fitted = True
                     break
             if fitted and not args.all:
@@ -191,16 +198,19 @@ def show_tpu(data: dict):
             print(f"{attention:9} {frames:>6} {name:8} {mesh:14} error: {r['error']}")
             continue
         total = (">" if r.get("compiler_error") else "") + f"{r['total_bytes'] / GIB:.1f}"
+        fits = "yes" if r["fits"] else "no" if r.get("compiler_error") else "no*"
         print(f"{attention:9} {frames:>6} {name:8} {mesh:14} {r['overrides']['batch_size']:>5} {total:>8} "
-              f"{r['limit_bytes'] / GIB:7.2f} {'yes' if r['fits'] else 'no':>5} {r['compile_s']:9.0f}")
+              f"{r['limit_bytes'] / GIB:7.2f} {fits:>5} {r['compile_s']:9.0f}")
+    print("no*: compiled (the compiler did not refuse it) but the total is over the compiler's limit")
     print("\nsmallest slice that fits, per clip length:")
     for attention in sorted({k.split("/")[0] for k in cells}):
         for frames in TPU_FRAMES:
             found = None
             for name in SLICES:
                 ok = [k for k, r in cells.items() if k.startswith(f"{attention}/{frames}/{name}/") and r.get("fits")]
-                if ok:
-                    found = (name, ok[0].split("/")[-1], cells[ok[0]])
+                if ok:  # the most data-parallel mesh that fits
+                    best = max(ok, key=lambda k: cells[k]["overrides"]["batch_size"])
+                    found = (name, best.split("/")[-1], cells[best])
                     break
             tried = any(k.startswith(f"{attention}/{frames}/") for k in cells)
             if found:
@@ -220,6 +230,9 @@ def main():
     p.add_argument("--frames", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--attention", default="xla")
     p.add_argument("--all", action="store_true", help="TPU: measure every slice, not only up to the first that fits")
+    p.add_argument("--frugal", action="store_true",
+                   help="TPU: start each slice from its most sequence-parallel mesh (the least memory per chip) and "
+                        "stop at the first that does not fit: one compile says a slice cannot hold the clip at all")
     p.add_argument("--redo", action="store_true", help="measure cells already in the JSON again")
     args = p.parse_args()
     if args.what == "gpu":

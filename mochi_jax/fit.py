@@ -10,12 +10,13 @@ GPUs on a CPU host (no accelerator, no weights) and read the compiler's per-devi
 The programs are the commands' own: the training step is `training.make_train_step` with
 `training.train_shardings` over the mesh of `config.mesh` (`sharding.make_mesh`); the sampler step is
 `sampling.euler_step`; prepare's VAE encode and T5 are `vae.encode` and the T5 encoder placed as
-`mochi_jax.prepare` places them. Inputs are ShapeDtypeStructs with the shardings the command would
+`mochi_jax.lib.preparation` places them. Inputs are ShapeDtypeStructs with the shardings the command would
 give them: model shapes come from a converted checkpoint's metadata, or a preset when there is none.
 
 The figures are the compiler's (`compiled.memory_analysis()`), per device: arguments (weights,
 state, batch), temporaries, outputs, and aliasing (outputs written into donated arguments, e.g.
-the train state). Total = arguments + outputs - aliased + temporaries + generated code. A TPU
+the train state). Total = arguments + outputs - aliased + temporaries + generated code, plus what
+sits on the device without being an argument (prepare's VAE decoder weights during the encode). A TPU
 compiler refuses a program that does not fit its HBM; its message (with the sizes) is the answer.
 """
 
@@ -57,6 +58,7 @@ class Report:
     temp_bytes: int = 0
     code_bytes: int = 0
     host_bytes: int = 0  # pinned host memory of the program (offloaded activations)
+    resident: dict = dataclasses.field(default_factory=dict)  # name -> bytes on the device the program never reads
     total_bytes: int = 0  # per device
     limit_bytes: int = 0
     limit_source: str = ""
@@ -87,6 +89,8 @@ class Report:
                       f"    outputs     {g(self.output_bytes)}  ({mb(self.alias_bytes)} of them written into "
                       "donated arguments)",
                       f"    code        {g(self.code_bytes)}"]
+            for k, v in self.resident.items():
+                lines.append(f"    resident    {g(v)}  ({k}: on the device, unused by this program)")
             if self.host_bytes:
                 lines.append(f"    host memory {g(self.host_bytes)}  (pinned host: offloaded activations)")
             lines.append(f"    total       {g(self.total_bytes)}  of {self.limit_bytes / GIB:.2f} GiB "
@@ -99,6 +103,9 @@ class Report:
             lines.append(f"DOES NOT FIT: the compiler needs at least {share}")
         else:
             lines.append(f"DOES NOT FIT: {share}, {(self.total_bytes - self.limit_bytes) / GIB:.2f} GiB over")
+            if self.hardware.startswith("TPU") and self.limit_source == "the TPU compiler's HBM limit":
+                lines.append("  (the TPU compiler accepted the program, but its own memory analysis is over the "
+                             "limit it enforces on simpler programs: not counted as fitting until run on a chip)")
         return "\n".join(lines)
 
 
@@ -140,6 +147,7 @@ class Program:
     inputs: dict  # name -> tree of ShapeDtypeStructs (with shardings)
     mesh: dict
     details: list
+    resident: dict = dataclasses.field(default_factory=dict)  # name -> tree on the device, not an argument
 
 
 def _placed(tree, shardings):
@@ -250,7 +258,7 @@ def sample_program(dit_cfg, targets, devices, batch: int, clip, guidance: float,
 
 def vae_encode_program(vae_cfg, devices, clip, tiled: bool) -> Program:
     """prepare's VAE encode of one clip: on one device, or split spatially over `devices` with the
-    weights replicated (mochi_jax.prepare.Models; tiled clips are encoded whole on one device)."""
+    weights replicated (mochi_jax.lib.preparation.Models; tiled clips are encoded whole on one device)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -279,12 +287,12 @@ def vae_encode_program(vae_cfg, devices, clip, tiled: bool) -> Program:
         mesh_desc = _mesh_dict(mesh)
 
     def lower():
-        return fn.lower(params, pixels, cfg=vae_cfg, tiled=tiled)
+        return fn.lower(params, pixels, cfg=vae_cfg, tiled=tiled)  # jit drops the unused decoder argument
 
     latent = (vae_cfg.latent_channels, vae_lib.latent_frames(frames), height // s, width // s)
-    return Program("VAE encode", lower, {"weights (encoder and decoder)": params, "pixels": pixels}, mesh_desc,
+    return Program("VAE encode", lower, {"encoder weights": params["encoder"], "pixels": pixels}, mesh_desc,
                    [f"clip     {frames} frames {height}x{width} (float32 pixels) -> latents {list(latent)}"
-                    + (", tiled" if tiled else "")])
+                    + (", tiled" if tiled else "")], resident={"decoder weights": params["decoder"]})
 
 
 def t5_program(t5_cfg, devices, batch: int, length: int, mesh_sizes) -> Program:
@@ -330,7 +338,8 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     becomes a report that does not fit (with the sizes from its message)."""
     report = Report(program.what, target.name, target.describe(), target.num_devices, program.mesh,
                     program.details, {k: device_bytes(v) for k, v in program.inputs.items()},
-                    limit_bytes=limit, limit_source=limit_source)
+                    limit_bytes=limit, limit_source=limit_source,
+                    resident={k: device_bytes(v) for k, v in program.resident.items()})
     t0 = time.time()
     try:
         lowered = program.lower()
@@ -359,7 +368,7 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     report.code_bytes = int(m.generated_code_size_in_bytes)
     report.host_bytes = sum(int(getattr(m, f"host_{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
     report.total_bytes = (report.argument_bytes + report.output_bytes - report.alias_bytes + report.temp_bytes
-                          + report.code_bytes)
+                          + report.code_bytes + sum(report.resident.values()))
     report.fits = report.total_bytes <= report.limit_bytes
     return report
 
@@ -435,7 +444,8 @@ def choose_remat_here(cfg, latent_shape, text_tokens: int) -> RematChoice:
         stats = devices[0].memory_stats() or {}
         budget = int(stats.get("bytes_limit", 0))
     if budget <= 0:
-        raise BadInput(f"remat='auto': {devices[0].platform} reports no memory limit; set --config.model.memory_budget_gb")
+        raise BadInput(f"remat='auto': {devices[0].platform} reports no memory limit; "
+                       "set --config.model.memory_budget_gb")
     dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention)
     _, t, h, w = latent_shape
     clip = (6 * (t - 1) + 1, 8 * h, 8 * w)
@@ -544,8 +554,6 @@ def _prepare_clip_defaults(cfg) -> tuple[int, int, int, str]:
 def check(cfg, what: str = "") -> Report:
     """Compile the program `what` (default cfg.aot.what, else the config's own command) of a
     configs/lora.py, sample.py or prepare.py config for cfg.aot.target and measure it."""
-    from mochi_jax.models.dit import DiTConfig
-
     aot = cfg.aot
     kind = config_kind(cfg)
     what = what or aot.what or {"lora": "train", "sample": "sample", "prepare": "vae_encode"}[kind]
@@ -559,107 +567,139 @@ def check(cfg, what: str = "") -> Report:
     target = targets_lib.parse_target(aot.target, aot.gpus_per_host, aot.target_config)
     found = []
 
-    def compile_devices():  # after the config is checked: a bad clip is bad input with or without a compiler
+    def devices():  # made only once the config is checked: a bad clip is bad input with or without a compiler
         if not found:
             found.extend(targets_lib.compile_devices(target))
         return found
 
-    demo = bool(cfg.get("demo"))
-
-    def limit_of() -> tuple[int, str]:
-        if aot.memory_gib > 0:
-            return int(aot.memory_gib * GIB), "--config.aot.memory_gib"
-        return targets_lib.memory_limit(target, compile_devices(), aot.gpu_memory_fraction)
-
-    if kind == "lora":
-        m = cfg.model
-        arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
-        dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
-                                       "attention": m.attention, "remat": m.remat, "remat_groups": m.remat_groups})
-        model_line = (f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} weights, "
-                      f"attention {m.attention}, remat {m.remat}" + (f" ({m.remat_groups})" if m.remat_groups else ""))
-        if what == "train":
-            f, h, w, src = _prepare_clip_defaults(cfg)
-            clip, src = _clip(aot, f, h, w, src)
-            if m.remat == "auto":
-                limit, _ = limit_of()
-                budget = int(m.memory_budget_gb * GIB) if m.memory_budget_gb > 0 else limit
-
-                def memory_of(remat: str, groups: str) -> int:
-                    c = dataclasses.replace(dit_cfg, remat=remat, remat_groups=groups)
-                    return measure(train_program(cfg, c, compile_devices(), clip, aot.text_tokens, target.num_hosts),
-                                   target, limit, "").total_bytes
-
-                choice = choose_remat(dit_cfg.depth - 1, memory_of, budget)
-                dit_cfg = dataclasses.replace(dit_cfg, remat=choice.remat, remat_groups=choice.groups)
-                model_line += f"\n  remat    auto -> {choice.describe()}"
-            program = train_program(cfg, dit_cfg, compile_devices(), clip, aot.text_tokens, target.num_hosts)
-        else:  # the validation videos, rendered with the weights sharded as in training
-            from mochi_jax.models import sharding as sharding_lib
-            from mochi_jax.lib import training
-            from mochi_jax.models import lora as lora_lib
-            from mochi_jax.models.dit import MochiDiT
-
-            v = cfg.validation
-            s = v.sampling
-            dit_cfg = dataclasses.replace(dit_cfg, remat="none", remat_groups="")  # sampling keeps nothing for a backward
-            clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
-            targets = lora_lib.targets_from_config(cfg.lora.to_dict())
-            mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), compile_devices())
-            sh = training.train_shardings(MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim), mesh)
-            program = sample_program(dit_cfg, targets, compile_devices(), max(1, len(v.prompts)), clip, s.guidance,
-                                     aot.text_tokens, mesh, sh["params"], sh["state"]["lora"])
-        program.details.insert(0, model_line)
-        program.details.append(f"         (clip size from {src})")
-    elif kind == "sample":
-        m, s = cfg.model, cfg.sampling
-        arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
-        dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
-                                       "attention": m.attention, "remat": "none"})
-        targets = _sample_lora_targets(cfg, dit_cfg)
-        clip, src = _clip(aot, s.num_frames, s.height, s.width, "the config")
-        program = sample_program(dit_cfg, targets, compile_devices(), cfg.batch_size, clip, s.guidance, aot.text_tokens)
-        program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, "
-                                  f"{m.param_dtype} weights, attention {m.attention}"
-                               + (f"; LoRAs {cfg.loras}" if targets else ""))
-    else:  # prepare: one host's devices (prepare runs per host)
-        def local_devices():
-            devices = compile_devices()
-            local = [d for d in devices if d.process_index == devices[0].process_index]
-            n = int(cfg.get("devices", -1))
-            if n == 0 or n < -1 or n > len(local):
-                raise BadInput(f"devices={n}: choose -1 (all {len(local)} of a host) or 1..{len(local)}")
-            return local if n == -1 else local[:n]
-
-        if what == "vae_encode":
-            from mochi_jax.models.vae import VAEConfig
-
-            arch, arch_src, ckpt = _arch("vae", aot.model, cfg.vae, demo)
-            dtype = cfg.vae_dtype or (_stored_dtype(ckpt) if ckpt else VAEConfig.param_dtype)
-            vae_cfg = VAEConfig.from_dict({**arch, "param_dtype": dtype, "tile_size": tuple(cfg.tile_size),
-                                           "tile_overlap": tuple(cfg.tile_overlap)})
-            h, w = _largest_bucket(cfg.buckets)
-            clip, _ = _clip(aot, cfg.num_frames, h, w, "the config")
-            program = vae_encode_program(vae_cfg, local_devices(), clip, bool(cfg.tiled))
-            program.details.insert(0, f"model    {arch_src}: VAE, {dtype} weights")
-        else:
-            from mochi_jax.models.t5 import T5Config
-
-            arch, arch_src, ckpt = _arch("t5", aot.model, cfg.t5, demo)
-            dtype = cfg.t5_dtype or (_stored_dtype(ckpt) if ckpt else T5Config.param_dtype)
-            t5_cfg = T5Config.from_dict({**arch, "param_dtype": dtype})
-            sizes = cfg.get("mesh", None)
-            sizes = dict(sizes.to_dict() if hasattr(sizes, "to_dict") else sizes or {"fsdp": -1})
-            program = t5_program(t5_cfg, local_devices(), int(cfg.text_batch_size), int(cfg.max_length), sizes)
-            program.details.insert(0, f"model    {arch_src}: T5 encoder, {dtype} weights")
-        if len(local_devices()) < target.num_devices:
-            program.details.append(f"devices  {len(local_devices())} of one host (prepare runs on each host's own "
-                                   "devices)")
+    build = {"lora": _lora_program, "sample": _sample_config_program, "prepare": _prepare_program}[kind]
+    program = build(cfg, what, target, devices)
     if target.platform == "cuda":
         program.details.append("GPU      compiled with autotuning off (no GPU here): the kernels, not the memory, "
                                "may differ on the card")
-    limit, source = limit_of()
+    limit, source = memory_limit(aot, target, devices)
     return measure(program, target, limit, source)
+
+
+def memory_limit(aot, target, devices) -> tuple[int, str]:
+    """(bytes per device, where the figure comes from): --config.aot.memory_gib, else the target's."""
+    if aot.memory_gib > 0:
+        return int(aot.memory_gib * GIB), "--config.aot.memory_gib"
+    return targets_lib.memory_limit(target, devices(), aot.gpu_memory_fraction)
+
+
+def _is_demo(cfg) -> bool:
+    return bool(cfg.get("demo"))  # only the :demo presets carry a demo block
+
+
+def _lora_program(cfg, what, target, devices) -> Program:
+    """configs/lora.py: the training step, or (what='sample') a validation video's sampler step with
+    the weights sharded as in training."""
+    from mochi_jax.models.dit import DiTConfig
+
+    aot, m = cfg.aot, cfg.model
+    arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
+    dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
+                                   "attention": m.attention, "remat": m.remat, "remat_groups": m.remat_groups})
+    auto = ""
+    if what == "train":
+        f, h, w, src = _prepare_clip_defaults(cfg)
+        clip, src = _clip(aot, f, h, w, src)
+        if m.remat == "auto":
+            limit, _ = memory_limit(aot, target, devices)
+            budget = int(m.memory_budget_gb * GIB) if m.memory_budget_gb > 0 else limit
+
+            def memory_of(remat: str, groups: str) -> int:
+                c = dataclasses.replace(dit_cfg, remat=remat, remat_groups=groups)
+                return measure(train_program(cfg, c, devices(), clip, aot.text_tokens, target.num_hosts), target,
+                               limit, "").total_bytes
+
+            choice = choose_remat(dit_cfg.depth - 1, memory_of, budget)
+            dit_cfg = dataclasses.replace(dit_cfg, remat=choice.remat, remat_groups=choice.groups)
+            auto = f"remat    auto -> {choice.describe()}"
+        program = train_program(cfg, dit_cfg, devices(), clip, aot.text_tokens, target.num_hosts)
+    else:
+        from mochi_jax.models import sharding as sharding_lib
+        from mochi_jax.lib import training
+        from mochi_jax.models import lora as lora_lib
+        from mochi_jax.models.dit import MochiDiT
+
+        v, s = cfg.validation, cfg.validation.sampling
+        dit_cfg = dataclasses.replace(dit_cfg, remat="none", remat_groups="")  # sampling keeps nothing for a backward
+        clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
+        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+        mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices())
+        sh = training.train_shardings(MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim), mesh)
+        program = sample_program(dit_cfg, targets, devices(), max(1, len(v.prompts)), clip, s.guidance,
+                                 aot.text_tokens, mesh, sh["params"], sh["state"]["lora"])
+        program.details.append("         (the train state, resident meanwhile, is not counted)")
+    program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} "
+                              f"weights, attention {m.attention}, remat {m.remat}"
+                           + (f" ({m.remat_groups})" if m.remat_groups else ""))
+    program.details.append(f"         (clip size from {src})")
+    if auto:
+        program.details.insert(1, auto)
+    return program
+
+
+def _sample_config_program(cfg, what, target, devices) -> Program:
+    """configs/sample.py: one sampler step on one device (the sampler does not shard its weights)."""
+    from mochi_jax.models.dit import DiTConfig
+
+    aot, m, s = cfg.aot, cfg.model, cfg.sampling
+    arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
+    dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
+                                   "attention": m.attention, "remat": "none"})
+    targets = _sample_lora_targets(cfg, dit_cfg)
+    clip, _ = _clip(aot, s.num_frames, s.height, s.width, "the config")
+    program = sample_program(dit_cfg, targets, devices(), cfg.batch_size, clip, s.guidance, aot.text_tokens)
+    program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, "
+                              f"{m.param_dtype} weights, attention {m.attention}"
+                           + (f"; LoRAs {cfg.loras}" if targets else ""))
+    if target.num_devices > 1:
+        program.details.append(f"devices  1 of {target.num_devices} (the sampler runs on one device)")
+    return program
+
+
+def _prepare_program(cfg, what, target, devices) -> Program:
+    """configs/prepare.py: the VAE encode of one clip of the largest bucket, or one T5 batch, on one
+    host's devices (prepare runs on each host alone)."""
+    aot = cfg.aot
+    demo = _is_demo(cfg)
+
+    def local_devices():
+        every = devices()
+        local = [d for d in every if d.process_index == every[0].process_index]
+        n = int(cfg.get("devices", -1))
+        if n == 0 or n < -1 or n > len(local):
+            raise BadInput(f"devices={n}: choose -1 (all {len(local)} of a host) or 1..{len(local)}")
+        return local if n == -1 else local[:n]
+
+    if what == "vae_encode":
+        from mochi_jax.models.vae import VAEConfig
+
+        arch, arch_src, ckpt = _arch("vae", aot.model, cfg.vae, demo)
+        dtype = cfg.vae_dtype or (_stored_dtype(ckpt) if ckpt else VAEConfig.param_dtype)
+        vae_cfg = VAEConfig.from_dict({**arch, "param_dtype": dtype, "tile_size": tuple(cfg.tile_size),
+                                       "tile_overlap": tuple(cfg.tile_overlap)})
+        h, w = _largest_bucket(cfg.buckets)
+        clip, _ = _clip(aot, cfg.num_frames, h, w, "the config")
+        program = vae_encode_program(vae_cfg, local_devices(), clip, bool(cfg.tiled))
+        program.details.insert(0, f"model    {arch_src}: VAE, {dtype} weights")
+    else:
+        from mochi_jax.models.t5 import T5Config
+
+        arch, arch_src, ckpt = _arch("t5", aot.model, cfg.t5, demo)
+        dtype = cfg.t5_dtype or (_stored_dtype(ckpt) if ckpt else T5Config.param_dtype)
+        t5_cfg = T5Config.from_dict({**arch, "param_dtype": dtype})
+        sizes = cfg.get("mesh", None)
+        sizes = dict(sizes.to_dict() if hasattr(sizes, "to_dict") else sizes or {"fsdp": -1})
+        program = t5_program(t5_cfg, local_devices(), int(cfg.text_batch_size), int(cfg.max_length), sizes)
+        program.details.insert(0, f"model    {arch_src}: T5 encoder, {dtype} weights")
+    if len(local_devices()) < target.num_devices:
+        program.details.append(f"devices  {len(local_devices())} of {target.num_devices}: one host's (prepare runs "
+                               "on each host alone)")
+    return program
 
 
 def _stored_dtype(path) -> str:
