@@ -37,12 +37,12 @@ def models(tmp_path_factory):
 
 def test_auto_on_the_devices_at_hand_uses_compiled_memory(models, monkeypatch):
     """The tiny DiT's train step compiled for this CPU: with room for everything nothing is
-    recomputed; 'full' keeps less than 'none'; a budget of 'full''s memory gets a setting within
-    it; over the real compiled memories a larger budget never picks more recomputation."""
+    recomputed; 'full' keeps less than 'none'; over the real compiled memories every choice fits
+    its budget and a larger budget never picks more recomputation."""
     cfg = lora_config.get_config()
     cfg.model.update(dict(dit=str(models["dit"]), param_dtype="float32", compute_dtype="float32", remat="auto"))
     cfg.mesh = ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))
-    shape, ladder, captured = (12, 3, 8, 12), fit.remat_ladder(2), {}
+    shape, ladder, captured = (12, 2, 4, 6), fit.remat_ladder(2), {}
     real_choose = fit.choose_remat
 
     def capture(n, memory_of, budget):
@@ -55,9 +55,6 @@ def test_auto_on_the_devices_at_hand_uses_compiled_memory(models, monkeypatch):
     assert (roomy.remat, roomy.groups) == ladder[0], roomy
     mem = {s: captured["memory_of"](*s) for s in ladder}  # every setting's compiled bytes
     assert mem[ladder[-1]] < mem[ladder[0]], mem
-    cfg.model.memory_budget_gb = mem[ladder[-1]] / fit.GIB
-    tight = fit.choose_remat_here(cfg, shape, 8)
-    assert tight.bytes <= mem[ladder[-1]]
     last = None
     for budget in sorted(set(mem.values())):
         choice = real_choose(2, lambda r, g: mem[(r, g)], budget)
