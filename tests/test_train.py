@@ -1,9 +1,12 @@
 """The training loop end to end on the demo: outputs, exact resume after SIGKILL and SIGTERM,
-stopping on non-finite losses, sampling with the trained LoRA."""
+records that read as one run after a kill (metrics, tensorboard, the end-of-run validation and
+export), half-deleted checkpoints, LoRA targets the files cannot hold, stopping on non-finite losses."""
 
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -13,14 +16,36 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from tensorboardX.proto import event_pb2
 
 from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
 from mochi_jax import demo, train
-from mochi_jax.checkpoints import runs
+from mochi_jax.checkpoints import dit_config, runs
 from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.lib import trainer, training
+from mochi_jax.lib.validation import Validator
+from mochi_jax.models import lora as lora_lib
+from mochi_jax.models.dit import abstract_variables
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilations(tmp_path_factory):
+    """The in-process runs of this module compile the same programs again (each run builds its own
+    jitted functions): JAX's persistent compilation cache, in a folder of this module's, lets them
+    compile once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("compilations")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    compilation_cache.reset_cache()
+    for name, value in saved.items():
+        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +65,50 @@ def _cfg(root, run, **kw):
 
 def _lora(run_dir):
     return jax.tree_util.tree_map(np.asarray, runs.load_run_lora(run_dir)[0])
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensorboard(tb_dir) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar as TensorBoard shows them: the event files in name order, where
+    a SessionLog.START event at step s (what SummaryWriter's purge_step writes) drops the events
+    read so far at steps >= s."""
+    seen = []
+    for path in sorted(Path(tb_dir).iterdir()):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecords: length (uint64), its crc, the Event proto, its crc
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                seen = [(tag, step) for tag, step in seen if step < event.step]
+            seen += [(v.tag, event.step) for v in event.summary.value]
+    return seen
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL at a chosen point of an in-process run."""
+
+
+def _raise_killed(*args, **kwargs):
+    raise Killed
+
+
+def _kill_before_step(monkeypatch, n: int):
+    """The run is 'killed' when it starts step n: steps 1 .. n-1 are done and logged."""
+    make = training.make_train_step
+
+    def make_killable(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+
+        def step(state, params, batch):
+            if int(state["step"]) + 1 == n:
+                raise Killed
+            return step_fn(state, params, batch)
+        return step
+    monkeypatch.setattr(training, "make_train_step", make_killable)
 
 
 def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
@@ -128,6 +197,163 @@ def test_interrupted_run_resumes_bit_for_bit(demo_root, sig):
     assert "resumed from" in out2, out2
     a, b = _lora(Path(demo_root) / "straight"), _lora(Path(demo_root) / name)
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    # the records read as one run: every step logged once, here and in tensorboard
+    assert [x["step"] for x in _rows(Path(demo_root) / name)] == list(range(1, steps + 1))
+    assert sorted(step for tag, step in _tensorboard(Path(demo_root) / name / "tensorboard")
+                  if tag == "loss") == list(range(1, steps + 1))
+
+
+def test_resumed_run_logs_read_as_one_run(demo_root, monkeypatch):
+    """Steps logged after the last checkpoint by a killed run are logged again by the resumed one:
+    metrics.jsonl and tensorboard keep one row per step (the torn last line of the kill too)."""
+    cfg = _cfg(demo_root, "relog", steps=6, log_every=1)
+    cfg.checkpoint.every = 4
+    cfg.validation.every = 0
+    with monkeypatch.context() as m:
+        _kill_before_step(m, 6)
+        with pytest.raises(Killed):
+            train.train(cfg)
+    run = Path(cfg.run_dir)
+    assert runs.complete_steps(run / "checkpoints") == [4]
+    assert [x["step"] for x in _rows(run)] == [1, 2, 3, 4, 5]
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # the kill came in the middle of a line
+    train.train(cfg)
+    rows = _rows(run)
+    assert [x["step"] for x in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(x["loss"]) for x in rows)
+    scalars = _tensorboard(run / "tensorboard")
+    assert len(list((run / "tensorboard").iterdir())) == 2  # one event file per launch
+    assert len(scalars) == len(set(scalars)), sorted(scalars)
+    assert sorted(step for tag, step in scalars if tag == "loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_run_log_drops_an_unfinished_validation_of_the_restored_step(tmp_path):
+    """A kill after the validation of a checkpoint's step wrote its row but before it was marked
+    done: the resumed run validates that step again, so that row goes, the training row stays."""
+    log = trainer.RunLog(tmp_path).open(0)
+    for step in range(1, 7):
+        log.write(step, {"loss": float(step)})
+        if step in (2, 4):
+            log.write(step, {"val_loss": 0.5, "val/clip_t": 0.25})
+            if step == 2:
+                log.mark_validated(step)
+    log.close()
+    log = trainer.RunLog(tmp_path)
+    assert log.validated(2) and not log.validated(4)
+    log.open(4, redo_validation=True)
+    log.write(4, {"val_loss": 0.75})
+    log.mark_validated(4)
+    log.close()
+    assert _rows(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+                               {"step": 2, "val_loss": 0.5, "val/clip_t": 0.25}, {"step": 3, "loss": 3.0},
+                               {"step": 4, "loss": 4.0}, {"step": 4, "val_loss": 0.75}]
+    assert sorted(_tensorboard(tmp_path / "tensorboard")) == sorted(
+        [("loss", s) for s in (1, 2, 3, 4)] + [("val_loss", 2), ("val/clip_t", 2), ("val_loss", 4)])
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"validated": [2, 4]}
+
+
+def test_end_of_run_work_is_redone_after_a_kill(demo_root, monkeypatch, capsys):
+    """Killed after the final checkpoint, during the final validation: the resumed run renders the
+    videos and logs the validation loss; killed again before the LoRA export: the next run writes
+    the LoRA files without validating a second time."""
+    cfg = _cfg(demo_root, "endwork", steps=2, log_every=1)
+    cfg.checkpoint.every = 2
+    cfg.validation.every = 2
+    cfg.validation.sampling.update(dict(num_frames=7, steps=2))
+    run = Path(cfg.run_dir)
+    with monkeypatch.context() as m:
+        m.setattr(Validator, "videos", _raise_killed)
+        with pytest.raises(Killed):
+            train.train(cfg)
+    assert runs.complete_steps(run / "checkpoints") == [2]
+    assert not list(run.glob("samples/*.mp4")) and not [x for x in _rows(run) if "val_loss" in x]
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "export", _raise_killed)
+        with pytest.raises(Killed):
+            train.train(cfg)
+    assert "validation after this checkpoint did not finish" in capsys.readouterr().out
+    video, = run.glob("samples/step000002_*.mp4")
+    rendered = video.stat().st_mtime_ns
+    assert [x["step"] for x in _rows(run) if "val_loss" in x] == [2]
+    assert not (run / "lora.safetensors").exists()
+
+    calls = []
+    with monkeypatch.context() as m:
+        call = Validator.__call__
+        m.setattr(Validator, "__call__", lambda self, *a: calls.append(a[0]) or call(self, *a))
+        train.train(cfg)
+    assert calls == [] and video.stat().st_mtime_ns == rendered
+    assert (run / "lora.safetensors").is_file() and (run / "lora_diffusers.safetensors").is_file()
+    assert [(x["step"], "val_loss" in x) for x in _rows(run)] == [(1, False), (2, False), (2, True)]
+    assert sorted(step for tag, step in _tensorboard(run / "tensorboard") if tag == "val_loss") == [2]
+
+
+def test_resume_passes_over_a_half_deleted_checkpoint(demo_root, capsys):
+    """A kill during orbax's clean-up of an old checkpoint leaves a step folder without its
+    metadata, which orbax still lists: the run resumes from the newest complete checkpoint, says
+    so, and removes the leftovers (orbax's temporary folders too)."""
+    cfg = _cfg(demo_root, "halfdeleted", steps=4, log_every=1)
+    cfg.checkpoint.every = 2
+    cfg.validation.every = 0
+    run = Path(train.train(cfg))
+    ckpts = run / "checkpoints"
+    (ckpts / "4" / runs.COMPLETE_MARKER).unlink()
+    shutil.copytree(ckpts / "2", ckpts / "4.orbax-checkpoint-tmp-1795975061")
+    capsys.readouterr()
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 in" in out and "resuming from step 2, the newest complete checkpoint" in out, out
+    assert f"resumed from {ckpts} at step 2" in out, out
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2", "4"] and runs.complete_steps(ckpts) == [2, 4]
+    assert [x["step"] for x in _rows(run)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("pattern", ["final_layer/linear", "t5_yproj", "x_embedder"])
+def test_targets_the_lora_files_cannot_hold_are_refused_before_training(demo_root, pattern):
+    cfg = _cfg(demo_root, "unwritable", steps=1)
+    cfg.validation.every = 0
+    cfg.lora.extra = dict(pattern=pattern, rank=2, alpha=2.0)
+    with pytest.raises(ValueError) as e:
+        train.train(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"LoRA target 'extra' (pattern '{pattern}') adapts {pattern}, which neither LoRA file"), msg
+    assert "genmo / ComfyUI lora.safetensors and diffusers" in msg and "--config.lora.extra.rank=0" in msg
+    assert "\n" not in msg
+    assert not runs.complete_steps(Path(cfg.run_dir) / "checkpoints")
+
+
+def test_visual_only_lora_is_exported(demo_root):
+    """No *_y layers: the genmo file gets the zero qkv_y / proj_y adapters genmo's loader expects,
+    sized from the DiT config."""
+    cfg = _cfg(demo_root, "visual_only", steps=1)
+    cfg.validation.every = 0
+    cfg.lora.qkv.pattern, cfg.lora.out.pattern = "attn/qkv_x$", "attn/proj_x$"
+    run = train.train(cfg)
+    factors, targets = runs.load_run_lora(run)
+    for name in ("lora.safetensors", "lora_diffusers.safetensors"):
+        loaded, loaded_targets, _ = lora_io.load_lora(run / name, depth=3)
+        for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
+            np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path),
+                                       lora_delta64(factors, targets, path), rtol=1e-6, atol=1e-8)
+    genmo, _, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
+    assert not np.any(genmo["blocks"]["attn"]["qkv_y"]["b"])
+
+
+def test_exporters_take_the_dit_config(demo_root):
+    """A LoRA on the last block only: its depth is not in the factors, the DiT config gives it."""
+    dit_cfg = dit_config(str(Path(demo_root) / "models" / "dit"))
+    targets = (lora_lib.LoraTarget(r"^last_block/attn/qkv_y$", rank=2, alpha=4.0),)
+    rng = np.random.default_rng(0)
+    tree = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                  abstract_variables(dit_cfg, targets)["lora"])
+    path = ("last_block", "attn", "qkv_y")
+    for save in (lora_io.save_genmo, lora_io.save_diffusers):
+        f = save(Path(demo_root) / f"last_only_{save.__name__}.safetensors", tree, targets, cfg=dit_cfg)
+        loaded, loaded_targets, _ = lora_io.load_lora(f, cfg=dit_cfg)
+        np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path), lora_delta64(tree, targets, path),
+                                   rtol=1e-6, atol=1e-8)
 
 
 def test_run_stops_after_repeated_non_finite_losses(demo_root, monkeypatch):

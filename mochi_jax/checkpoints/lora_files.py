@@ -451,13 +451,21 @@ def _notes(fmt, genmo_kwargs, meta, pieces) -> list[str]:
 
 # ----------------------------------------------------------------------------- writing
 
+def writable(path: str) -> bool:
+    """Whether the LoRA file formats (genmo / ComfyUI and diffusers alike) can hold an adapter on the
+    layer at `path` ('blocks/attn/qkv_x', 'last_block/mod_y'): they name only the Dense layers of
+    the blocks, not the embedders or the final layer ('final_layer/linear', 't5_yproj', ...)."""
+    group, _, layer = path.partition("/")
+    return group in ("blocks", "last_block") and layer in _LAYERS
+
+
 def _export_layers(lora: Mapping, targets: Sequence[LoraTarget], depth: int | None):
     """(depth, {(block n, layer): (a [in, r], b [r, out] with the scale folded in)}, {layer: dropout})."""
     layers, dropouts, found_depth = {}, {}, None
     for path, node in layers_of(lora):
         name = "/".join(path)
         group, layer = path[0], "/".join(path[1:])
-        if group not in ("blocks", "last_block") or layer not in _LAYERS:
+        if not writable(name):
             raise LoraFormatError(f"cannot export LoRA layer {name!r}: the LoRA file formats only name the "
                                   f"Dense layers of the blocks ({', '.join(_LAYERS)})")
         target = find_target(targets, name)
@@ -502,7 +510,11 @@ def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | 
     rank). Because genmo builds every qkv_x/qkv_y (resp. proj_x/proj_y) adapter of every block
     with one rank, those groups are zero-padded to a common rank and written for every block,
     with zero factors where the tree has none (their dims come from the tree, or from `cfg`).
-    mlp/mod adapters are written 1:1 (ComfyUI applies them; genmo's loader has no such layers)."""
+    mlp/mod adapters are written 1:1 (ComfyUI applies them; genmo's loader has no such layers).
+    With `cfg` (the DiT's config) a LoRA on one stream only (e.g. qkv_x and proj_x) and one on
+    the last block only are written too; without it the text width and depth are read off the
+    factors, which such LoRAs do not show."""
+    depth = _depth(depth, cfg)
     depth, layers, dropouts = _export_layers(lora, targets, depth)
     width, text_width = _widths(layers, cfg)
     kwargs = {}
@@ -535,6 +547,14 @@ def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | 
     return _write(path, tensors, {"kwargs": json.dumps(kwargs)}, dtype)
 
 
+def _depth(depth: int | None, cfg: DiTConfig | None) -> int | None:
+    if cfg is None:
+        return depth
+    if depth is not None and depth != cfg.depth:
+        raise LoraFormatError(f"depth={depth} contradicts cfg.depth={cfg.depth}")
+    return cfg.depth
+
+
 def _widths(layers: dict, cfg: DiTConfig | None) -> tuple[int, int | None]:
     """(width, text_width) of the model, from cfg or from the LoRA's own factor shapes."""
     if cfg is not None:
@@ -553,7 +573,7 @@ def _widths(layers: dict, cfg: DiTConfig | None) -> tuple[int, int | None]:
 
 
 def save_diffusers(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | None = None,
-                   dtype="float32"):
+                   cfg: DiTConfig | None = None, dtype="float32"):
     """Write a diffusers LoRA (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`, ...)
     that `MochiPipeline.load_lora_weights` of every diffusers release with Mochi LoRAs (0.32 on)
     applies exactly: the scale folded into lora_B, no alpha metadata (diffusers then takes alpha =
@@ -562,8 +582,9 @@ def save_diffusers(path, lora: Mapping, targets: Sequence[LoraTarget], depth: in
     another rank would come out scaled by the ratio of the ranks. A fused qkv adapter becomes
     to_q/to_k/to_v adapters sharing lora_A, with lora_B the row thirds. Adapters that add
     nothing (all-zero factors, as a genmo file's zero partners) are left out, and so are rank
-    components whose a column or b row is zero (e.g. an earlier zero-padding)."""
-    depth, layers, _ = _export_layers(lora, targets, depth)
+    components whose a column or b row is zero (e.g. an earlier zero-padding). `cfg` (or `depth`) says
+    which block is the last, needed when the LoRA adapts only the last block."""
+    depth, layers, _ = _export_layers(lora, targets, _depth(depth, cfg))
 
     def modules(drop_zeros: bool) -> dict:
         out = {}

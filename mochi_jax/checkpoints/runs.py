@@ -8,6 +8,9 @@ orbax's temporary folders are passed over, so readers always take the newest com
 
     factors, targets = load_run_lora("runs/mine")                 # the newest complete checkpoint
     lora = load_loras("style.safetensors:0.8,runs/mine", dit_cfg)  # one combined adapter, or None
+
+The trainer writes and restores its checkpoints through `checkpoint_manager`, `save_checkpoint`
+and `restore_checkpoint` here, so the layout is defined in this one file.
 """
 
 from __future__ import annotations
@@ -36,6 +39,38 @@ def complete_steps(checkpoint_dir) -> list[int]:
                   if p.is_dir() and p.name.isdigit() and (p / COMPLETE_MARKER).is_file() and (p / "state").is_dir())
 
 
+def incomplete_steps(checkpoint_dir) -> list[int]:
+    """Steps whose folder is there but incomplete (no `_CHECKPOINT_METADATA` or no `state/`): a save
+    or a clean-up of old checkpoints killed half way. orbax's CheckpointManager lists them as steps."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        return []
+    done = set(complete_steps(d))
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) not in done)
+
+
+def checkpoint_manager(checkpoint_dir, keep: int) -> ocp.CheckpointManager:
+    """The trainer's orbax CheckpointManager: the last `keep` checkpoints are kept; orbax's temporary
+    folders of an interrupted save are removed when it starts."""
+    return ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state, data: dict) -> None:
+    """Save the train state {step, lora, opt, rng} as `state/` and the data loader's position (JSON)
+    as `data/` of checkpoint `step` (asynchronously; atomic once finished)."""
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
+                 force=True)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state):
+    """(train state, data loader position) of checkpoint `step`, the state restored into the
+    shapes, dtypes and shardings of `abstract_state` (ShapeDtypeStructs)."""
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                             data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+
 def run_targets(run_dir) -> tuple[lora_lib.LoraTarget, ...]:
     """The LoRA targets of a run, from its config.json."""
     config = Path(run_dir) / "config.json"
@@ -57,12 +92,15 @@ def load_run_lora(run_dir, step: int | None = None):
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no complete checkpoint"
                                 + (f" at step {step}; have {steps}" if step is not None else ""))
     path = run_dir / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.StandardCheckpointer()
+    # the item's own handler: a Checkpointer would look for the step's metadata inside state/ (and
+    # warn that it is not there), a CheckpointManager would warn about the data/ item left unread
+    handler = ocp.StandardCheckpointHandler()
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    meta = checkpointer.metadata(path)
+    meta = handler.metadata(path)
     meta = getattr(meta, "item_metadata", meta)  # orbax >= 0.11 wraps the tree
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), dict(meta))
-    state = checkpointer.restore(path, target)
+    state = handler.restore(path, args=ocp.args.StandardRestore(target))
+    handler.close()
     return jax.tree_util.tree_map(np.asarray, state["lora"]), targets
 
 

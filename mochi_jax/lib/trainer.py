@@ -8,30 +8,35 @@
                       checkpoint, validate; SIGTERM saves and stops
       export(...)     the LoRA as genmo / ComfyUI and diffusers files
 
-A checkpoint (orbax, atomic, keep-last-K) holds the train state {step, lora, opt, rng} and the data
-loader's position, so a run killed at any point and restarted continues bit for bit where its last
-checkpoint left off.
+A checkpoint (orbax, atomic, keep-last-K; layout in mochi_jax/checkpoints/runs.py) holds the train
+state {step, lora, opt, rng} and the data loader's position, so a run killed at any point and
+restarted continues bit for bit where its newest complete checkpoint left off. Its records
+(RunLog: metrics.jsonl, tensorboard/, progress.json) are cut back to that step on every launch,
+the validation of that step is run again when it did not finish, and the LoRA files are written
+whenever the run ends, so a run killed and resumed reads as one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
+import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from mochi_jax.checkpoints import dit_config, load_dit, lora_files
+from mochi_jax.checkpoints import dit_config, load_dit, lora_files, runs
 from mochi_jax.lib import training
 from mochi_jax.lib.cache import Cache
 from mochi_jax.lib.data import make_loader
-from mochi_jax.lib.validation import Validator
+from mochi_jax.lib.validation import Validator, is_validation_row
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models.dit import MochiDiT
@@ -42,30 +47,99 @@ def log(msg: str):
         print(f"[mochi_jax.train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and tensorboard event files in the run directory;
-    only process 0 writes."""
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` atomically: a temporary file in the same folder, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """The records of a run in its directory (only process 0 writes):
+
+      metrics.jsonl   one JSON object per line, {"step": ..., name: value, ...}: training rows (loss,
+                      lr, ...) and validation rows (val_loss, val/...)
+      tensorboard/    the same scalars, one tensorboardX event file per launch
+      progress.json   {"validated": [the steps whose validation finished]}
+
+    `RunLog(run_dir, main)` reads progress.json; `open(step, redo_validation)` then cuts the records
+    back to `step`, where the train state starts (0, or the restored checkpoint's): rows and marks of
+    later steps, logged by a launch killed after its last checkpoint, are dropped (metrics.jsonl and
+    progress.json are rewritten atomically; tensorboard purges its events from `step` on and is
+    given the kept rows of `step` again), and with `redo_validation` so are the validation rows of
+    `step` itself. A line torn by a kill is dropped too."""
 
     def __init__(self, run_dir: Path, main: bool = True):
+        self.run_dir, self.main = run_dir, main
         self.file = self.tb = None
-        if main:
-            self.file = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        path = run_dir / "progress.json"
+        self.progress = {"validated": []}
+        if path.is_file():
+            self.progress.update(json.loads(path.read_text()))
+
+    def validated(self, step: int) -> bool:
+        return step in self.progress["validated"]
+
+    def open(self, step: int, redo_validation: bool = False) -> "RunLog":
+        def keep(row) -> bool:
+            return row["step"] < step or (row["step"] == step and not (redo_validation and is_validation_row(row)))
+
+        self.progress["validated"] = [s for s in self.progress["validated"]
+                                      if s < step or (s == step and not redo_validation)]
+        if not self.main:
+            return self
+        path, rows = self.run_dir / "metrics.jsonl", []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and keep(row):
+                    rows.append(row)
+            _replace_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+        self._save_progress()
+        self.file = open(path, "a")
+        # event files are named by the second they are opened in; the suffix keeps two launches
+        # within one second apart, and in order
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=step,
+                                filename_suffix=f".{time.time_ns()}")
+        for row in rows:
+            if row["step"] == step:
+                self._scalars(row)
+        self.tb.flush()
+        return self
+
+    def _save_progress(self):
+        if self.main:
+            _replace_text(self.run_dir / "progress.json", json.dumps(self.progress) + "\n")
+
+    def _scalars(self, row: dict):
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, row["step"])
 
     def write(self, step: int, values: dict):
         if self.file is None:
             return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
+        self._scalars({"step": step, **values})
         self.tb.flush()
+
+    def mark_validated(self, step: int):
+        """The validation of `step` finished: its videos and its row are written."""
+        self.progress["validated"].append(step)
+        self._save_progress()
 
     def close(self):
         if self.file is not None:
             self.file.close()
             self.tb.close()
+            self.file = self.tb = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -86,13 +160,14 @@ class Run:
     loader: object
     heldout: list
     manager: object  # orbax CheckpointManager
+    removed: list  # steps of incomplete checkpoint folders removed by setup()
     params: dict | None = None  # the frozen base, in its shardings (load_state)
     state: dict | None = None  # {step, lora, opt, rng} (load_state)
 
 
 def setup(cfg) -> Run:
-    """Join the processes, make the run directory, build the mesh, data, model and state; restore
-    the newest checkpoint when resuming."""
+    """Join the processes, make the run directory, build the mesh, data and model; check that the
+    LoRA files can hold the targets; remove incomplete checkpoint folders."""
     if cfg.distributed.enabled:
         d = cfg.distributed
         jax.distributed.initialize(coordinator_address=d.coordinator or None,
@@ -101,8 +176,11 @@ def setup(cfg) -> Run:
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
-    if main:
-        (run_dir / "config.json").write_text(cfg.to_json(indent=2))
+    ckpt_dir = run_dir / "checkpoints"
+    broken = runs.incomplete_steps(ckpt_dir)
+    if (runs.complete_steps(ckpt_dir) or broken) and not cfg.resume:
+        raise ValueError(f"{ckpt_dir} already holds checkpoints; set --config.resume=True to continue them or "
+                         f"choose another run_dir")
 
     mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
     n_proc, n_batch = jax.process_count(), mesh.shape["data"] * mesh.shape["fsdp"]
@@ -128,12 +206,42 @@ def setup(cfg) -> Run:
     model = MochiDiT(dit_cfg, targets)
     optimizer = training.make_optimizer(cfg.optim)
     shardings = training.train_shardings(model, optimizer, mesh)
+    check_exportable(cfg.lora.to_dict(), targets,
+                     ["/".join(path) for path, _ in lora_lib.layers_of(shardings["state"]["lora"])])
+
+    # a kill while orbax deletes an old checkpoint leaves its folder without the metadata; orbax
+    # would list it as a step (and refuse to save that step again), so it goes before orbax looks
+    if broken and main:
+        for step in broken:
+            shutil.rmtree(ckpt_dir / str(step))
+    if broken and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mochi_jax.train: incomplete checkpoints removed")
+    if main:
+        (run_dir / "config.json").write_text(cfg.to_json(indent=2))
     return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings,
                step_fn=training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
                                                 mesh, shardings),
-               loader=loader, heldout=heldout,
-               manager=ocp.CheckpointManager(run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(
-                   max_to_keep=cfg.checkpoint.keep, create=True)))
+               loader=loader, heldout=heldout, manager=runs.checkpoint_manager(ckpt_dir, cfg.checkpoint.keep),
+               removed=broken)
+
+
+def check_exportable(lora_cfg: dict, targets, layers) -> None:
+    """Refuse, before anything is trained, LoRA targets that adapt layers (`layers`: the LoRA tree's
+    paths) the LoRA files written at the end cannot hold: both formats (genmo / ComfyUI and
+    diffusers) name only the Dense layers of the blocks."""
+    names = {}
+    for name in sorted(lora_cfg):
+        for t in lora_lib.targets_from_config({name: lora_cfg[name]}):
+            names.setdefault(t, name)
+    bad = [p for p in layers if not lora_files.writable(p)]
+    if bad:
+        t = lora_lib.find_target(targets, bad[0])
+        name = names[t]
+        its = [p for p in bad if lora_lib.find_target(targets, p) == t]
+        raise ValueError(f"LoRA target {name!r} (pattern {t.pattern!r}) adapts {', '.join(its)}, which neither "
+                         f"LoRA file of the run can hold (genmo / ComfyUI lora.safetensors and diffusers "
+                         f"lora_diffusers.safetensors name only the Dense layers of the blocks); narrow its pattern "
+                         f"or set --config.lora.{name}.rank=0")
 
 
 def load_state(run: Run) -> None:
@@ -146,18 +254,20 @@ def load_state(run: Run) -> None:
         f"base: {m.dit} (depth {run.dit_cfg.depth}, width {run.dit_cfg.width}, {m.param_dtype}); LoRA: "
         f"{lora_lib.count(run.state['lora']):,} trainable parameters on "
         + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in run.targets))
-    latest = run.manager.latest_step()
-    if latest is not None and not cfg.resume:
-        raise ValueError(f"{run.run_dir / 'checkpoints'} already holds checkpoints; set --config.resume=True "
-                         f"to continue them or choose another run_dir")
+    ckpt_dir = run.run_dir / "checkpoints"
+    complete = runs.complete_steps(ckpt_dir)
+    latest = complete[-1] if complete else None
+    if run.removed:
+        log(f"checkpoint step{'s' if len(run.removed) > 1 else ''} {', '.join(map(str, run.removed))} in {ckpt_dir} "
+            f"{'were' if len(run.removed) > 1 else 'was'} incomplete (a save or a clean-up killed half way) and "
+            f"removed; " + (f"resuming from step {latest}, the newest complete checkpoint" if latest is not None
+                            else "no complete checkpoint is left: starting from step 0"))
     if latest is not None:
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-        restored = run.manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-        run.state = restored["state"]
-        run.loader.set_state(restored["data"])
-        log(f"resumed from {run.run_dir / 'checkpoints'} at step {latest}")
+        run.state, data = runs.restore_checkpoint(run.manager, latest, abstract)
+        run.loader.set_state(data)
+        log(f"resumed from {ckpt_dir} at step {latest}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -165,11 +275,10 @@ def load_state(run: Run) -> None:
 def save(run: Run, step: int) -> None:
     # every process has taken the same number of batches, so process 0's loader position (the one
     # orbax writes) is every process's position
-    run.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(run.state),
-                                                   data=ocp.args.JsonSave(run.loader.get_state())), force=True)
+    runs.save_checkpoint(run.manager, step, run.state, run.loader.get_state())
 
 
-def run_steps(run: Run, validator: Validator, metrics: MetricsLog) -> bool:
+def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
     """Train from the state's step to cfg.steps; returns False when stopped early by SIGTERM."""
     cfg = run.cfg
     schedule = training.lr_schedule(cfg.optim)
@@ -224,13 +333,14 @@ def run_steps(run: Run, validator: Validator, metrics: MetricsLog) -> bool:
         signal.signal(signal.SIGTERM, old_handler)
 
 
-def validate(run: Run, validator: Validator, metrics: MetricsLog, step: int) -> None:
+def validate(run: Run, validator: Validator, metrics: RunLog, step: int) -> None:
     values, videos = validator(step, run.params, run.state["lora"], run.run_dir)
     if videos:
         log(f"step {step}: validation videos {', '.join(videos)}")
     if values:
         metrics.write(step, values)
         log(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in values.items()))
+    metrics.mark_validated(step)
 
 
 # ----------------------------------------------------------------------------- export
@@ -239,8 +349,8 @@ def export(run: Run) -> None:
     """Write the LoRA as lora.safetensors (genmo / ComfyUI) and lora_diffusers.safetensors."""
     lora = multihost_utils.process_allgather(run.state["lora"], tiled=True)  # whole factors on every host
     if run.main:
-        lora_files.save_genmo(run.run_dir / "lora.safetensors", lora, run.targets)
-        lora_files.save_diffusers(run.run_dir / "lora_diffusers.safetensors", lora, run.targets)
+        lora_files.save_genmo(run.run_dir / "lora.safetensors", lora, run.targets, cfg=run.dit_cfg)
+        lora_files.save_diffusers(run.run_dir / "lora_diffusers.safetensors", lora, run.targets, cfg=run.dit_cfg)
     log(f"done: {int(run.state['step'])} steps; LoRA written to {run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) "
         f"and {run.run_dir / 'lora_diffusers.safetensors'} (diffusers)")
 
@@ -250,11 +360,22 @@ def train(cfg) -> Path:
     run = setup(cfg)
     validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets)  # T5 comes and goes before the DiT
     load_state(run)
-    metrics = MetricsLog(run.run_dir, run.main)
+    step = int(run.state["step"])
+    records = RunLog(run.run_dir, run.main)
+    # a checkpoint is saved before its step's validation runs, so a kill during that validation
+    # (the final one included) resumes from this step with the validation still to do
+    redo = step > 0 and validator.due(step) and not records.validated(step)
+    if jax.process_count() > 1:  # every process takes part in validation: one decision
+        redo = bool(multihost_utils.broadcast_one_to_all(np.int32(redo)))
+    records.open(step, redo_validation=redo)
     try:
-        finished = run_steps(run, validator, metrics)
+        if redo:
+            log(f"step {step}: the validation after this checkpoint did not finish; running it again")
+            validate(run, validator, records, step)
+        finished = run_steps(run, validator, records)
     finally:
-        metrics.close()
+        records.close()
+        run.manager.close()
     if finished:
         export(run)
     return run.run_dir

@@ -84,3 +84,10 @@ class Validator:
                 write_mp4(path, clip, fps=s.fps)
             out.append((str(path), clip))
         return out
+
+
+def is_validation_row(row: dict) -> bool:
+    """Whether a metrics.jsonl row holds validation values (what a Validator returns: val_loss,
+    val_loss/sigma_*, val/*) rather than training ones."""
+    keys = set(row) - {"step"}
+    return bool(keys) and all(k == "val_loss" or k.startswith(("val_loss/", "val/")) for k in keys)
