@@ -26,8 +26,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         t5="ckpt/t5",
         tokenizer="ckpt/tokenizer",
         fps=30.0,                   # frames are picked at this rate from the source
-        num_frames=37,              # 6k+1 frames -> k+1 latent frames; or frame buckets, e.g. (25, 37, 61):
-                                    # each clip (window) at the longest bucket it fills. Images are 1 frame.
+        # 6k+1 frames -> k+1 latent frames; or frame buckets, e.g. (25, 37, 61): each clip (window) is
+        # cached at the longest bucket it fills, once. Images are always 1 frame.
+        num_frames=ml_collections.FieldReference(37, field_type=object),
         # Frame windows per video: 'head' (the first frames, as the official fine-tuner), 'uniform'
         # (`count` windows spread from the start to the end), 'slide' (every `stride` frames, 0 = back
         # to back; at most `max` windows, 0 = all). Windows are in frames at `fps`; each is its own

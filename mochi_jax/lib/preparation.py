@@ -1,19 +1,27 @@
-"""Clips + captions -> the training cache (VAE posteriors and T5 features; format in
+"""Clips, images + captions -> the training cache (VAE posteriors and T5 features; format in
 mochi_jax/lib/cache.py). The command is `python -m mochi_jax.prepare` (mochi_jax/prepare.py).
 
-Every video (.mp4 .mov .webm .mkv, searched recursively, hidden files ignored) needs a caption
-in a same-named .txt file. Each clip takes the bucket (H, W) with the closest aspect ratio
-(distance of log(W/H)); its first `num_frames` frames at `fps` are cover-resized and centre-
-cropped to it (mochi_jax.lib.video.read_clip) and encoded by the VAE; captions are encoded by T5 in
-batches of `text_batch_size`.
+Inputs: videos (.mp4 .mov .webm .mkv) and images (.jpg .png .webp), searched recursively, hidden
+files ignored. Each needs a caption: a same-named .txt, else a row of the folder's metadata.jsonl /
+metadata.csv (or `captions`); `trigger` starts every caption. Each clip takes the bucket (H, W)
+with the closest aspect ratio (distance of log(W/H)). An image is a 1-frame clip. A video gives
+one or more frame windows at `fps` (`windows.mode`: head, uniform, slide; `plan_windows`), each
+the longest of the `num_frames` buckets the clip fills, cover-resized and centre-cropped
+(mochi_jax.lib.video) and encoded by the VAE; captions are encoded by T5 in batches of
+`text_batch_size`.
 
-Robustness: a bad clip (no caption, empty caption, zero-byte, unreadable or corrupt, too short,
-too small with upscale=False) is skipped, recorded with its reason in the manifest and listed
-in the final report; it never stops the run. Every file is written under a temporary name and
-renamed, and the manifest is rewritten after every clip, so a killed run loses at most the clip
-in flight. Re-running skips the clips already cached (nothing is re-read or re-validated) unless
-`overwrite=True`; a cache made with different content settings (models, fps, frames, buckets,
-...) is refused rather than mixed.
+Pipeline: `workers` threads decode and resize sources ahead (in order, at most 2 x workers in
+flight) while the main thread runs T5 and the VAE; the report gives clips/s and the seconds per
+stage (`Clock`). workers=0 reads each source in the main thread when its turn comes.
+
+Robustness: a bad input (no caption, empty caption, zero-byte, unreadable or corrupt, too short,
+too small with upscale=False, a window past the end, a metadata row naming a missing file) is
+skipped, recorded with its reason in the manifest and listed in the final report; it never stops
+the run. Every file is written under a temporary name and renamed, and the manifest is rewritten
+after every source (all its windows at once), so a killed run loses at most the sources in flight.
+Re-running skips the sources already cached (nothing is re-read or re-validated) unless
+`overwrite=True`; a cache made with different content settings (models, fps, frames, windows,
+buckets, trigger, ...) is refused rather than mixed.
 
 Devices: by default every local device is used (`devices`, `mesh`; see Models). T5's weights are
 FSDP-sharded and each text batch is split between devices; the VAE's weights are replicated and
@@ -708,7 +716,7 @@ def read_sources(todo, cfg, clock: "Clock"):
     if cfg.workers == 0:
         for item in todo:
             g = read_source(*item, cfg)
-            clock.add("reading (decode + resize)", g.seconds)
+            clock.add("reading (decode + resize, all threads)", g.seconds)
             yield g
         return
     with concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="prepare-read") as pool:
@@ -720,7 +728,7 @@ def read_sources(todo, cfg, clock: "Clock"):
             while pending:
                 with clock("waiting for reads"):
                     g = pending.popleft().result()
-                clock.add("reading (decode + resize)", g.seconds)
+                clock.add("reading (decode + resize, all threads)", g.seconds)
                 for item in itertools.islice(items, 1):
                     pending.append(pool.submit(read_source, *item, cfg))
                 yield g
