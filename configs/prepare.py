@@ -20,17 +20,29 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "default", "demo"):
         raise ValueError(f"unknown prepare preset {arg!r}; choose '' (default) or 'demo'")
     cfg = ml_collections.ConfigDict(dict(
-        input_dir="clips",          # videos (.mp4 .mov .webm .mkv) with same-named .txt captions
+        input_dir="clips",          # videos (.mp4 .mov .webm .mkv) and images (.jpg .png .webp) with captions
         output_dir="cache",         # manifest.json + clips/<name>.safetensors
         vae="ckpt/vae",             # converted checkpoints
         t5="ckpt/t5",
         tokenizer="ckpt/tokenizer",
         fps=30.0,                   # frames are picked at this rate from the source
-        num_frames=37,              # 6k+1 frames -> k+1 latent frames
+        # 6k+1 frames -> k+1 latent frames; or frame buckets, e.g. (25, 37, 61): each clip (window) is
+        # cached at the longest bucket it fills, once. Images are always 1 frame.
+        num_frames=ml_collections.FieldReference(37, field_type=object),
+        # Frame windows per video: 'head' (the first frames, as the official fine-tuner), 'uniform'
+        # (`count` windows spread from the start to the end), 'slide' (every `stride` frames, 0 = back
+        # to back; at most `max` windows, 0 = all). Windows are in frames at `fps`; each is its own
+        # cached clip '<name>@<start frame>' with its source and start time in the manifest.
+        windows=dict(mode="head", count=3, stride=0, max=0),
         buckets=((480, 848),),      # (H, W) pixel sizes; each clip takes the closest aspect ratio
         upscale=True,               # False: skip clips smaller than their bucket instead of enlarging
-        max_length=256,             # T5 tokens
+        # Captions: clip.txt beside each file, else a row of a metadata.jsonl / .csv (columns file_name
+        # and caption or text); '' finds input_dir/metadata.jsonl or metadata.csv, or name a file.
+        captions="",
+        trigger="",                 # a word put before every caption ("sks" -> "sks a dog runs")
+        max_length=256,             # T5 tokens; longer captions are truncated and reported
         text_batch_size=8,          # captions per T5 call
+        workers=4,                  # threads decoding and resizing ahead of the encoders; 0 = one at a time
         vae_dtype="float32",        # weights cast on load; "" keeps the stored dtype
         t5_dtype="",
         tiled=False,                # tiled VAE encoding (bounded memory, approximate)

@@ -6,7 +6,11 @@ Layout of a cache folder:
         {"format": "mochi_jax.cache/1",
          "config": {...the prepare settings...},
          "clips": [{"name", "file": "clips/<name>.safetensors", "source", "caption",
-                    "num_frames", "height", "width", "latent_shape": [12, t, h, w]}, ...],
+                    "num_frames", "height", "width", "latent_shape": [12, t, h, w],
+                    # optional (caches made before frame windows and images lack them):
+                    "kind": "video" | "image", "source_name": the source's name (a window's
+                    name is "<source_name>@<start frame>"), "start_frame" (at the prepare fps),
+                    "start_s", "caption_tokens" (T5 tokens with EOS; > max_length: truncated)}, ...],
          "empty_prompt": "empty_prompt.safetensors",
          "skipped": [{"source", "reason"}, ...]}
     clips/<name>.safetensors
@@ -17,9 +21,11 @@ Layout of a cache folder:
     empty_prompt.safetensors
         t5_feats float32 [L, D], t5_mask bool [L]   "" encoded as a real prompt (diffusers)
 
-The trainer draws z = mean + exp(logvar / 2) * n with fresh noise n at every step. Every file
-is written under a temporary name (`.<name>.tmp<pid>`) and renamed into place, so a reader never
-sees half a file; files get the permissions of any new file (0o666 minus the umask).
+Clips may have any mix of latent shapes (aspect buckets, frame counts, 1-frame images); the
+trainer batches each shape apart (mochi_jax/lib/data.py) and draws z = mean + exp(logvar / 2) * n
+with fresh noise n at every step. Every file is written under a temporary name
+(`.<name>.tmp<pid>`) and renamed into place, so a reader never sees half a file; files get the
+permissions of any new file (0o666 minus the umask).
 """
 
 from __future__ import annotations

@@ -1,31 +1,179 @@
-"""The training data pipeline: a grain dataset over the prepared cache.
+"""The training data pipeline: batches of one latent shape from a cache of many.
 
-Order is a deterministic function of the seed (a global shuffle, reshuffled every epoch); each
-process reads only its share of the clips (`process_index::process_count`); the iterator's
-position is part of every checkpoint (`loader.get_state()` / `set_state()`), so a resumed run
-sees exactly the batches an uninterrupted one would.
+A cache may hold clips of any mix of latent shapes [12, t, h, w]: spatial buckets, frame counts,
+1-frame images. A batch needs one shape, so the loader groups the training clips by shape
+("buckets") and plans every epoch from the seed and the epoch number alone:
+
+  1. each bucket's clips are shuffled and cut into global batches of `batch_size`. A bucket whose
+     clips do not fill its last batch completes it with clips from the start of its own shuffled
+     order: every clip is seen every epoch, nothing is dropped, and up to batch_size - 1 clips of
+     that bucket are seen twice (a bucket smaller than a batch repeats its clips to fill one);
+  2. the batches of all buckets are shuffled together into the epoch's order, so at each step a
+     bucket is drawn in proportion to the batches it has left, i.e. to its share of the clips.
+
+Proportional drawing rather than round-robin: round-robin would show a small bucket as often as a
+big one (its clips over-weighted) and leave the end of every epoch to the biggest bucket alone;
+a seeded shuffle of the batches keeps any stretch of training a fair sample of the data and the
+plan a pure function of (seed, epoch), which is what makes resuming exact.
+
+Every process computes the same plan and reads only its rows of each global batch (process p of P
+takes rows p * B/P ... (p+1) * B/P - 1), so all processes are on the same bucket at every step. The
+loader's position is the number of batches taken (`get_state()` / `set_state()`, saved in every
+checkpoint): a resumed run sees exactly the batches an uninterrupted one would. Reading runs in
+grain's threads, a few batches ahead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import threading
+
 import grain
 import jax
+import numpy as np
 
 from mochi_jax.lib.cache import Cache
 
 
-def make_loader(cache: Cache, batch_size: int, seed: int, num_clips: int | None = None, threads: int = 2):
-    """An endless grain iterator of batches {mean, logvar [B, 12, t, h, w], t5_feats [B, L, D],
-    t5_mask [B, L]} for this process (batch_size is per process), over the first `num_clips` clips
-    (all by default; the trainer holds the last ones out for validation)."""
-    num_clips = len(cache) if num_clips is None else num_clips
-    shapes = cache.latent_shapes()
-    if batch_size > 1 and len(shapes) > 1:
-        raise ValueError(f"{cache.path}: clips come in {len(shapes)} latent shapes {sorted(shapes)}; "
-                         f"batches of {batch_size} need one shape (prepare with one bucket, or use batch_size 1)")
-    if num_clips < jax.process_count():
-        raise ValueError(f"{cache.path}: {num_clips} training clips cannot feed {jax.process_count()} processes")
-    ds = grain.MapDataset.source(cache)[:num_clips][jax.process_index()::jax.process_count()]
-    ds = ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
-    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-    return iter(ds.to_iter_dataset(options))
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    shape: tuple[int, ...]  # the latent shape [12, t, h, w]
+    clips: tuple[int, ...]  # cache indices, ascending
+    batches: int  # global batches per epoch: ceil(len(clips) / batch_size)
+
+
+class Plan:
+    """Which clips make global batch g: a deterministic function of (seed, the clips' shapes,
+    batch_size). `plan.batch(g)` -> cache indices [batch_size], `plan.bucket_of(g)` -> its shape."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not shapes:
+            raise ValueError("no training clips")
+        self.batch_size, self.seed, self.num_clips = int(batch_size), int(seed), len(shapes)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, s in enumerate(shapes):
+            groups.setdefault(tuple(int(v) for v in s), []).append(i)
+        self.buckets = [Bucket(s, tuple(idx), -(-len(idx) // self.batch_size)) for s, idx in sorted(groups.items())]
+        self.epoch_batches = sum(b.batches for b in self.buckets)
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(clips int [epoch_batches, batch_size], bucket number int [epoch_batches]) of epoch e."""
+        with self._lock:
+            if e not in self._epochs:
+                if len(self._epochs) > 2:
+                    self._epochs.pop(min(self._epochs))
+                self._epochs[e] = self._make_epoch(e)
+            return self._epochs[e]
+
+    def _make_epoch(self, e: int):
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2 ** 32, e]))
+        rows, which = [], []
+        for k, b in enumerate(self.buckets):
+            order = rng.permutation(np.asarray(b.clips))
+            # complete the last batch from the start of this bucket's order (cycling if it is short)
+            order = np.resize(order, b.batches * self.batch_size)
+            rows.append(order.reshape(b.batches, self.batch_size))
+            which += [k] * b.batches
+        perm = rng.permutation(self.epoch_batches)
+        return np.concatenate(rows)[perm], np.asarray(which)[perm]
+
+    def batch(self, g: int) -> np.ndarray:
+        clips, _ = self.epoch(g // self.epoch_batches)
+        return clips[g % self.epoch_batches]
+
+    def bucket_of(self, g: int) -> tuple[int, ...]:
+        _, which = self.epoch(g // self.epoch_batches)
+        return self.buckets[which[g % self.epoch_batches]].shape
+
+    def fingerprint(self) -> dict:
+        return {"clips": self.num_clips, "batch_size": self.batch_size, "seed": self.seed,
+                "epoch_batches": self.epoch_batches}
+
+    def describe(self) -> str:
+        """One line per bucket: shape, clips, batches per epoch, clips repeated to fill."""
+        lines = [f"{self.num_clips} training clips in {len(self.buckets)} latent shape(s), batches of "
+                 f"{self.batch_size}, {self.epoch_batches} batches per epoch:"]
+        for b in self.buckets:
+            extra = b.batches * self.batch_size - len(b.clips)
+            lines.append(f"  [{', '.join(map(str, b.shape))}]: {len(b.clips)} clips, {b.batches} batches"
+                         + (f" ({extra} clip(s) seen twice to fill the last)" if extra else ""))
+        return "\n".join(lines)
+
+
+class Loader:
+    """An endless iterator of this process's rows of the global batches: {mean, logvar [b, 12, t, h, w],
+    t5_feats [b, L, D], t5_mask [b, L]} with b = batch_size / process_count, one latent shape per
+    batch. `get_state()` / `set_state()` give and restore the position (a JSON-able dict)."""
+
+    def __init__(self, cache: Cache, batch_size: int, seed: int, num_clips: int | None = None, threads: int = 2,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.cache = cache
+        num_clips = len(cache) if num_clips is None else int(num_clips)
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if batch_size % self.process_count:
+            raise ValueError(f"batch_size {batch_size} must divide by the {self.process_count} processes")
+        if num_clips < 1:
+            raise ValueError(f"{cache.path}: no training clips")
+        self.plan = Plan([cache.entries[i]["latent_shape"] for i in range(num_clips)], batch_size, seed)
+        self.rows = batch_size // self.process_count
+        self.threads = threads
+        self._start(0)
+
+    def _start(self, next_batch: int):
+        ds = grain.MapDataset.range(sys.maxsize).map(self._load)
+        options = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=2 * self.threads)
+        self._it = iter(ds.to_iter_dataset(options))
+        if next_batch:
+            self._it.set_state({"next_index": int(next_batch)})
+
+    def _load(self, g: int) -> dict[str, np.ndarray]:
+        """This process's rows of global batch g."""
+        lo = self.process_index * self.rows
+        clips = [self.cache[int(i)] for i in self.plan.batch(g)[lo:lo + self.rows]]
+        return {k: np.stack([c[k] for c in clips]) for k in clips[0]}
+
+    def indices(self, g: int) -> np.ndarray:
+        """The cache indices of global batch g (all processes' rows)."""
+        return self.plan.batch(g)
+
+    @property
+    def position(self) -> int:
+        """The number of batches taken so far."""
+        return int(self._it.get_state()["next_index"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return {"next_batch": self.position, **self.plan.fingerprint()}
+
+    def set_state(self, state: dict) -> None:
+        """Continue at state['next_batch'] (also accepts the grain state of earlier versions, whose
+        'next_index' counted batches too). A plan made for other clips, batch size or seed is
+        continued at the same batch count, with a warning: the order then differs from the first run's."""
+        next_batch = state.get("next_batch", state.get("next_index", 0))
+        mine = self.plan.fingerprint()
+        differ = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
+        if differ or "next_batch" not in state:
+            what = ", ".join(f"{k} {a} then, {b} now" for k, (a, b) in differ.items()) or "an older loader"
+            print(f"[mochi_jax.data] note: the checkpoint's data position was saved with {what}; continuing at "
+                  f"batch {next_batch} of the current plan (the clip order differs from the interrupted run's)",
+                  flush=True)
+        self._start(int(next_batch))
+
+
+def make_loader(cache: Cache, batch_size: int, seed: int, num_clips: int | None = None, threads: int = 2,
+                process_index: int | None = None, process_count: int | None = None) -> Loader:
+    """The loader over the first `num_clips` clips of `cache` (all by default; the trainer holds the
+    last ones out for validation) in global batches of `batch_size` (see the module docstring);
+    this process reads batch_size / process_count rows of each."""
+    return Loader(cache, batch_size, seed, num_clips, threads, process_index, process_count)

@@ -193,7 +193,8 @@ def setup(cfg) -> Run:
     if not 0 <= holdout < len(cache):
         raise ValueError(f"validation.holdout = {holdout} must leave training clips (the cache has {len(cache)})")
     n_train = len(cache) - holdout  # the last `holdout` clips (by name) are held out
-    loader = make_loader(cache, cfg.batch_size // n_proc, cfg.seed, num_clips=n_train)
+    loader = make_loader(cache, cfg.batch_size, cfg.seed, num_clips=n_train)
+    log("data: " + loader.plan.describe())
     heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
@@ -290,13 +291,25 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
     old_handler = signal.signal(signal.SIGTERM, on_signal)
     step = int(run.state["step"])
     bad, t_last, s_last = 0, time.time(), step
+    compiled, c_time, c_steps = set(), 0.0, 0  # batch shapes seen; compile steps' time and count since t_last
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not run.main)
     try:
         while step < cfg.steps:
             batch = {k: jax.make_array_from_process_local_data(run.shardings["batch"][k], x)
                      for k, x in next(run.loader).items()}
+            shape = batch["mean"].shape
+            if shape not in compiled:  # a new bucket: this step compiles; time it apart from steps/s
+                jax.block_until_ready(run.state)
+                t0 = time.time()
             run.state, out = run.step_fn(run.state, run.params, batch)
             step += 1
+            if shape not in compiled:
+                jax.block_until_ready(out)
+                compiled.add(shape)
+                dt = time.time() - t0
+                c_time, c_steps = c_time + dt, c_steps + 1
+                log(f"step {step}: compiled the step for batch {list(shape)} in {dt:.1f}s "
+                    f"(shape {len(compiled)}; not counted in steps/s)")
             bar.update(1)
             if not bool(out["finite"]):
                 bad += 1
@@ -311,12 +324,16 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
                 bad = 0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.time()
-                rate = (step - s_last) / max(now - t_last, 1e-9)
-                t_last, s_last = now, step
+                counted = step - s_last - c_steps  # compile steps are left out of the rate
+                rate = counted / max(now - t_last - c_time, 1e-9) if counted > 0 else None
                 vals = {"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
-                        "lr": float(schedule(max(step - 1, 0) // cfg.optim.grad_accum)),
-                        "steps_per_s": rate, "examples_per_s": rate * cfg.batch_size}
+                        "lr": float(schedule(max(step - 1, 0) // cfg.optim.grad_accum))}
+                if rate is not None:
+                    vals.update(steps_per_s=rate, examples_per_s=rate * cfg.batch_size)
+                if c_steps:
+                    vals.update(compiles=c_steps, compile_s=c_time)
                 metrics.write(step, vals)
+                t_last, s_last, c_time, c_steps = now, step, 0.0, 0
                 bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop["signal"] is not None:
                 save(run, step)

@@ -1,12 +1,18 @@
-"""Reading and writing video clips (imageio-ffmpeg) the way the Mochi fine-tuner consumes them.
+"""Reading and writing video clips (imageio-ffmpeg) and images (Pillow) the way the Mochi
+fine-tuner consumes them.
 
     frames = read_clip("clip.mp4", num_frames=37, fps=30, size=(480, 848))  # uint8 [37, 480, 848, 3]
+    with VideoReader("long.mp4") as r:                                       # r.info: size, fps, duration
+        frames = r.read([0, 1, 2, 300, 301], fps=30, size=(480, 848))       # {i: uint8 [480, 848, 3]}
+    image = read_image("photo.jpg", size=(480, 848))                         # uint8 [1, 480, 848, 3]
     write_mp4("out.mp4", frames, fps=30)                                     # libx264, atomic
     x = to_unit(frames)                                                       # float32 in [-1, 1]
 
 `read_clip` resamples in time by picking source frame floor(i * src_fps / fps) for output frame
 i (the source rate comes from the container metadata), keeps the first `num_frames`, resizes
-to *cover* the target (aspect ratio preserved, the short side fits) and centre-crops it.
+to *cover* the target (aspect ratio preserved, the short side fits) and centre-crops it;
+`VideoReader.read` does the same for any set of output frames (several windows in one pass).
+Images are turned upright by their EXIF orientation and resized the same way.
 
 Resizing is our own separable triangle (bilinear) filter in numpy, widened by the scale factor
 when shrinking so that it averages instead of aliasing (the same idea as PIL's BILINEAR). It
@@ -16,14 +22,17 @@ the size of the output clip.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
 
-import numpy as np
 import imageio_ffmpeg
+import numpy as np
+from PIL import Image, ImageOps
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 class VideoError(ValueError):
@@ -117,55 +126,159 @@ def _open(path):
     return gen, meta
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What the container says: frame size, frame rate and duration (seconds; None if unknown)."""
+    height: int
+    width: int
+    fps: float
+    duration: float | None
+
+    def frames_at(self, fps: float) -> int | None:
+        """How many output frames at `fps` the video holds, from its duration (source frames
+        round(duration * src_fps); output frame i exists while floor(i * src_fps / fps) is one of
+        them); None when the duration is unknown. An estimate: containers round the duration."""
+        if not self.duration:
+            return None
+        n_src = round(self.duration * self.fps)
+        return max(0, math.ceil((n_src - 1e-6) / (self.fps / fps))) if n_src > 0 else 0
+
+
+def source_index(i: int, src_fps: float, fps: float) -> int:
+    """The source frame shown by output frame i at `fps`: floor(i * src_fps / fps) (tiny epsilon
+    against 2.9999...)."""
+    return math.floor(i * src_fps / fps + 1e-6)
+
+
+class VideoReader:
+    """One pass over a video: `info` right after opening (one ffmpeg process for probing and
+    reading), then `read(wanted, fps, size)` for the output frames it needs.
+
+        with VideoReader("clip.mp4") as r:
+            size = choose(r.info)
+            frames = r.read(range(37), fps=30, size=size)  # {i: uint8 [H, W, 3]}
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._gen, meta = _open(path)
+        w, h = meta["size"]
+        duration = meta.get("duration")
+        duration = float(duration) if isinstance(duration, (int, float)) and math.isfinite(duration) else None
+        self.info = VideoInfo(int(h), int(w), float(meta["fps"]), duration if duration and duration > 0 else None)
+        self.source_frames = 0  # source frames decoded by read()
+        self.ended = False  # read() reached the end of the video
+
+    def close(self):
+        self._gen.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def read(self, wanted, fps: float = 30, size=(480, 848), upscale: bool = True) -> dict[int, np.ndarray]:
+        """The output frames `wanted` (indices at `fps`; output frame i shows source frame
+        floor(i * src_fps / fps)), cover-resized and centre-cropped to size (H, W): {i: uint8 [H, W, 3]}
+        for those the video has. Decoding stops as soon as the last wanted frame is read; frames in
+        between are decoded but not resized. VideoError when the video cannot be decoded or (with
+        upscale=False) is smaller than `size`."""
+        path, info = self.path, self.info
+        h, w = info.height, info.width
+        if not upscale and (h < size[0] or w < size[1]):
+            raise VideoError(path, "too small", f"{w}x{h} (WxH) is smaller than the {size[1]}x{size[0]} bucket "
+                                                "and upscaling is off")
+        wanted = sorted(set(int(i) for i in wanted))
+        picks = [source_index(i, info.fps, fps) for i in wanted]
+        resize = _Resizer(h, w, size)
+        out, k, index = {}, 0, -1
+        try:
+            if wanted:
+                for index, raw in enumerate(self._gen):
+                    self.source_frames = index + 1
+                    if picks[k] > index:
+                        continue
+                    frame = np.frombuffer(raw, np.uint8)
+                    if frame.size != h * w * 3:
+                        raise VideoError(path, "unreadable", f"frame {index} has {frame.size} bytes, expected {h * w * 3}")
+                    frame = resize(frame.reshape(h, w, 3))
+                    while k < len(wanted) and picks[k] == index:
+                        out[wanted[k]] = frame
+                        k += 1
+                    if k == len(wanted):
+                        break
+                else:
+                    self.ended = True
+        except VideoError:
+            raise
+        except Exception as e:
+            raise VideoError(path, "unreadable", f"decoding failed after {self.source_frames} frames "
+                                                 f"({type(e).__name__}: {_first_line(e)})") from e
+        if self.source_frames == 0 and wanted:
+            raise VideoError(path, "unreadable", "ffmpeg decoded no frames")
+        return out
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
 def probe(path) -> tuple[int, int, float]:
     """(height, width, fps) of a video from its container metadata, or VideoError."""
-    gen, meta = _open(path)
-    gen.close()
-    w, h = meta["size"]
-    return h, w, float(meta["fps"])
+    with VideoReader(path) as r:
+        return r.info.height, r.info.width, r.info.fps
 
 
 def read_clip(path, num_frames: int, fps: float = 30, size=(480, 848), upscale: bool = True) -> np.ndarray:
     """The first `num_frames` frames of `path` at `fps`, cover-resized and centre-cropped to size
     (H, W): uint8 [num_frames, H, W, 3]. Decoding stops as soon as the last needed frame is read.
+    An image file (IMAGE_SUFFIXES) is a 1-frame clip.
 
     Raises VideoError naming the file when it is empty, cannot be decoded, has fewer than
     num_frames frames at `fps`, or (with upscale=False) is smaller than `size` in either side.
     """
-    gen, meta = _open(path)
-    w, h = meta["size"]
-    src_fps = float(meta["fps"])
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        image = read_image(path, size, upscale)
+        if num_frames != 1:
+            raise VideoError(path, "too short", f"an image is 1 frame, need {num_frames}")
+        return image
+    with VideoReader(path) as r:
+        frames = r.read(range(num_frames), fps, size, upscale)
+        if len(frames) < num_frames:
+            raise VideoError(path, "too short", f"{len(frames)} frames at {fps:g} fps ({r.source_frames} source "
+                                                f"frames at {r.info.fps:g} fps), need {num_frames}")
+    return np.stack([frames[i] for i in range(num_frames)])
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path) -> np.ndarray:
+    """An image file (.jpg .png .webp, ...) as uint8 [H, W, 3] RGB, turned upright by its EXIF
+    orientation (alpha dropped), or VideoError ('zero-byte', 'unreadable') naming it."""
+    path = Path(path)
+    try:
+        nbytes = path.stat().st_size
+    except OSError as e:
+        raise VideoError(path, "unreadable", f"cannot stat the file ({e.strerror or e})") from e
+    if nbytes == 0:
+        raise VideoError(path, "zero-byte", "the file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... on bad files
+        raise VideoError(path, "unreadable", f"not a readable image ({type(e).__name__}: {_first_line(e)})") from e
+
+
+def read_image(path, size=(480, 848), upscale: bool = True) -> np.ndarray:
+    """An image cover-resized and centre-cropped to size (H, W), as a 1-frame clip uint8 [1, H, W, 3]."""
+    image = load_image(path)
+    h, w = image.shape[:2]
     if not upscale and (h < size[0] or w < size[1]):
-        gen.close()
         raise VideoError(path, "too small", f"{w}x{h} (WxH) is smaller than the {size[1]}x{size[0]} bucket "
                                             "and upscaling is off")
-    # Output frame i shows source frame floor(i * src_fps / fps) (tiny epsilon against 2.9999...).
-    picks = [math.floor(i * src_fps / fps + 1e-6) for i in range(num_frames)]
-    resize = _Resizer(h, w, size)
-    out, n_src = [], 0
-    try:
-        for index, raw in enumerate(gen):
-            n_src = index + 1
-            frame = np.frombuffer(raw, np.uint8)
-            if frame.size != h * w * 3:
-                raise VideoError(path, "unreadable", f"frame {index} has {frame.size} bytes, expected {h * w * 3}")
-            while len(out) < num_frames and picks[len(out)] == index:
-                out.append(resize(frame.reshape(h, w, 3)))
-            if len(out) == num_frames:
-                break
-    except VideoError:
-        raise
-    except Exception as e:
-        raise VideoError(path, "unreadable", f"decoding failed after {n_src} frames ({type(e).__name__}: "
-                                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
-    finally:
-        gen.close()
-    if n_src == 0:
-        raise VideoError(path, "unreadable", "ffmpeg decoded no frames")
-    if len(out) < num_frames:
-        raise VideoError(path, "too short", f"{len(out)} frames at {fps:g} fps ({n_src} source frames at "
-                                            f"{src_fps:g} fps), need {num_frames}")
-    return np.stack(out)
+    return resize_cover(image[None], size)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -194,6 +307,19 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
         writer.close()
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise OSError(f"ffmpeg wrote nothing for {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_image(path, frame) -> Path:
+    """Write one uint8 [H, W, 3] frame as an image (format from the suffix, e.g. .png), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        Image.fromarray(np.asarray(frame, np.uint8)).save(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
