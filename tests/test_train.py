@@ -37,7 +37,8 @@ def shared_compilations(tmp_path_factory):
     """The in-process runs of this module compile the same programs again (each run builds its own
     jitted functions): JAX's persistent compilation cache, in a folder of this module's, lets them
     compile once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")  # the last one is set when the cache starts
     saved = {name: getattr(jax.config, name) for name in names}
     compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("compilations")))
