@@ -80,22 +80,25 @@ def write_demo_models(root, seed: int = 0, progress: bool = False) -> dict[str, 
     """Write (or reuse) the tiny random models under `root`; returns {'dit', 'vae', 't5', 'tokenizer'} paths."""
     root = Path(root)
     paths = {"dit": root / "dit", "vae": root / "vae", "t5": root / "t5", "tokenizer": root / "tokenizer"}
-    k_dit, k_vae, k_t5 = jax.random.split(jax.random.PRNGKey(seed), 3)
+
+    def key(i: int):  # made only when a model is missing: JAX starts no backend when all exist (multi-host
+        return jax.random.split(jax.random.PRNGKey(seed), 3)[i]  # runs join their processes after this)
+
     if not paths["dit"].exists():
         cfg = DiTConfig(**DIT, param_dtype="float32", compute_dtype="float32", remat="none")
         shapes = abstract_variables(cfg)["params"]
-        params = random_like(shapes, k_dit)
-        params["pos_frequencies"] = 0.1 * jax.random.normal(k_dit, shapes["pos_frequencies"].shape)
+        params = random_like(shapes, key(0))
+        params["pos_frequencies"] = 0.1 * jax.random.normal(key(0), shapes["pos_frequencies"].shape)
         save_model(paths["dit"], params, "mochi_dit", cfg.arch(), unstack=[("blocks", cfg.depth - 1)],
                    progress=progress)
     if not paths["vae"].exists():
         cfg = vae_lib.VAEConfig(**VAE)
-        shapes = jax.eval_shape(lambda: vae_lib.init(k_vae, cfg))  # traced, not compiled: fast
-        save_model(paths["vae"], random_like(shapes, k_vae), "mochi_vae", cfg.arch_dict(), progress=progress)
+        shapes = jax.eval_shape(lambda: vae_lib.init(key(1), cfg))  # traced, not compiled: fast
+        save_model(paths["vae"], random_like(shapes, key(1)), "mochi_vae", cfg.arch_dict(), progress=progress)
     if not paths["t5"].exists():
         cfg = T5Config(**T5, param_dtype="float32", compute_dtype="float32")
-        shapes = jax.eval_shape(lambda: init_params(cfg, k_t5))
-        save_model(paths["t5"], random_like(shapes, k_t5), "t5_encoder", cfg.arch(),
+        shapes = jax.eval_shape(lambda: init_params(cfg, key(2)))
+        save_model(paths["t5"], random_like(shapes, key(2)), "t5_encoder", cfg.arch(),
                    unstack=[("blocks", cfg.num_layers)], progress=progress)
     _tokenizer(paths["tokenizer"])
     return paths
