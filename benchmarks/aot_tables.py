@@ -11,7 +11,7 @@ policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds 
 (XLA_CLIENT_MEM_FRACTION=.95).
 TPU: 'xla' attention (the 'splash' kernel is another engineer's; --attention=splash once it exists),
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
-then fsdp=N/s x sequence=s (batch N/s) for s = 2, 4, 8 until one fits (--frugal: the other way round,
+then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4, 8 until one fits (--frugal: the other way round,
 from the most sequence-parallel mesh until one does not fit, so a slice that cannot hold the clip costs
 one compile). --all measures every slice of every clip length; by default the search of a clip length
 stops at the first slice that fits.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import sys
 import time
@@ -149,12 +150,14 @@ def show_gpu(data: dict):
 # ----------------------------------------------------------------------------- TPU
 
 
-def tpu_meshes(chips: int):
-    """(mesh, batch) candidates of a slice, from the most data-parallel to the most sequence-parallel."""
-    out = [({"data": 1, "fsdp": chips, "sequence": 1, "tensor": 1}, chips)]
-    for s in (2, 4, 8):
-        if chips % s == 0 and chips // s >= 1 and 24 % s == 0:
-            out.append(({"data": 1, "fsdp": chips // s, "sequence": s, "tensor": 1}, chips // s))
+def tpu_meshes(chips: int, hosts: int):
+    """(mesh, batch) candidates of a slice, from the most data-parallel to the most sequence-parallel;
+    the batch is one clip per fsdp group, or more where every host must have one (the trainer's rule)."""
+    out = []
+    for s in (1, 2, 4, 8):
+        if chips % s == 0 and 24 % s == 0:
+            fsdp = chips // s
+            out.append(({"data": 1, "fsdp": fsdp, "sequence": s, "tensor": 1}, math.lcm(fsdp, hosts)))
     return out
 
 
@@ -165,9 +168,9 @@ def run_tpu(args):
                      f"remat full; attention {args.attention}; batch = data x fsdp")
     for frames in args.frames:
         for name in args.slices:
-            chips = targets.parse_target(name).num_devices
+            target = targets.parse_target(name)
             fitted = False
-            meshes = tpu_meshes(chips)
+            meshes = tpu_meshes(target.num_devices, target.num_hosts)
             for mesh, batch in (meshes[::-1] if args.frugal else meshes):
                 tag = "x".join(f"{k[0]}{v}" for k, v in mesh.items() if v > 1) or "1"
                 key = f"{args.attention}/{frames}/{name}/{tag}"
