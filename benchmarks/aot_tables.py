@@ -5,7 +5,7 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
     python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
     python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu}.json
 
-GPU: H100 80 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention; for each remat
+GPU: H100 80 GB, H200 141 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention; for each remat
 policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the card's memory
 (longer clips only need more). "fits" is reported at JAX's default 75 % of the card and at 95 %
 (XLA_CLIENT_MEM_FRACTION=.95).
@@ -40,7 +40,7 @@ targets.compile_only_environment()  # before jax is imported (here and in every 
 
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = targets.GIB
-GPUS = ("h100", "a100-80gb", "rtx4090")
+GPUS = ("h100", "h200", "a100-80gb", "rtx4090")
 POLICIES = ("full", "none", "dots", "dots_no_batch", "offload_dots")
 GPU_FRAMES = (37, 61, 85, 163)
 SLICES = ("v5p-8", "v6e-8", "v5e-16")  # by chip count
