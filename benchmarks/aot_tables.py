@@ -5,20 +5,23 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
     python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
     python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu}.json
 
-GPU: H100 80 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention; for each remat
-policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the card's memory
-(longer clips only need more). "fits" is reported at JAX's default 75 % of the card and at 95 %
+GPU: H100 80 GB, H200 141 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention;
+for each remat policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the
+card's memory (longer clips only need more). "fits" is reported at JAX's default 75 % of the card and at 95 %
 (XLA_CLIENT_MEM_FRACTION=.95).
 TPU: 'xla' attention (the 'splash' kernel is another engineer's; --attention=splash once it exists),
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
-then fsdp=N/s x sequence=s (batch N/s) for s = 2, 4, 8 until one fits (--frugal: the other way round,
-from the most sequence-parallel mesh until one does not fit, so a slice that cannot hold the clip costs
-one compile). --all measures every slice of every clip length; by default the search of a clip length
-stops at the first slice that fits.
+then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4, 8 until one fits
+(--frugal: the other way round, from the most sequence-parallel mesh until one does not fit, so a
+slice that cannot hold the clip costs one compile). --all measures every slice of every clip
+length; by default the search of a clip length stops at the first slice that fits. The tables in
+the README came from `tpu --frames 37 --all`, `tpu --frames 85`, `tpu --frames 163 --frugal` and
+`tpu --frames 85 --frugal --all --slices v6e-8,v5e-16`.
 
 Every cell is compiled in a fresh process (the compiler's memory is returned between cells) and saved
 to the JSON as soon as it is measured, so an interrupted run resumes where it stopped (--redo measures
-again). Compiles take 0.5-1 min (GPU) and 3-10 min (TPU) each on a 2-core host.
+again). Compiles take 0.3-1 min (GPU) and 2.5-12 min (TPU; refusals a few seconds) each on a
+shared 2-core host.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import sys
 import time
@@ -39,7 +43,7 @@ targets.compile_only_environment()  # before jax is imported (here and in every 
 
 RESULTS = ROOT / "benchmarks" / "results"
 GIB = targets.GIB
-GPUS = ("h100", "a100-80gb", "rtx4090")
+GPUS = ("h100", "h200", "a100-80gb", "rtx4090")
 POLICIES = ("full", "none", "dots", "dots_no_batch", "offload_dots")
 GPU_FRAMES = (37, 61, 85, 163)
 SLICES = ("v5p-8", "v6e-8", "v5e-16")  # by chip count
@@ -147,12 +151,14 @@ def show_gpu(data: dict):
 # ----------------------------------------------------------------------------- TPU
 
 
-def tpu_meshes(chips: int):
-    """(mesh, batch) candidates of a slice, from the most data-parallel to the most sequence-parallel."""
-    out = [({"data": 1, "fsdp": chips, "sequence": 1, "tensor": 1}, chips)]
-    for s in (2, 4, 8):
-        if chips % s == 0 and chips // s >= 1 and 24 % s == 0:
-            out.append(({"data": 1, "fsdp": chips // s, "sequence": s, "tensor": 1}, chips // s))
+def tpu_meshes(chips: int, hosts: int):
+    """(mesh, batch) candidates of a slice, from the most data-parallel to the most sequence-parallel;
+    the batch is one clip per fsdp group, or more where every host must have one (the trainer's rule)."""
+    out = []
+    for s in (1, 2, 4, 8):
+        if chips % s == 0 and 24 % s == 0:
+            fsdp = chips // s
+            out.append(({"data": 1, "fsdp": fsdp, "sequence": s, "tensor": 1}, math.lcm(fsdp, hosts)))
     return out
 
 
@@ -163,9 +169,9 @@ def run_tpu(args):
                      f"remat full; attention {args.attention}; batch = data x fsdp")
     for frames in args.frames:
         for name in args.slices:
-            chips = targets.parse_target(name).num_devices
+            target = targets.parse_target(name)
             fitted = False
-            meshes = tpu_meshes(chips)
+            meshes = tpu_meshes(target.num_devices, target.num_hosts)
             for mesh, batch in (meshes[::-1] if args.frugal else meshes):
                 tag = "x".join(f"{k[0]}{v}" for k, v in mesh.items() if v > 1) or "1"
                 key = f"{args.attention}/{frames}/{name}/{tag}"

@@ -184,7 +184,8 @@ def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int 
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % n_batch or cfg.batch_size % num_hosts:
         raise BadInput(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
-                       f"{_mesh_dict(mesh)}) and by the {num_hosts} hosts; change --config.batch_size or --config.mesh.*")
+                       f"{_mesh_dict(mesh)}) and by the {num_hosts} hosts; change --config.batch_size or "
+                       "--config.mesh.*")
     targets = lora_lib.targets_from_config(cfg.lora.to_dict())
     if not targets:
         raise BadInput("no LoRA targets with rank > 0 in config.lora")

@@ -154,7 +154,8 @@ def _torus(chips: int, dims: int) -> list[int]:
         low = min(shape)
         shape[max(i for i, s in enumerate(shape) if s == low)] *= 2
     if math.prod(shape) != chips:
-        raise TargetError(f"{chips} chips is not a TPU slice size (1, 4, 8, 16, ...); give a topology such as v5p:2x2x4")
+        raise TargetError(f"{chips} chips is not a TPU slice size (1, 4, 8, 16, ...); give a topology such as "
+                          "v5p:2x2x4")
     return shape
 
 

@@ -19,8 +19,9 @@ GIB = 1 << 30
 
 need_tpu = pytest.mark.skipif(not targets.have_compiler("tpu"),
                               reason="libtpu is not installed (pip install -e '.[test]' or '.[tpu]')")
-need_cuda = pytest.mark.skipif(not targets.have_compiler("cuda"),
-                               reason="the CUDA compiler plugin is not installed (pip install -e '.[cuda]', several GB)")
+need_cuda = pytest.mark.skipif(
+    not targets.have_compiler("cuda"),
+    reason="the CUDA compiler plugin is not installed (pip install -e '.[cuda]', several GB)")
 
 
 def aot(*flags, timeout=600):
