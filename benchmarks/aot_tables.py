@@ -9,7 +9,7 @@ GPU: H100 80 GB, H200 141 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1,
 for each remat policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the
 card's memory (longer clips only need more). "fits" is reported at JAX's default 75 % of the card and at 95 %
 (XLA_CLIENT_MEM_FRACTION=.95).
-TPU: 'xla' attention (the 'splash' kernel is another engineer's; --attention=splash once it exists),
+TPU: 'xla' attention by default, --attention=splash for the Pallas kernel,
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
 then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4, 8 until one fits
 (--frugal: the other way round, from the most sequence-parallel mesh until one does not fit, so a
