@@ -279,7 +279,7 @@ def test_a_folder_without_videos_is_refused_before_any_model_is_loaded(demo, tmp
         prepare_lib.prepare(config_for(demo[0], tmp_path / "missing", tmp_path / "cache"))
     # videos that all fail: the reasons are listed, then an error (no cache worth training on)
     (empty / "dog.mp4").write_bytes(b"")
-    with pytest.raises(ValueError, match="none of its 1 videos could be prepared"):
+    with pytest.raises(ValueError, match="none of its 1 videos and images could be prepared"):
         prepare_lib.prepare(config_for(demo[0], empty, tmp_path / "cache"))
 
 

@@ -733,8 +733,8 @@ def prepare(cfg) -> dict:
     report["timing"] = clock.summary(len(report["new"]), len(todo), cfg.workers)
     print(format_report(report, cfg.max_length))
     if not manifest["clips"]:
-        raise ValueError(f"{input_dir}: none of its {len(sources)} sources could be prepared (the reasons are "
-                         "listed above)")
+        raise ValueError(f"{input_dir}: none of its {len(sources)} videos and images could be prepared (the "
+                         "reasons are listed above)")
     return report
 
 
