@@ -14,10 +14,10 @@ to *cover* the target (aspect ratio preserved, the short side fits) and centre-c
 `VideoReader.read` does the same for any set of output frames (several windows in one pass).
 Images are turned upright by their EXIF orientation and resized the same way.
 
-Resizing is our own separable triangle (bilinear) filter in numpy, widened by the scale factor
-when shrinking so that it averages instead of aliasing (the same idea as PIL's BILINEAR). It
-is deterministic, has no extra dependency, and resizes one frame at a time so memory stays at
-the size of the output clip.
+Resizing is our own separable triangle (bilinear) filter in numpy (a few taps per output pixel),
+widened by the scale factor when shrinking so that it averages instead of aliasing (the same idea
+as PIL's BILINEAR). It is deterministic, has no extra dependency, and resizes one frame at a time
+so memory stays at the size of the output clip.
 """
 
 from __future__ import annotations
@@ -78,21 +78,45 @@ def cover_crop(height: int, width: int, size) -> tuple[tuple[int, int], tuple[in
     return (rh, rw), ((rh - th) // 2, (rw - tw) // 2)
 
 
+def banded(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A resize matrix [n_out, n_in] whose rows are each nonzero on a short run of inputs, as
+    (index int [n_out, K], weight float32 [n_out, K]): output o = sum_k weight[o, k] * input[index[o, k]].
+    K is the longest run (a few taps: about 2 / scale when shrinking); shorter runs pad with weight 0."""
+    nonzero = weights != 0
+    first = nonzero.argmax(axis=1)
+    last = weights.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
+    k = int((last - first).max()) + 1
+    index = np.minimum(first[:, None] + np.arange(k)[None, :], weights.shape[1] - 1)
+    taps = np.take_along_axis(weights, index, axis=1)
+    taps[first[:, None] + np.arange(k)[None, :] > weights.shape[1] - 1] = 0.0  # clipped padding
+    return index, taps.astype(np.float32)
+
+
 class _Resizer:
-    """Cover-resize + centre-crop of [H, W, 3] uint8 frames to `size` with precomputed matrices."""
+    """Cover-resize + centre-crop of [H, W, 3] uint8 frames to `size` with precomputed filters.
+
+    Each pass is a sum of a few shifted, weighted copies (the filter's taps; `banded`), plain numpy
+    element-wise work: ~100x faster than a dense einsum and, unlike a BLAS product, safe in threads
+    that run while others start ffmpeg (OpenBLAS's fork handler can deadlock on a BLAS call in flight)."""
 
     def __init__(self, height: int, width: int, size):
         (rh, rw), (top, left) = cover_crop(height, width, size)
         self.rows = resize_weights(height, rh, top, size[0])  # [H_out, H_in]
         self.cols = resize_weights(width, rw, left, size[1])  # [W_out, W_in]
+        self.row_index, self.row_taps = banded(self.rows)
+        self.col_index, self.col_taps = banded(self.cols)
         self.identity = (height, width) == tuple(size)
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if self.identity:
             return frame
-        x = np.einsum("oh,hwc->owc", self.rows, frame.astype(np.float32))
-        x = np.einsum("pw,owc->opc", self.cols, x)
-        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+        x = self.row_taps[:, 0, None, None] * frame[self.row_index[:, 0]]  # [H_out, W_in, 3] float32
+        for k in range(1, self.row_index.shape[1]):
+            x += self.row_taps[:, k, None, None] * frame[self.row_index[:, k]]
+        y = self.col_taps[None, :, 0, None] * x[:, self.col_index[:, 0]]  # [H_out, W_out, 3]
+        for k in range(1, self.col_index.shape[1]):
+            y += self.col_taps[None, :, k, None] * x[:, self.col_index[:, k]]
+        return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
 def resize_cover(frames, size) -> np.ndarray:
