@@ -128,8 +128,8 @@ def resize_cover(frames, size) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- reading
 
-def _open(path):
-    """(frame generator positioned after the metadata, metadata) or VideoError."""
+def _nonempty(path) -> Path:
+    """`path` as a Path, or VideoError if it cannot be read or holds 0 bytes."""
     path = Path(path)
     try:
         nbytes = path.stat().st_size
@@ -137,6 +137,12 @@ def _open(path):
         raise VideoError(path, "unreadable", f"cannot stat the file ({e.strerror or e})") from e
     if nbytes == 0:
         raise VideoError(path, "zero-byte", "the file is empty (0 bytes)")
+    return path
+
+
+def _open(path):
+    """(frame generator positioned after the metadata, metadata) or VideoError."""
+    path = _nonempty(path)
     try:
         gen = imageio_ffmpeg.read_frames(str(path))
         meta = next(gen)
@@ -280,13 +286,7 @@ def read_clip(path, num_frames: int, fps: float = 30, size=(480, 848), upscale: 
 def load_image(path) -> np.ndarray:
     """An image file (.jpg .png .webp, ...) as uint8 [H, W, 3] RGB, turned upright by its EXIF
     orientation (alpha dropped), or VideoError ('zero-byte', 'unreadable') naming it."""
-    path = Path(path)
-    try:
-        nbytes = path.stat().st_size
-    except OSError as e:
-        raise VideoError(path, "unreadable", f"cannot stat the file ({e.strerror or e})") from e
-    if nbytes == 0:
-        raise VideoError(path, "zero-byte", "the file is empty (0 bytes)")
+    path = _nonempty(path)
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
