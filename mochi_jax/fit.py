@@ -536,6 +536,11 @@ def _clip(aot, frames: int, height: int, width: int, source: str) -> tuple[tuple
     return clip, "--config.aot" if given else source
 
 
+def _longest(num_frames) -> int:
+    """A prepare config's frame count, or the longest of its frame buckets (the most memory)."""
+    return int(num_frames) if isinstance(num_frames, int) else max(int(n) for n in num_frames)
+
+
 def _largest_bucket(buckets) -> tuple[int, int]:
     return tuple(max((tuple(b) for b in buckets), key=lambda b: b[0] * b[1]))
 
@@ -545,11 +550,11 @@ def _prepare_clip_defaults(cfg) -> tuple[int, int, int, str]:
     or configs/prepare.py's defaults (what `mochi_jax.prepare` caches)."""
     p = cfg.demo.get("prepare") if cfg.get("demo") else None
     if p is not None and "num_frames" in p:
-        return (p.num_frames, *_largest_bucket(p.buckets), "the config's prepare settings")
+        return (_longest(p.num_frames), *_largest_bucket(p.buckets), "the config's prepare settings")
     from mochi_jax.configs import prepare as prepare_config
 
     d = prepare_config.get_config()
-    return (d.num_frames, *_largest_bucket(d.buckets), "configs/prepare.py defaults")
+    return (_longest(d.num_frames), *_largest_bucket(d.buckets), "configs/prepare.py defaults")
 
 
 def check(cfg, what: str = "") -> Report:
@@ -684,7 +689,7 @@ def _prepare_program(cfg, what, target, devices) -> Program:
         vae_cfg = VAEConfig.from_dict({**arch, "param_dtype": dtype, "tile_size": tuple(cfg.tile_size),
                                        "tile_overlap": tuple(cfg.tile_overlap)})
         h, w = _largest_bucket(cfg.buckets)
-        clip, _ = _clip(aot, cfg.num_frames, h, w, "the config")
+        clip, _ = _clip(aot, _longest(cfg.num_frames), h, w, "the config")
         program = vae_encode_program(vae_cfg, local_devices(), clip, bool(cfg.tiled))
         program.details.insert(0, f"model    {arch_src}: VAE, {dtype} weights")
     else:

@@ -169,3 +169,7 @@ def test_missing_compiler_says_how_to_install(monkeypatch):
         targets.compile_devices(targets.parse_target("v5e-16"))
     with pytest.raises(targets.MissingCompiler, match=r"pip install -e '\.\[cuda\]'"):
         targets.compile_devices(targets.parse_target("h100"))
+
+
+def test_frame_buckets_check_the_longest():
+    assert fit._longest(37) == 37 and fit._longest((25, 61, 37)) == 61 and fit._longest([13]) == 13
