@@ -38,12 +38,13 @@ def splash_attention(q, k, v, key_mask=None, block: int = DEFAULT_BLOCK, interpr
     key_mask: [B, Sk] bool, True for keys that may be attended to (any pattern; every example needs
     at least one True). block: the q and kv tile of the forward and both backward kernels, a
     multiple of 128; shorter sequences use one tile of their length rounded up to 128.
-    interpret: run the kernel in Pallas' interpreter (default: whenever the backend is not TPU).
+    interpret: run the kernel in Pallas' interpreter (default: whenever the mesh's devices, or without
+      a mesh the default backend, are not TPUs).
     """
     if block % LANES or block <= 0:
         raise ValueError(f"splash block size {block} must be a positive multiple of {LANES}")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = _platform() != "tpu"
     if key_mask is None:
         key_mask = jnp.ones(k.shape[:2], bool)
     local = functools.partial(_attend, block=block, interpret=interpret)
@@ -60,6 +61,13 @@ def splash_attention(q, k, v, key_mask=None, block: int = DEFAULT_BLOCK, interpr
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def _platform() -> str:
+    """The platform the program is being built for: the active mesh's devices (so an ahead-of-time
+    compile for TPU devices on a CPU host builds the real kernel), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _attend(q, k, v, key_mask, *, block: int, interpret: bool):
