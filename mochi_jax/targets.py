@@ -265,10 +265,15 @@ def compile_only_environment() -> None:
 def have_compiler(platform: str) -> bool:
     import importlib.util
 
+    def installed(name: str) -> bool:  # find_spec of a submodule raises when its package is absent
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            return False
+
     if platform == "tpu":
-        return importlib.util.find_spec("libtpu") is not None
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None or \
-        importlib.util.find_spec("jax_cuda12_plugin") is not None
+        return installed("libtpu")
+    return installed("jax_plugins.xla_cuda12") or installed("jax_cuda12_plugin")
 
 
 def compile_devices(target: Target) -> list:
