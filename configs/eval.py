@@ -10,7 +10,8 @@ Presets:
            first use under runs/demo; 13 frames at 48x80, 8 steps.
 LoRAs: comma-separated path[:strength]; each is one variant compared with the base (the same LoRA
 twice at two strengths compares strengths). A path is a LoRA file (genmo / ComfyUI, kohya or
-diffusers) or a training run directory (its latest checkpoint).
+diffusers) or a training run directory (its latest checkpoint); a sweep's run directory is all of its
+LoRAs (one of them: <run>/variants/<name>).
 """
 
 import ml_collections

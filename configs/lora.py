@@ -7,8 +7,11 @@ Presets:
            200 steps; sampling 64 steps, cfg 6.0, seed 12345, 37 frames at 480x848.
   demo     a tiny random model and synthetic clips made on the fly (no download): a few minutes
            on 2 CPU cores, leaving a checkpoint, metrics, a LoRA file and a sample video.
+  sweep_demo  the demo as a search: three LoRAs (ranks 2 and 4, two learning rates) trained together.
 Any field is overridable: --config.optim.lr=5e-5 --config.steps=500 --config.run_dir=runs/mine.
 """
+
+import re
 
 import ml_collections
 
@@ -19,8 +22,8 @@ from mochi_jax.models.lora import REFERENCE_TARGETS
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    if arg not in ("default", "demo"):
-        raise ValueError(f"unknown preset {arg!r}; choose 'default' or 'demo'")
+    if arg not in ("default", "demo", "sweep_demo"):
+        raise ValueError(f"unknown preset {arg!r}; choose 'default', 'demo' or 'sweep_demo'")
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/lora"
     c.cache = "cache"  # made by `python -m mochi_jax.prepare`
@@ -78,8 +81,97 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         # clip.checkpoint is set
         clip=common.clip(checkpoint="", tokenizer=""),
     ))
+    # Several LoRAs trained together on the one frozen base (README "A LoRA search in one run"); each
+    # variant is this config with its own `lora`, `optim` and `seed` (see `sweep_variants`). Either a grid,
+    # every combination of the non-empty lists:
+    #   rank  "4,8": every LoRA target of rank > 0 at each rank, alpha scaled with it (alpha / rank kept)
+    #   lr    "1e-4,3e-5,1e-5": optim.lr
+    # or explicit variants in a config file, {name: nested overrides}, e.g.
+    #   c.sweep.variants = {"qkv8": {"lora": {"out": {"rank": 0}, "qkv": {"rank": 8, "alpha": 8.0}},
+    #                                "optim": {"lr": 1e-4}, "seed": 7}}
+    # Empty: one LoRA, as without this block.
+    c.sweep = ml_collections.ConfigDict(dict(rank="", lr="", variants={}))
     c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
+    if arg == "sweep_demo":
+        c = demo(c)
+        c.run_dir = f"{common.DEMO_ROOT}/sweep"
+        c.sweep.variants = {"r2": {"lora": {"qkv": {"rank": 2, "alpha": 2.0}, "out": {"rank": 2, "alpha": 2.0}}},
+                            "r4": {}, "r4_lr1e-3": {"optim": {"lr": 1e-3}}}
+        return c
     return demo(c) if arg == "demo" else c
+
+
+# the fields a sweep variant may set; everything else (data, batch, model, noise, schedule of the run) is shared
+VARIANT_FIELDS = ("lora", "optim", "seed")
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--config.{flag}={text!r}: expected comma-separated numbers, e.g. "
+                         f"{'4,8' if kind is int else '1e-4,3e-5'}") from None
+
+
+def _merge(node: ml_collections.ConfigDict, overrides: dict, where: str, name: str) -> None:
+    for key, value in overrides.items():
+        path = f"{where}.{key}"
+        if isinstance(value, dict):
+            if key not in node:
+                if where != "lora":  # a new LoRA target may be added; nothing else is new
+                    raise ValueError(f"sweep.variants.{name}: {path} is not a field of the training config")
+                node[key] = ml_collections.ConfigDict(value)
+                continue
+            _merge(node[key], dict(value), path, name)
+        elif key not in node:
+            raise ValueError(f"sweep.variants.{name}: {path} is not a field of the training config")
+        else:
+            node[key] = value
+
+
+def sweep_variants(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """[(name, the variant's own training config)] of the sweep in `cfg.sweep` (a grid in the order of
+    its lists, explicit variants in name order); [] when the
+    config trains one LoRA. A variant's config is `cfg` with its overrides and no sweep: the config a
+    run of that LoRA alone would have (its run folder's config.json)."""
+    sw = cfg.get("sweep")
+    if sw is None:
+        return []
+    ranks, lrs = _numbers(sw.rank, int, "sweep.rank"), _numbers(sw.lr, float, "sweep.lr")
+    explicit = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in dict(sw.variants).items()}
+    if explicit and (ranks or lrs):
+        raise ValueError("sweep: give either sweep.rank / sweep.lr (a grid) or sweep.variants, not both")
+    if ranks or lrs:
+        for r, lr in [(r, lr) for r in (ranks or [None]) for lr in (lrs or [None])]:
+            name, over = [], {}
+            if r is not None:
+                if r < 1:
+                    raise ValueError(f"--config.sweep.rank: ranks must be >= 1, got {r}")
+                over["lora"] = {k: {"rank": r, "alpha": float(t.alpha) * r / t.rank}
+                                for k, t in cfg.lora.items() if t.rank > 0}
+                name.append(f"r{r}")
+            if lr is not None:
+                over["optim"] = {"lr": lr}
+                name.append(f"lr{lr:.0e}")
+            explicit["_".join(name)] = over
+    out = []
+    for name, over in explicit.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ValueError(f"sweep.variants: {name!r} is not a usable variant name (letters, digits, _ . + -; "
+                             f"it names the variant's folder and metrics)")
+        bad = sorted(set(over) - set(VARIANT_FIELDS))
+        if bad:
+            raise ValueError(f"sweep.variants.{name} sets {', '.join(bad)}; a variant may set only "
+                             f"{', '.join(VARIANT_FIELDS)} (the rest of the run is shared)")
+        v = ml_collections.ConfigDict(cfg.to_dict())
+        v.sweep = ml_collections.ConfigDict(dict(rank="", lr="", variants={}))
+        for key, value in over.items():
+            if isinstance(value, dict):
+                _merge(v[key], value, key, name)
+            else:
+                v[key] = value
+        out.append((name, v))
+    return out
 
 
 def demo(c: ml_collections.ConfigDict, root: str = common.DEMO_ROOT) -> ml_collections.ConfigDict:

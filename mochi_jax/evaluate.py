@@ -32,7 +32,7 @@ import numpy as np
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae
 from mochi_jax.checkpoints.common import writable_dir
-from mochi_jax.checkpoints.runs import parse_loras
+from mochi_jax.checkpoints.runs import expand_sweeps, parse_loras
 from mochi_jax.lib import cache, sampling
 from mochi_jax.lib.clip import Scorer
 from mochi_jax.lib.metrics import video_metrics
@@ -139,7 +139,8 @@ def check_inputs(cfg) -> Inputs:
     dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
                          remat="none")
     shapes = param_shapes(dit_cfg)
-    variants = [Variant("base")] + [load_variant(path, st, dit_cfg, shapes) for path, st in parse_loras(cfg.loras)]
+    variants = [Variant("base")] + [load_variant(path, st, dit_cfg, shapes)
+                                    for path, st in expand_sweeps(parse_loras(cfg.loras))]
     seen: dict[str, int] = {}
     for v in variants:  # unique names
         seen[v.name] = seen.get(v.name, 0) + 1

@@ -176,6 +176,7 @@ def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int 
 
     from mochi_jax.lib import sampling
     from mochi_jax.models import sharding as sharding_lib
+    from mochi_jax.lib import sweep as sweep_lib
     from mochi_jax.lib import training
     from mochi_jax.models import lora as lora_lib
     from mochi_jax.models.dit import MochiDiT, abstract_variables
@@ -186,18 +187,28 @@ def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int 
         raise BadInput(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
                        f"{_mesh_dict(mesh)}) and by the {num_hosts} hosts; change --config.batch_size or "
                        "--config.mesh.*")
-    targets = lora_lib.targets_from_config(cfg.lora.to_dict())
-    if not targets:
-        raise BadInput("no LoRA targets with rank > 0 in config.lora")
-    model = MochiDiT(dit_cfg, targets)
-    optimizer = training.make_optimizer(cfg.optim)
-    shardings = training.train_shardings(model, optimizer, mesh)
-    step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, shardings)
-
-    variables = abstract_variables(dit_cfg, targets)
-    lora = variables["lora"]
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": lora, "opt": jax.eval_shape(optimizer.init, lora),
-             "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    sweep = sweep_lib.from_config(cfg, dit_cfg)
+    if sweep is None:
+        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+        if not targets:
+            raise BadInput("no LoRA targets with rank > 0 in config.lora")
+        model = MochiDiT(dit_cfg, targets)
+        optimizer = training.make_optimizer(cfg.optim)
+        shardings = training.train_shardings(model, optimizer, mesh)
+        step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh,
+                                        shardings)
+        variables = abstract_variables(dit_cfg, targets)
+        lora = variables["lora"]
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": lora,
+                 "opt": jax.eval_shape(optimizer.init, lora), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+    else:
+        targets, model, opts = sweep.union, sweep_lib.model_of(sweep, dit_cfg), sweep_lib.optimizers(sweep)
+        shardings = sweep_lib.shardings(sweep, model, opts, mesh)
+        step = sweep_lib.make_step(sweep, model, opts, cfg.loss.formulation, cfg.loss.caption_dropout, mesh,
+                                   shardings)
+        variables = abstract_variables(dit_cfg, targets)
+        state = sweep_lib.abstract_state(sweep, model, opts)
+        lora = state["lora"]
     state = _placed(state, shardings["state"])
     params = _placed(variables["params"], shardings["params"])
     b, latent = cfg.batch_size, sampling.latent_shape(*clip)
@@ -212,8 +223,13 @@ def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int 
             return step.jitted.lower(state, params, batch)
 
     accum = f", {cfg.optim.grad_accum} micro-batches per update" if cfg.optim.grad_accum > 1 else ""
-    lora_line = (f"LoRA     {lora_lib.count(lora):,} float32 parameters ("
-                 + ", ".join(f"{t.pattern} r{t.rank}" for t in targets) + f") and their AdamW moments{accum}")
+    if sweep is None:
+        lora_line = (f"LoRA     {lora_lib.count(lora):,} float32 parameters ("
+                     + ", ".join(f"{t.pattern} r{t.rank}" for t in targets) + f") and their AdamW moments{accum}")
+    else:
+        n = sum(int(math.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
+        lora_line = (f"LoRA     a sweep of {sweep.size} LoRAs trained together ({', '.join(sweep.names)}): "
+                     f"{n:,} stacked float32 parameters and their AdamW moments{accum}")
     return Program("train step", lower, {"frozen weights": params, "train state (donated)": state, "batch": batch},
                    _mesh_dict(mesh), [lora_line, _clip_line(b, *clip, latent)])
 

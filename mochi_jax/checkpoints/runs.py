@@ -9,6 +9,10 @@ orbax's temporary folders are passed over, so readers always take the newest com
     factors, targets = load_run_lora("runs/mine")                 # the newest complete checkpoint
     lora = load_loras("style.safetensors:0.8,runs/mine", dit_cfg)  # one combined adapter, or None
 
+A sweep's run directory (several LoRAs trained together, configs/lora.py `sweep`) holds one stacked
+train state; `runs/search/variants/<name>` names one of its LoRAs (the folder need not exist yet:
+the newest checkpoint is read), and `expand_sweeps` turns the run directory into all of them.
+
 The trainer writes and restores its checkpoints through `checkpoint_manager`, `save_checkpoint`
 and `restore_checkpoint` here, so the layout is defined in this one file.
 """
@@ -20,10 +24,12 @@ import re
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from mochi_jax.checkpoints import lora_files
+from mochi_jax.configs import lora as lora_config
 from mochi_jax.models import lora as lora_lib
 
 COMPLETE_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it last, when a step's checkpoint is whole
@@ -71,20 +77,51 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
     return restored["state"], restored["data"]
 
 
-def run_targets(run_dir) -> tuple[lora_lib.LoraTarget, ...]:
-    """The LoRA targets of a run, from its config.json."""
+def run_config(run_dir) -> ml_collections.ConfigDict:
+    """A run's settings, from its config.json."""
     config = Path(run_dir) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{Path(run_dir)} is not a training run directory (no config.json)")
-    return lora_lib.targets_from_config(json.loads(config.read_text())["lora"])
+    return ml_collections.ConfigDict(json.loads(config.read_text()))
+
+
+def sweep_names(run_dir) -> list[str]:
+    """The names of the LoRAs a sweep's run directory trains; [] for a run of one LoRA."""
+    return [name for name, _ in lora_config.sweep_variants(run_config(run_dir))]
+
+
+def split_variant(path) -> tuple[Path, str | None]:
+    """'runs/search/variants/r4' -> (runs/search, 'r4') when runs/search is a sweep's run directory;
+    any other path -> (path, None)."""
+    p = Path(path)
+    if p.parent.name == "variants" and (p.parent.parent / "config.json").is_file() and not (p / "checkpoints").is_dir():
+        if p.name in sweep_names(p.parent.parent):
+            return p.parent.parent, p.name
+    return p, None
+
+
+def expand_sweeps(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """parse_loras' items with every sweep run directory replaced by its variants, in order."""
+    out = []
+    for path, strength in items:
+        p = Path(path)
+        names = sweep_names(p) if (p / "config.json").is_file() else []
+        out += [(str(p / "variants" / n), strength) for n in names] if names else [(path, strength)]
+    return out
 
 
 def load_run_lora(run_dir, step: int | None = None):
     """(factors, targets) of a training run: the LoRA of checkpoint `step` (default: the newest
     complete one) as numpy arrays on the host, with the targets of the run's config.json. Reads
-    only the train state's LoRA, whatever mesh or hosts wrote it."""
-    run_dir = Path(run_dir).absolute()
-    targets = run_targets(run_dir)
+    only the train state's LoRA, whatever mesh or hosts wrote it. For a sweep, `run_dir` is
+    <run>/variants/<name>: that variant's LoRA."""
+    run_dir, variant = split_variant(Path(run_dir).absolute())
+    cfg = run_config(run_dir)
+    variants = dict(lora_config.sweep_variants(cfg))
+    if variants and variant is None:
+        raise ValueError(f"{run_dir} trains a sweep of {len(variants)} LoRAs; name one as {run_dir}/variants/<name> "
+                         f"(<name>: {', '.join(variants)})")
+    targets = lora_lib.targets_from_config((variants[variant] if variant else cfg).lora.to_dict())
     steps = complete_steps(run_dir / "checkpoints")
     if step is None and steps:
         step = steps[-1]
@@ -101,7 +138,10 @@ def load_run_lora(run_dir, step: int | None = None):
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), dict(meta))
     state = handler.restore(path, args=ocp.args.StandardRestore(target))
     handler.close()
-    return jax.tree_util.tree_map(np.asarray, state["lora"]), targets
+    lora = jax.tree_util.tree_map(np.asarray, state["lora"])
+    if variant:
+        lora = lora_lib.variant_of(lora, list(variants).index(variant), targets)
+    return lora, targets
 
 
 def parse_loras(spec) -> list[tuple[str, float]]:
@@ -122,7 +162,7 @@ def load_lora_or_run(path, dit_cfg):
     """(factors, targets) from a LoRA file in any supported format (checked against `dit_cfg`) or
     from a training run directory (its newest complete checkpoint)."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or split_variant(p)[1]:
         return load_run_lora(p)
     if p.is_file():
         return lora_files.load_lora(p, cfg=dit_cfg)[:2]

@@ -8,6 +8,11 @@
                       checkpoint, validate; SIGTERM saves and stops
       export(...)     the LoRA as genmo / ComfyUI and diffusers files
 
+A config with a `sweep` (configs/lora.py) trains several LoRAs together on the one base
+(mochi_jax/lib/sweep.py): the same loop, with the sweep's step, state and validation; per-variant
+metrics are named variant/<name>/..., and each variant's LoRA files go to variants/<name>/ with the
+config of that LoRA alone.
+
 A checkpoint (orbax, atomic, keep-last-K; layout in mochi_jax/checkpoints/runs.py) holds the train
 state {step, lora, opt, rng} and the data loader's position, so a run killed at any point and
 restarted continues bit for bit where its newest complete checkpoint left off. Its records
@@ -27,12 +32,15 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from mochi_jax.checkpoints import dit_config, load_dit, lora_files, runs
+from mochi_jax.configs import lora as lora_config
+from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
 from mochi_jax.lib.cache import Cache
 from mochi_jax.lib.data import make_loader
@@ -161,8 +169,9 @@ class Run:
     heldout: list
     manager: object  # orbax CheckpointManager
     removed: list  # steps of incomplete checkpoint folders removed by setup()
+    sweep: object = None  # several LoRAs at once (mochi_jax/lib/sweep.py), or None
     params: dict | None = None  # the frozen base, in its shardings (load_state)
-    state: dict | None = None  # {step, lora, opt, rng} (load_state)
+    state: dict | None = None  # {step, lora, opt, rng} (load_state); a sweep's state (lib/sweep.py)
 
 
 def setup(cfg) -> Run:
@@ -198,17 +207,32 @@ def setup(cfg) -> Run:
     heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
-    targets = lora_lib.targets_from_config(cfg.lora.to_dict())
-    if not targets:
-        raise ValueError("no LoRA targets with rank > 0 in config.lora")
     overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
     # the config first (from the checkpoint's metadata), so the weights load straight into their shards
     dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
-    model = MochiDiT(dit_cfg, targets)
-    optimizer = training.make_optimizer(cfg.optim)
-    shardings = training.train_shardings(model, optimizer, mesh)
-    check_exportable(cfg.lora.to_dict(), targets,
-                     ["/".join(path) for path, _ in lora_lib.layers_of(shardings["state"]["lora"])])
+    sweep = sweep_lib.from_config(cfg, dit_cfg)
+    if sweep is None:
+        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+        if not targets:
+            raise ValueError("no LoRA targets with rank > 0 in config.lora")
+        model = MochiDiT(dit_cfg, targets)
+        optimizer = training.make_optimizer(cfg.optim)
+        shardings = training.train_shardings(model, optimizer, mesh)
+        check_exportable(cfg.lora.to_dict(), targets,
+                         ["/".join(path) for path, _ in lora_lib.layers_of(shardings["state"]["lora"])])
+        step_fn = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
+                                           mesh, shardings)
+    else:
+        for k, vcfg in enumerate(sweep.configs):
+            check_exportable(vcfg.lora.to_dict(), sweep.targets[k],
+                             ["/".join(p) for i, p in enumerate(sweep.layers) if sweep.ranks[k][i]],
+                             f"sweep variant {sweep.names[k]!r}: ")
+        targets, model, optimizer = sweep.union, sweep_lib.model_of(sweep, dit_cfg), sweep_lib.optimizers(sweep)
+        shardings = sweep_lib.shardings(sweep, model, optimizer, mesh)
+        step_fn = sweep_lib.make_step(sweep, model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
+                                      mesh, shardings)
+    if runs.complete_steps(ckpt_dir):
+        check_same_lora(run_dir, cfg)
 
     # a kill while orbax deletes an old checkpoint leaves its folder without the metadata; orbax
     # would list it as a step (and refuse to save that step again), so it goes before orbax looks
@@ -219,14 +243,39 @@ def setup(cfg) -> Run:
         multihost_utils.sync_global_devices("mochi_jax.train: incomplete checkpoints removed")
     if main:
         (run_dir / "config.json").write_text(cfg.to_json(indent=2))
-    return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings,
-               step_fn=training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
-                                                mesh, shardings),
+    return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings, step_fn=step_fn,
                loader=loader, heldout=heldout, manager=runs.checkpoint_manager(ckpt_dir, cfg.checkpoint.keep),
-               removed=broken)
+               removed=broken, sweep=sweep)
 
 
-def check_exportable(lora_cfg: dict, targets, layers) -> None:
+def lora_structure(cfg) -> dict:
+    """What fixes the shapes of a run's train state: the LoRA targets, per variant for a sweep."""
+    variants = lora_config.sweep_variants(cfg)
+    lora = {name: v.lora.to_dict() for name, v in variants} if variants else {"": cfg.lora.to_dict()}
+    return json.loads(json.dumps(lora))  # as config.json holds it
+
+
+def check_same_lora(run_dir: Path, cfg) -> None:
+    """Refuse to resume checkpoints of other LoRA targets or sweep variants than the config's."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    old = lora_structure(ml_collections.ConfigDict(json.loads(path.read_text())))
+    new = lora_structure(cfg)
+    if old != new:
+        what = "sweep variants" if len(old) > 1 or "" not in old else "LoRA targets"
+        raise ValueError(f"{path}: the checkpoints of this run hold other {what} ({_brief(old)}) than the config "
+                         f"asks for ({_brief(new)}); resume with the run's lora / sweep settings or choose another "
+                         f"run_dir")
+
+
+def _brief(structure: dict) -> str:
+    def one(lora):
+        return ", ".join(f"{k} r{v['rank']}" for k, v in sorted(lora.items()) if v.get("rank"))
+    return "; ".join(f"{name}: {one(lo)}" if name else one(lo) for name, lo in structure.items())
+
+
+def check_exportable(lora_cfg: dict, targets, layers, who: str = "") -> None:
     """Refuse, before anything is trained, LoRA targets that adapt layers (`layers`: the LoRA tree's
     paths) the LoRA files written at the end cannot hold: both formats (genmo / ComfyUI and
     diffusers) name only the Dense layers of the blocks."""
@@ -239,7 +288,7 @@ def check_exportable(lora_cfg: dict, targets, layers) -> None:
         t = lora_lib.find_target(targets, bad[0])
         name = names[t]
         its = [p for p in bad if lora_lib.find_target(targets, p) == t]
-        raise ValueError(f"LoRA target {name!r} (pattern {t.pattern!r}) adapts {', '.join(its)}, which neither "
+        raise ValueError(f"{who}LoRA target {name!r} (pattern {t.pattern!r}) adapts {', '.join(its)}, which neither "
                          f"LoRA file of the run can hold (genmo / ComfyUI lora.safetensors and diffusers "
                          f"lora_diffusers.safetensors name only the Dense layers of the blocks); narrow its pattern "
                          f"or set --config.lora.{name}.rank=0")
@@ -250,11 +299,21 @@ def load_state(run: Run) -> None:
     cfg, m = run.cfg, run.cfg.model
     overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
     _, run.params = load_dit(m.dit, dtype=m.param_dtype, shardings=run.shardings["params"], **overrides)
-    run.state = training.init_state(run.model, run.optimizer, cfg.seed, run.shardings["state"])
-    log(f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "
-        f"base: {m.dit} (depth {run.dit_cfg.depth}, width {run.dit_cfg.width}, {m.param_dtype}); LoRA: "
-        f"{lora_lib.count(run.state['lora']):,} trainable parameters on "
-        + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in run.targets))
+    base = (f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "
+            f"base: {m.dit} (depth {run.dit_cfg.depth}, width {run.dit_cfg.width}, {m.param_dtype})")
+    sw = run.sweep
+    if sw is None:
+        run.state = training.init_state(run.model, run.optimizer, cfg.seed, run.shardings["state"])
+        log(f"{base}; LoRA: {lora_lib.count(run.state['lora']):,} trainable parameters on "
+            + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in run.targets))
+    else:
+        run.state = sweep_lib.init_state(sw, run.dit_cfg, run.optimizer, cfg.seed, run.shardings["state"])
+        log(f"{base}; a sweep of {sw.size} LoRAs trained together ("
+            f"{lora_lib.count(run.state['lora']):,} stacked parameters):")
+        for k, name in enumerate(sw.names):
+            o = sw.configs[k].optim
+            log(f"  {name}: " + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in sw.targets[k])
+                + f"; lr {o.lr:g} {o.schedule}, seed {sw.seed(k)}")
     ckpt_dir = run.run_dir / "checkpoints"
     complete = runs.complete_steps(ckpt_dir)
     latest = complete[-1] if complete else None
@@ -281,8 +340,9 @@ def save(run: Run, step: int) -> None:
 
 def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
     """Train from the state's step to cfg.steps; returns False when stopped early by SIGTERM."""
-    cfg = run.cfg
-    schedule = training.lr_schedule(cfg.optim)
+    cfg, sw = run.cfg, run.sweep
+    names = sw.names if sw is not None else ("",)  # one LoRA: no variant names
+    schedules = [training.lr_schedule(c.optim) for c in (sw.configs if sw is not None else (cfg,))]
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -290,7 +350,7 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
 
     old_handler = signal.signal(signal.SIGTERM, on_signal)
     step = int(run.state["step"])
-    bad, t_last, s_last = 0, time.time(), step
+    bad, t_last, s_last = np.zeros(len(names), int), time.time(), step  # non-finite steps in a row, per LoRA
     compiled, c_time, c_steps = set(), 0.0, 0  # batch shapes seen; compile steps' time and count since t_last
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not run.main)
     try:
@@ -311,30 +371,39 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
                 log(f"step {step}: compiled the step for batch {list(shape)} in {dt:.1f}s "
                     f"(shape {len(compiled)}; not counted in steps/s)")
             bar.update(1)
-            if not bool(out["finite"]):
-                bad += 1
-                log(f"step {step}: non-finite loss {float(out['loss'])} / grad norm {float(out['grad_norm'])}; "
-                    f"update skipped ({bad} in a row)")
-                metrics.write(step, {"nonfinite": 1})
-                if bad >= cfg.max_bad_steps:
+            finite = np.atleast_1d(np.asarray(out["finite"]))
+            losses, norms = np.atleast_1d(np.asarray(out["loss"])), np.atleast_1d(np.asarray(out["grad_norm"]))
+            bad = np.where(finite, 0, bad + 1)
+            if not finite.all():
+                for k in np.flatnonzero(~finite):
+                    log(f"step {step}: {_who(names[k])}non-finite loss {losses[k]} / grad norm {norms[k]}; update "
+                        f"skipped ({bad[k]} in a row)")
+                metrics.write(step, {"nonfinite": int((~finite).sum())})
+                if (bad >= cfg.max_bad_steps).all():
                     raise FloatingPointError(
-                        f"{bad} non-finite losses in a row up to step {step}; stopping. The last checkpoint "
+                        f"{bad.min()} non-finite losses in a row up to step {step}"
+                        f"{' for every LoRA of the sweep' if sw is not None else ''}; stopping. The last checkpoint "
                         f"({run.manager.latest_step()}) is intact; lower optim.lr or check the data.")
-            else:
-                bad = 0
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.time()
                 counted = step - s_last - c_steps  # compile steps are left out of the rate
                 rate = counted / max(now - t_last - c_time, 1e-9) if counted > 0 else None
-                vals = {"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
-                        "lr": float(schedule(max(step - 1, 0) // cfg.optim.grad_accum))}
+                vals = {}
+                for k, name in enumerate(names):
+                    o = sw.configs[k].optim if sw is not None else cfg.optim
+                    one = {"loss": float(losses[k]), "grad_norm": float(norms[k]),
+                           "lr": float(schedules[k](max(step - 1, 0) // o.grad_accum))}
+                    vals.update({(f"variant/{name}/{key}" if name else key): v for key, v in one.items()})
                 if rate is not None:
                     vals.update(steps_per_s=rate, examples_per_s=rate * cfg.batch_size)
                 if c_steps:
                     vals.update(compiles=c_steps, compile_s=c_time)
                 metrics.write(step, vals)
                 t_last, s_last, c_time, c_steps = now, step, 0.0, 0
-                bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
+                if sw is None:
+                    bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
+                else:
+                    bar.set_postfix_str("loss " + " ".join(f"{n} {x:.4f}" for n, x in zip(names, losses)))
             if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop["signal"] is not None:
                 save(run, step)
             if validator.due(step):
@@ -350,32 +419,50 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
         signal.signal(signal.SIGTERM, old_handler)
 
 
+def _who(name: str) -> str:
+    return f"variant {name}: " if name else ""
+
+
 def validate(run: Run, validator: Validator, metrics: RunLog, step: int) -> None:
     values, videos = validator(step, run.params, run.state["lora"], run.run_dir)
     if videos:
         log(f"step {step}: validation videos {', '.join(videos)}")
     if values:
         metrics.write(step, values)
-        log(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in values.items()))
+        shown = {k: x for k, x in values.items() if run.sweep is None or "/sigma_" not in k}  # all in metrics.jsonl
+        log(f"step {step}: " + ", ".join(f"{k} {x:.4f}" for k, x in shown.items()))
     metrics.mark_validated(step)
 
 
 # ----------------------------------------------------------------------------- export
 
 def export(run: Run) -> None:
-    """Write the LoRA as lora.safetensors (genmo / ComfyUI) and lora_diffusers.safetensors."""
+    """Write the LoRA as lora.safetensors (genmo / ComfyUI) and lora_diffusers.safetensors; a sweep
+    writes each variant's into variants/<name>/, with config.json, the config of that LoRA alone."""
     lora = multihost_utils.process_allgather(run.state["lora"], tiled=True)  # whole factors on every host
+    sw = run.sweep
+    if sw is None:
+        outputs = [(run.run_dir, lora, run.targets, None)]
+    else:
+        outputs = [(run.run_dir / "variants" / name, sweep_lib.unpad(sw, k, lora), sw.targets[k], sw.configs[k])
+                   for k, name in enumerate(sw.names)]
     if run.main:
-        lora_files.save_genmo(run.run_dir / "lora.safetensors", lora, run.targets, cfg=run.dit_cfg)
-        lora_files.save_diffusers(run.run_dir / "lora_diffusers.safetensors", lora, run.targets, cfg=run.dit_cfg)
-    log(f"done: {int(run.state['step'])} steps; LoRA written to {run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) "
-        f"and {run.run_dir / 'lora_diffusers.safetensors'} (diffusers)")
+        for folder, factors, targets, vcfg in outputs:
+            folder.mkdir(parents=True, exist_ok=True)
+            lora_files.save_genmo(folder / "lora.safetensors", factors, targets, cfg=run.dit_cfg)
+            lora_files.save_diffusers(folder / "lora_diffusers.safetensors", factors, targets, cfg=run.dit_cfg)
+            if vcfg is not None:
+                _replace_text(folder / "config.json", vcfg.to_json(indent=2))
+    where = (f"{run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) and {run.run_dir / 'lora_diffusers.safetensors'} "
+             f"(diffusers)" if sw is None else
+             f"{run.run_dir / 'variants'}/<{'|'.join(sw.names)}>/lora.safetensors and lora_diffusers.safetensors")
+    log(f"done: {int(run.state['step'])} steps; LoRA written to {where}")
 
 
 def train(cfg) -> Path:
     """Run (or resume) the training described by `cfg` (configs/lora.py); returns the run directory."""
     run = setup(cfg)
-    validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets)  # T5 comes and goes before the DiT
+    validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets, run.sweep)  # T5 comes and goes before the DiT
     load_state(run)
     step = int(run.state["step"])
     records = RunLog(run.run_dir, run.main)

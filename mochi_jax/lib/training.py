@@ -179,7 +179,8 @@ def validation_loss(loss_fn, params, lora, clips, sigmas, seed: int) -> dict:
     """The flow loss of held-out clips at fixed sigmas with fixed noise (the posterior noise too) and
     no caption dropout: a deterministic curve that tells learning from overfitting. `loss_fn(params,
     lora, batch, noise)`: the jitted `flow_loss`, built once per run. Returns {'val_loss': mean,
-    'val_loss/sigma_0.1': ..., ...}."""
+    'val_loss/sigma_0.1': ..., ...}: floats, or arrays [K] when `loss_fn` returns one loss per
+    variant (a sweep, mochi_jax/lib/sweep.py)."""
     per_sigma = {float(s): [] for s in sigmas}
     for i, clip in enumerate(clips):
         batch = {k: np.asarray(v)[None] for k, v in clip.items()}
@@ -188,7 +189,12 @@ def validation_loss(loss_fn, params, lora, clips, sigmas, seed: int) -> dict:
         for s in per_sigma:
             noise = {"n": base["n"], "eps": base["eps"], "sigma": jnp.full((1,), s, jnp.float32),
                      "drop": jnp.zeros((1,), bool), "lora_rng": None}
-            per_sigma[s].append(float(loss_fn(params, lora, batch, noise)))
-    out = {f"val_loss/sigma_{s:g}": float(np.mean(v)) for s, v in per_sigma.items()}
-    out["val_loss"] = float(np.mean(list(out.values())))
+            per_sigma[s].append(np.asarray(loss_fn(params, lora, batch, noise), np.float64))
+
+    def value(x):
+        return float(x) if np.ndim(x) == 0 else x
+
+    means = {f"val_loss/sigma_{s:g}": np.mean(v, axis=0) for s, v in per_sigma.items()}
+    out = {k: value(v) for k, v in means.items()}
+    out["val_loss"] = value(np.mean(list(means.values()), axis=0))
     return out

@@ -121,5 +121,23 @@ def unmerge(params: Mapping, lora: Mapping, targets: Sequence[LoraTarget], stren
     return merge(params, lora, targets, strength, sign=-1.0)
 
 
+def variant_of(stacked: Mapping, k: int, targets: Sequence[LoraTarget]) -> dict:
+    """Variant k's own LoRA out of a tree stacked on a leading variant axis and zero-padded to the
+    largest rank (a sweep's, mochi_jax/lib/sweep.py): the layers its `targets` adapt, at their ranks."""
+    out = {}
+    for path, node in layers_of(stacked):
+        target = find_target(targets, "/".join(path))
+        if target is not None:
+            r = target.rank
+            out = _nested_set(out, path, {"a": node["a"][k][..., :r], "b": node["b"][k][..., :r, :]})
+    return out
+
+
+def _nested_set(tree: dict, path: Sequence[str], value) -> dict:
+    if len(path) == 1:
+        return {**tree, path[0]: value}
+    return {**tree, path[0]: _nested_set(tree.get(path[0], {}), path[1:], value)}
+
+
 def count(lora: Mapping) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(lora))
