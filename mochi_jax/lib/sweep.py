@@ -186,8 +186,9 @@ def make_step(sweep: Sweep, model: MochiDiT, opts, formulation: str, caption_dro
             state["rng"])
 
         def loss_of(stacked, keys):  # the sum of independent losses: each variant's gradient is its own
-            per = jax.vmap(lambda lo, key: training.flow_loss(model, params, lo, batch, {**noise, "lora_rng": key},
-                                                              formulation))(effective(sweep, stacked, scales), keys)
+            per = jax.vmap(lambda lo, key, mask: training.flow_loss(
+                model, params, lo, {**batch, "t5_mask": mask}, {**noise, "lora_rng": key}, formulation))(
+                effective(sweep, stacked, scales), keys, _per_variant(batch["t5_mask"], sweep.size))
             return jnp.sum(per), per
 
         (_, losses), grads = jax.value_and_grad(loss_of, has_aux=True)(state["lora"], lora_keys)
@@ -242,9 +243,16 @@ def validation_loss_fn(sweep: Sweep, model: MochiDiT, formulation: str):
     """loss_fn(params, stacked, batch, noise) -> [K] held-out losses (training.validation_loss's
     argument), jitted."""
     def loss_fn(params, stacked, batch, noise):
-        return jax.vmap(lambda lo: training.flow_loss(model, params, lo, batch, noise, formulation))(
-            effective(sweep, stacked))
+        return jax.vmap(lambda lo, mask: training.flow_loss(model, params, lo, {**batch, "t5_mask": mask}, noise,
+                                                            formulation))(
+            effective(sweep, stacked), _per_variant(batch["t5_mask"], sweep.size))
     return jax.jit(loss_fn)
+
+
+def _per_variant(mask, k: int):
+    """The text mask once per variant: cuDNN attention's batching rule does not broadcast key lengths
+    that are not batched with the queries (the vmapped model's)."""
+    return jnp.broadcast_to(mask, (k, *mask.shape))
 
 
 def per_variant(sweep: Sweep, values: dict) -> dict:

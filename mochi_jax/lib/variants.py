@@ -107,8 +107,11 @@ def batched_step(params, loras, z, feats, mask, sigma, sigma_next, guidance, *, 
     """One Euler step of K variants at once: z [K, B, ...], adapters with a leading K axis; compiled
     once per (cfg, targets, guided) and shapes (jax.jit's own cache)."""
     one = sampling.euler_step(cfg, targets, guided)
-    return jax.vmap(one, in_axes=(None, 0, 0, None, None, None, None, None))(
-        params, loras, z, feats, mask, sigma, sigma_next, guidance)
+    # the mask goes in once per variant: cuDNN attention's batching rule does not broadcast key lengths
+    # that are not batched with the queries
+    masks = jnp.broadcast_to(mask, (z.shape[0], *mask.shape))
+    return jax.vmap(one, in_axes=(None, 0, 0, None, 0, None, None, None))(
+        params, loras, z, feats, masks, sigma, sigma_next, guidance)
 
 
 def denoise_variants(cfg: DiTConfig, params, stacked, targets, noise, cond, uncond, sigmas, guidance: float,

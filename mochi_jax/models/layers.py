@@ -178,7 +178,12 @@ def fused_attention(q, k, v, key_mask, implementation):
     """jax.nn.dot_product_attention with the prefix `key_mask` given as per-sample key lengths.
     'cudnn' needs bfloat16/float16 inputs on an NVIDIA GPU; 'xla' runs anywhere (tests)."""
     lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+    # every query is real; said explicitly, and computed from the key lengths so that under vmap both
+    # are batched alike (cuDNN's batching rule reshapes them with the queries; a sweep's text mask
+    # comes in once per variant for that reason, see mochi_jax/lib/sweep.py)
+    q_lengths = None if lengths is None else lengths * 0 + q.shape[1]
+    return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=lengths,
+                                        implementation=implementation)
 
 
 # ----------------------------------------------------------------------------- layer stacks
