@@ -74,7 +74,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         prompts=["A close-up video of a cat playing a piano, cinematic lighting."],
         seed=12345,
         sampling=common.sampling(),
-        # held-out clips (the last ones of the cache, by name) and the sigmas of the validation loss
+        # held-out clips (the last ones of the cache, by name; whole sources, so frame windows of one video
+        # never fall on both sides) and the sigmas of the validation loss
         holdout=0,
         loss_sigmas=[0.1, 0.3, 0.5, 0.7, 0.9],
         # CLIP-T and temporal consistency of the validation videos (see mochi_jax/lib/metrics.py) when

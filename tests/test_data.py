@@ -62,6 +62,19 @@ def ids(batch) -> list[int]:
     return [int(m.flat[0]) for m in batch["mean"]]
 
 
+def test_held_out_clips_are_whole_sources(tmp_path):
+    cache = fake_cache(tmp_path, {(12, 1, 2, 3): 6})
+    # clips 0-1: source a, 2-4: frame windows of source b, 5: source c
+    for e, src in zip(cache.entries, "aabbbc"):
+        e["source_name"] = src
+    assert cache.training_clips(0) == 6 and cache.training_clips(1) == 5  # c alone
+    assert [cache.training_clips(n) for n in (2, 3, 4)] == [2, 2, 2]  # all of b goes, never a part of it
+    with pytest.raises(ValueError, match="takes every clip"):
+        cache.training_clips(5)  # b's windows reach back into a, and a's two clips both go
+    with pytest.raises(ValueError, match="must leave training clips"):
+        cache.training_clips(6)
+
+
 def test_every_batch_has_one_shape_and_every_epoch_sees_every_clip(tmp_path):
     cache = fake_cache(tmp_path, COUNTS)
     loader = make_loader(cache, batch_size=2, seed=3)

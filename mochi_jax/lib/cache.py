@@ -133,6 +133,26 @@ class Cache:
         arrays = _load(self.path / self.manifest["empty_prompt"], ("t5_feats", "t5_mask"))
         return arrays["t5_feats"], arrays["t5_mask"]
 
+    def source_of(self, i: int) -> str:
+        """The video or image clip i was cut from (its name for caches that do not record it)."""
+        e = self.entries[i]
+        return str(e.get("source_name") or e.get("source") or e["name"])
+
+    def training_clips(self, holdout: int) -> int:
+        """How many clips (the first ones, by name) train when at least the last `holdout` are held out:
+        whole sources only, so frame windows of one video never fall on both sides of the split."""
+        if not 0 <= holdout < len(self):
+            raise ValueError(f"validation.holdout = {holdout} must leave training clips (the cache {self.path} "
+                             f"has {len(self)})")
+        k = len(self) - holdout
+        while 0 < k < len(self) and self.source_of(k - 1) == self.source_of(k):
+            k -= 1
+        if k == 0:
+            raise ValueError(f"validation.holdout = {holdout}: holding out whole sources takes every clip of the "
+                             f"cache {self.path} ({len(self)} clips from {len({self.source_of(i) for i in range(len(self))})}"
+                             f" source(s)); lower it or prepare more sources")
+        return k
+
     def latent_shapes(self) -> set[tuple[int, ...]]:
         """The distinct [12, t, h, w] bucket shapes in the cache."""
         return {tuple(e["latent_shape"]) for e in self.entries}

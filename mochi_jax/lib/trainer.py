@@ -199,11 +199,12 @@ def setup(cfg) -> Run:
                          f"--config.mesh.*")
     cache = Cache(cfg.cache)
     holdout = cfg.validation.holdout
-    if not 0 <= holdout < len(cache):
-        raise ValueError(f"validation.holdout = {holdout} must leave training clips (the cache has {len(cache)})")
-    n_train = len(cache) - holdout  # the last `holdout` clips (by name) are held out
+    n_train = cache.training_clips(holdout)  # the last clips (by name) are held out, whole sources
     loader = make_loader(cache, cfg.batch_size, cfg.seed, num_clips=n_train)
     log("data: " + loader.plan.describe())
+    if len(cache) - n_train > holdout:
+        log(f"validation.holdout = {holdout}: {len(cache) - n_train} clips held out, so that no source has frame "
+            f"windows on both sides")
     heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
