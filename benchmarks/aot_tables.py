@@ -16,7 +16,8 @@ then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4,
 slice that cannot hold the clip costs one compile). --all measures every slice of every clip
 length; by default the search of a clip length stops at the first slice that fits. The tables in
 the README came from `tpu --frames 37 --all`, `tpu --frames 85`, `tpu --frames 163 --frugal` and
-`tpu --frames 85 --frugal --all --slices v6e-8,v5e-16`.
+`tpu --frames 85 --frugal --all --slices v6e-8,v5e-16`, and with `--attention=splash` from
+`--frames 163 --frugal --all`, `--frames 85 --frugal --all` and `--frames 37 --all`.
 
 Every cell is compiled in a fresh process (the compiler's memory is returned between cells) and saved
 to the JSON as soon as it is measured, so an interrupted run resumes where it stopped (--redo measures
@@ -166,7 +167,8 @@ def run_tpu(args):
     path = RESULTS / "aot_tpu.json"
     data = load(path)
     data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
-                     f"remat full; attention {args.attention}; batch = data x fsdp")
+                     "remat full; attention xla, or splash for the cells whose key starts with splash/; "
+                     "batch = data x fsdp")
     for frames in args.frames:
         for name in args.slices:
             target = targets.parse_target(name)
