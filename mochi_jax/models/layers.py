@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from mochi_jax.models import quant as quant_lib
 from mochi_jax.models import splash
 from mochi_jax.models.lora import LoraTarget, find_target
 
@@ -52,11 +53,24 @@ class Dense(nn.Module):
     lora_targets: Sequence[LoraTarget] = ()
     kernel_init: Any = nn.initializers.xavier_uniform()
 
+    # '' or a format of mochi_jax.models.quant.QUANT_DTYPES: the kernel is stored quantized, with a
+    # float32 'kernel_scale' [out] beside it, and dequantized to compute_dtype where it is used
+    quant: str = ""
+
     @nn.compact
     def __call__(self, x):
         in_features = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        shape = (in_features, self.features)
         cdt = self.compute_dtype
+        if self.quant:
+            q0 = s0 = None
+            if self.is_initializing():  # one random kernel, quantized: the scale fits its kernel
+                q0, s0 = quant_lib.quantize(self.kernel_init(self.make_rng("params"), shape, jnp.float32), self.quant)
+            q = self.param("kernel", lambda _: q0)
+            scale = self.param("kernel_scale", lambda _: s0)
+            kernel = quant_lib.dequantize(q, scale, cdt)  # this layer's kernel only (one block under a scan)
+        else:
+            kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         y = jnp.dot(x.astype(cdt), kernel.astype(cdt))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
@@ -70,7 +84,7 @@ class Dense(nn.Module):
         if not self.axes:
             return {}
         i, o = self.axes
-        return {"kernel": (i, o), "bias": (o,), "a": (i, None), "b": (None, o)}
+        return {"kernel": (i, o), "kernel_scale": (o,), "bias": (o,), "a": (i, None), "b": (None, o)}
 
     def _lora(self, x, in_features: int, target: LoraTarget):
         bound = 1.0 / math.sqrt(in_features)  # PEFT's kaiming_uniform(a=sqrt(5)) for A

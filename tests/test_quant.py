@@ -1,0 +1,218 @@
+"""A quantized frozen base (int8 / float8_e4m3fn weight-only, per-output-channel scales) and block
+weights streamed from pinned host memory: accuracy against bf16, LoRA-only gradients, training,
+equality of host-streamed and on-device weights, checkpoint round trips, compiled GPU memory."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import dit_ref
+from mochi_jax.lib import training
+from mochi_jax.models import lora as lora_lib
+from mochi_jax.models import quant
+from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables
+
+TARGETS = lora_lib.targets_from_config({k: dict(v, rank=4, alpha=8.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
+# DiT output error (relative L2) against the float32 model, per format, on random weights (tests/harness
+# configs): measured ~0.004 (bf16), ~0.006-0.008 (int8), ~0.025-0.03 (float8_e4m3fn); the bounds leave 2x room
+BOUND = {"bfloat16": 0.01, "int8": 0.02, "float8_e4m3fn": 0.06}
+
+
+def _bf16(name):
+    return dataclasses.replace(dit_ref.our_config(name), param_dtype="bfloat16", compute_dtype="bfloat16")
+
+
+def _optim(**kw):
+    o = dict(lr=1e-3, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, schedule="constant",
+             decay_steps=100, grad_clip=0.0, grad_accum=1)
+    return ml_collections.ConfigDict({**o, **kw})
+
+
+def _batch(cfg, seed, b=1, t=2, h=4, w=6, L=8):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((b, L), bool)
+    for i in range(b):
+        mask[i, :3 + 2 * i] = True
+    return {"mean": rng.standard_normal((b, 12, t, h, w)).astype(np.float32),
+            "logvar": np.full((b, 12, t, h, w), -8.0, np.float32),
+            "t5_feats": rng.standard_normal((b, L, cfg.t5_dim)).astype(np.float32), "t5_mask": mask}
+
+
+@pytest.fixture(scope="module", params=["h2d16", "h3d8"])
+def base(request):
+    """(bf16 config, float32 params of a random base, inputs)."""
+    cfg = _bf16(request.param)
+    inp = dit_ref.random_inputs(cfg)
+    params = MochiDiT(dataclasses.replace(cfg, param_dtype="float32")).init(jax.random.PRNGKey(3), *inp)["params"]
+    return cfg, params, inp
+
+
+def test_quantize_roundtrip_bounds():
+    w = np.random.default_rng(0).standard_normal((2, 64, 48)).astype(np.float32)
+    w[:, :, 5] = 0.0  # a zero column gets scale 1 and stays zero
+    for name, tol in (("int8", 0.5 / 127), ("float8_e4m3fn", 2.0 ** -4)):
+        q, s = quant.quantize(w, name)
+        assert q.dtype == np.dtype(name) and s.shape == (2, 48) and s.dtype == np.float32
+        back = quant.dequantize(q, s)
+        amax = np.abs(w).max(axis=1, keepdims=True)
+        assert np.all(np.abs(back - w) <= tol * np.maximum(amax, np.abs(w)) + 1e-7), name
+        assert np.all(back[:, :, 5] == 0)
+        qj, sj = quant.quantize(jnp.asarray(w), name)  # the same numbers from JAX
+        np.testing.assert_array_equal(np.asarray(qj).astype(np.float32), q.astype(np.float32))
+        np.testing.assert_allclose(np.asarray(sj), s, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "float8_e4m3fn"])
+def test_output_against_bf16_and_fp32(base, fmt):
+    cfg, params, inp = base
+    ref = MochiDiT(dataclasses.replace(cfg, param_dtype="float32", compute_dtype="float32")).apply(
+        {"params": params}, *inp)
+    qcfg = dataclasses.replace(cfg, param_dtype=fmt)
+    qparams = quant.quantize_params(params, fmt) if fmt != "bfloat16" else jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.bfloat16), params)
+    # the stored layout is what the model declares (abstract_variables: what the fit check and loaders use)
+    shapes = traverse_util.flatten_dict(abstract_variables(qcfg)["params"])
+    got = traverse_util.flatten_dict(qparams)
+    assert set(shapes) == set(got)
+    for k, v in got.items():
+        if k != ("pos_frequencies",):
+            assert (v.shape, v.dtype) == (shapes[k].shape, shapes[k].dtype), k
+    if fmt != "bfloat16":
+        assert got[("blocks", "mlp_x", "w1", "kernel")].dtype == np.dtype(fmt)
+        assert got[("blocks", "mlp_x", "w1", "kernel_scale")].shape == (cfg.depth - 1, got[
+            ("blocks", "mlp_x", "w1", "kernel")].shape[-1])
+        assert got[("last_block", "attn", "qkv_x", "kernel")].dtype == np.dtype(fmt)
+        assert got[("final_layer", "linear", "kernel")].dtype == jnp.bfloat16  # outside the blocks: bf16
+    out = MochiDiT(qcfg).apply({"params": qparams}, *inp)
+    err = dit_ref.rel_l2(out, ref)
+    print(f"{fmt}: relative L2 error against float32 {err:.4f}")
+    assert err < BOUND[fmt], (fmt, err)
+
+
+def test_gradients_reach_only_the_lora(base):
+    cfg, params, inp = base
+    qcfg = dataclasses.replace(cfg, param_dtype="int8")
+    model = MochiDiT(qcfg, TARGETS)
+    qparams = quant.quantize_params(params, "int8")
+    lora = jax.tree_util.tree_map(lambda a: a + 0.01, training.init_lora(model, jax.random.PRNGKey(0)))
+    opt = training.make_optimizer(_optim())
+    state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": opt.init(lora), "rng": jax.random.PRNGKey(1)}
+    before = jax.tree_util.tree_map(np.array, qparams)
+    step = training.make_train_step(model, opt, "normalized", 0.0)
+    state, out = step(state, qparams, _batch(cfg, 0))
+    assert bool(out["finite"]) and float(out["grad_norm"]) > 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.array, qparams))
+    # the step differentiates the LoRA only: every optimizer slot is a LoRA factor's shape, float32
+    lora_shapes = {x.shape for x in jax.tree_util.tree_leaves(lora)}
+    big = [x for x in jax.tree_util.tree_leaves(state["opt"]) if x.size > 1]
+    assert big and all(x.shape in lora_shapes and x.dtype == jnp.float32 for x in big)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state["lora"]))
+    # integer weights cannot carry a gradient at all: differentiating them is refused by JAX itself
+    with pytest.raises(TypeError):
+        jax.grad(lambda p: jnp.sum(model.apply({"params": p, "lora": lora}, *inp)))(qparams)
+
+
+def _overfit(cfg, params, steps=60):
+    """(fixed-noise loss before, after) of a LoRA trained on two clips over `params`, and the LoRA."""
+    targets = lora_lib.targets_from_config({"attn": dict(pattern=r"attn/(qkv|proj)_[xy]$", rank=8, alpha=8.0),
+                                            "mlp": dict(pattern=r"mlp_x/w2$", rank=8, alpha=8.0)})
+    model = MochiDiT(cfg, targets)
+    opt = training.make_optimizer(_optim(lr=1e-2))
+    lora = training.init_lora(model, jax.random.PRNGKey(0))
+    state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": opt.init(lora), "rng": jax.random.PRNGKey(1)}
+    clips = [_batch(cfg, 10 + i) for i in range(2)]
+
+    @jax.jit
+    def eval_loss(lora):
+        return sum(training.flow_loss(model, params, lora, c, training.draw_noise(jax.random.PRNGKey(10 * i + j), c))
+                   for i, c in enumerate(clips) for j in range(4)) / 8
+
+    start = float(eval_loss(state["lora"]))
+    step = training.make_train_step(model, opt, "normalized", 0.0)
+    for i in range(steps):
+        state, _ = step(state, params, clips[i % 2])
+    return start, float(eval_loss(state["lora"])), state["lora"], targets
+
+
+def test_lora_on_quantized_base_overfits_like_bf16():
+    cfg = _bf16("h2d16")
+    params = MochiDiT(dataclasses.replace(cfg, param_dtype="float32")).init(
+        jax.random.PRNGKey(3), *dit_ref.random_inputs(cfg))["params"]
+    bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    s0, e0, _, _ = _overfit(cfg, bf)
+    assert e0 < 0.85 * s0
+    for fmt in quant.QUANT_DTYPES:
+        s1, e1, _, _ = _overfit(dataclasses.replace(cfg, param_dtype=fmt), quant.quantize_params(params, fmt))
+        print(f"{fmt}: loss {s1:.3f} -> {e1:.3f} (bf16 {s0:.3f} -> {e0:.3f})")
+        assert abs(s1 - s0) < 0.05 * s0
+        assert e1 < 0.85 * s1 and abs(e1 - e0) < 0.05 * e0, (fmt, s0, e0, s1, e1)
+
+
+def test_host_weights_equal_device_weights_in_values_and_gradients():
+    """The train step with the stacked blocks in pinned host memory (fetched block by block inside
+    the scan) computes the on-device step's loss and LoRA gradients; also for a quantized base and
+    remat groups. The CPU backend has 'pinned_host' memory, so the placement is real here."""
+    from mochi_jax.models import sharding as sharding_lib
+
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    for fmt, remat, groups in (("float32", "full", ""), ("int8", "full", "dots:1,full:2")):
+        cfg = dataclasses.replace(dit_ref.our_config("h3d8"), param_dtype=fmt, remat=remat, remat_groups=groups)
+        p32 = MochiDiT(dataclasses.replace(cfg, param_dtype="float32")).init(
+            jax.random.PRNGKey(3), *dit_ref.random_inputs(cfg))["params"]
+        params = p32 if fmt == "float32" else quant.quantize_params(p32, fmt)
+        results = []
+        for on_host in (False, True):
+            c = dataclasses.replace(cfg, weights_on_host=on_host)
+            model = MochiDiT(c, TARGETS)
+            opt = training.make_optimizer(_optim())
+            sh = training.train_shardings(model, opt, mesh)
+            kinds = {s.memory_kind for s in jax.tree_util.tree_leaves(sh["params"]["blocks"])}
+            assert kinds == ({training.HOST_MEMORY} if on_host else {"device"})
+            assert {s.memory_kind for s in jax.tree_util.tree_leaves(sh["params"]["last_block"])} == {"device"}
+            placed = jax.device_put(params, sh["params"])
+            leaf = placed["blocks"]["attn"]["qkv_x"]["kernel"]
+            assert leaf.sharding.memory_kind == (training.HOST_MEMORY if on_host else "device")
+            state = training.init_state(model, opt, 0, sh["state"])
+            state["lora"] = jax.tree_util.tree_map(lambda a: a + 0.01, state["lora"])
+            batch = jax.device_put(_batch(cfg, 0), sh["batch"])
+            step = training.make_train_step(model, opt, "normalized", 0.0, mesh, sh)
+            with sharding_lib.activate(mesh):
+                hlo = step.jitted.lower(state, placed, batch).as_text()
+            assert ("pinned_host" in hlo or "memory_kind" in hlo or "S(5)" in hlo) == on_host
+            noise = training.draw_noise(jax.random.PRNGKey(5), batch)
+            with sharding_lib.activate(mesh):
+                loss, grads = jax.jit(jax.value_and_grad(
+                    lambda lo: training.flow_loss(model, placed, lo, batch, noise)))(state["lora"])
+            new, out = step(state, placed, batch)
+            results.append((float(loss), jax.tree_util.tree_map(np.asarray, grads), float(out["loss"]),
+                            jax.tree_util.tree_map(np.asarray, new["lora"])))
+        (l0, g0, s0, n0), (l1, g1, s1, n1) = results
+        assert l0 == pytest.approx(l1, rel=1e-6) and s0 == pytest.approx(s1, rel=1e-6), (fmt, l0, l1)
+        errs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(dit_ref.rel_l2, g1, g0))
+        assert max(errs) < 1e-5, (fmt, max(errs))
+        errs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(dit_ref.rel_l2, n1, n0))
+        assert max(errs) < 1e-5, (fmt, max(errs))
+
+
+def test_unknown_dtype_is_one_clear_error():
+    with pytest.raises(ValueError, match=r"model.param_dtype='int4' is not a DiT weight format; choose one of "
+                                         r"float32, bfloat16, int8, float8_e4m3fn"):
+        DiTConfig(param_dtype="int4")
+    with pytest.raises(ValueError, match="model.param_dtype='float8'"):
+        DiTConfig.from_dict({"param_dtype": "float8"})
+    with pytest.raises(ValueError, match="weights_on_host needs scan_layers"):
+        DiTConfig(weights_on_host=True, scan_layers=False)
+
+
+def test_merge_refuses_quantized_kernels(base):
+    cfg, params, inp = base
+    qcfg = dataclasses.replace(cfg, param_dtype="int8")
+    model = MochiDiT(qcfg, TARGETS)
+    lora = training.init_lora(model, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="quantized.*int8.*apply the LoRA unmerged"):
+        lora_lib.merge(quant.quantize_params(params, "int8"), lora, TARGETS)
