@@ -201,7 +201,8 @@ def setup(cfg) -> Run:
     targets = lora_lib.targets_from_config(cfg.lora.to_dict())
     if not targets:
         raise ValueError("no LoRA targets with rank > 0 in config.lora")
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups,
+                     weights_on_host=bool(m.get("weights_on_host", False)))
     # the config first (from the checkpoint's metadata), so the weights load straight into their shards
     dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
     model = MochiDiT(dit_cfg, targets)
@@ -248,7 +249,8 @@ def check_exportable(lora_cfg: dict, targets, layers) -> None:
 def load_state(run: Run) -> None:
     """The frozen base into its shardings, and the train state: fresh, or the newest checkpoint's."""
     cfg, m = run.cfg, run.cfg.model
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups,
+                     weights_on_host=bool(m.get("weights_on_host", False)))
     _, run.params = load_dit(m.dit, dtype=m.param_dtype, shardings=run.shardings["params"], **overrides)
     run.state = training.init_state(run.model, run.optimizer, cfg.seed, run.shardings["state"])
     log(f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "

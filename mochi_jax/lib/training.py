@@ -149,8 +149,7 @@ def train_shardings(model, optimizer, mesh) -> dict:
     opt = jax.eval_shape(optimizer.init, lora)
     params_sh = sharding_lib.param_shardings(names["params"], params, mesh)
     if model.cfg.weights_on_host:  # the stacked blocks wait in pinned host memory; the scan fetches each block
-        params_sh = {**params_sh, "blocks": jax.tree_util.tree_map(lambda s: s.with_memory_kind(HOST_MEMORY),
-                                                                   params_sh["blocks"])}
+        params_sh = {**params_sh, "blocks": jax.tree_util.tree_map(host_sharding, params_sh["blocks"])}
     return {
         "params": params_sh,
         "state": {"step": rep, "lora": lora_sh, "opt": sharding_lib.like_tree_shardings(opt, lora, lora_sh, rep),
@@ -159,6 +158,16 @@ def train_shardings(model, optimizer, mesh) -> dict:
                   (("mean", 5), ("logvar", 5), ("t5_feats", 3), ("t5_mask", 2))},
         "replicated": rep,
     }
+
+
+def host_sharding(s: NamedSharding) -> NamedSharding:
+    """`s` in pinned host memory. Compile-only devices (the fit check's GPU targets) list no memories,
+    so their NamedSharding drops the kind; there the sharding is stated on the mesh's abstract form,
+    which keeps it and compiles to the same program."""
+    h = s.with_memory_kind(HOST_MEMORY)
+    if h.memory_kind != HOST_MEMORY:
+        h = NamedSharding(s.mesh.abstract_mesh, s.spec, memory_kind=HOST_MEMORY)
+    return h
 
 
 def init_lora(model, key):
