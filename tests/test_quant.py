@@ -199,7 +199,7 @@ def test_host_weights_equal_device_weights_in_values_and_gradients():
 
 def test_unknown_dtype_is_one_clear_error():
     with pytest.raises(ValueError, match=r"model.param_dtype='int4' is not a DiT weight format; choose one of "
-                                         r"float32, bfloat16, int8, float8_e4m3fn"):
+                                         r"float32, bfloat16, float16, int8, float8_e4m3fn"):
         DiTConfig(param_dtype="int4")
     with pytest.raises(ValueError, match="model.param_dtype='float8'"):
         DiTConfig.from_dict({"param_dtype": "float8"})
@@ -214,3 +214,60 @@ def test_merge_refuses_quantized_kernels(base):
     lora = training.init_lora(model, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="quantized.*int8.*apply the LoRA unmerged"):
         lora_lib.merge(quant.quantize_params(params, "int8"), lora, TARGETS)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A random reference DiT written as genmo's dit.safetensors (float32), and its config."""
+    cfg = dit_ref.our_config("h2d16")
+    d = tmp_path_factory.mktemp("src")
+    _, genmo = dit_ref.write_both_layouts(dit_ref.make_reference(cfg, seed=2), d)
+    return cfg, genmo, d
+
+
+@pytest.mark.parametrize("fmt", quant.QUANT_DTYPES)
+def test_quantized_checkpoints_round_trip(source, fmt):
+    from mochi_jax.checkpoints import convert_dit, load_dit, read_metadata
+    from mochi_jax.models import sharding as sharding_lib
+
+    cfg, genmo, d = source
+    convert_dit(genmo, d / f"q_{fmt}", dtype=fmt, progress=False)
+    if not (d / "f32").exists():
+        convert_dit(genmo, d / "f32", dtype="float32", progress=False)
+    assert read_metadata(d / f"q_{fmt}")["quantized"] == fmt
+    qcfg, qp = load_dit(d / f"q_{fmt}")  # a quantized checkpoint loads as such
+    assert qcfg.param_dtype == fmt and qcfg.quantized
+    _, f32 = load_dit(d / "f32")
+    expect = quant.quantize_params(jax.tree_util.tree_map(np.asarray, f32), fmt)
+    _, on_load = load_dit(d / "f32", dtype=fmt)  # quantize on load = the converter's output
+    for tree in (qp, on_load):
+        flat, want = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(expect)
+        assert set(flat) == set(want)
+        for k, v in want.items():
+            got = np.asarray(flat[k])
+            assert got.dtype == v.dtype, k
+            if k[-1] == "kernel_scale":
+                np.testing.assert_allclose(got, v, rtol=1e-6, err_msg=str(k))
+            else:
+                np.testing.assert_array_equal(got.astype(np.float32), np.asarray(v).astype(np.float32), err_msg=str(k))
+    # the model runs on it, close to the float32 model
+    inp = dit_ref.random_inputs(cfg)
+    ref = MochiDiT(cfg).apply({"params": f32}, *inp)
+    out = MochiDiT(dataclasses.replace(qcfg, compute_dtype="float32")).apply({"params": qp}, *inp)
+    assert dit_ref.rel_l2(out, ref) < BOUND[fmt]
+    # a float dtype asked of a quantized checkpoint dequantizes it
+    dcfg, deq = load_dit(d / f"q_{fmt}", dtype="float32")
+    assert dcfg.param_dtype == "float32" and "kernel_scale" not in deq["blocks"]["attn"]["qkv_x"]
+    np.testing.assert_allclose(np.asarray(deq["blocks"]["attn"]["qkv_x"]["kernel"]),
+                               quant.dequantize(np.asarray(qp["blocks"]["attn"]["qkv_x"]["kernel"]),
+                                                np.asarray(qp["blocks"]["attn"]["qkv_x"]["kernel_scale"])), rtol=1e-6)
+    # straight into the training shardings, the stacked blocks into pinned host memory
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    model = MochiDiT(dataclasses.replace(qcfg, weights_on_host=True), TARGETS)
+    sh = training.train_shardings(model, training.make_optimizer(_optim()), mesh)["params"]
+    _, placed = load_dit(d / "f32", dtype=fmt, shardings=sh)
+    leaf = placed["blocks"]["mlp_x"]["w1"]["kernel"]
+    assert leaf.sharding.memory_kind == training.HOST_MEMORY and leaf.dtype == np.dtype(fmt)
+    np.testing.assert_array_equal(np.asarray(leaf).astype(np.float32),
+                                  np.asarray(expect["blocks"]["mlp_x"]["w1"]["kernel"]).astype(np.float32))
+    assert placed["last_block"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == "device"

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from mochi_jax.models import quant as quant_lib
@@ -208,7 +209,11 @@ def stack_layers(tree: dict, name: str, n: int, shardings=None) -> dict:
     stacked = {}
     for path in list(flat[0]):
         xs = [layer.pop(path) for layer in flat]
-        stacked[path] = _stack(*xs, sharding=target.get(path))
+        sharding = target.get(path)
+        if sharding is not None and sharding.memory_kind not in (None, "device"):
+            stacked[path] = _stack_in_host_memory(xs, sharding)  # jit computes on the device only
+        else:
+            stacked[path] = _stack(*xs, sharding=sharding)
         del xs
     out = {k: v for k, v in tree.items() if k not in names}
     out[name] = traverse_util.unflatten_dict(stacked)
@@ -223,10 +228,27 @@ def _stack(*layers, sharding=None):
     return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
+def _stack_in_host_memory(layers, sharding):
+    """The layers (each laid out as `sharding` without its leading axis, in the same host memory)
+    stacked into `sharding` by this process's hosts, shard by shard: nothing passes through a device."""
+    def local(x, index):
+        for shard in x.addressable_shards:
+            if tuple(shard.index) == tuple(index):
+                return np.asarray(shard.data)
+        return np.asarray(x)[tuple(index)]  # a layout the shards do not match: the whole layer (one process)
+
+    def block(index):
+        rows = range(len(layers))[index[0]]
+        return np.stack([local(layers[i], index[1:]) for i in rows])
+
+    return jax.make_array_from_callback((len(layers), *layers[0].shape), sharding, block)
+
+
 def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
     """NamedShardings of the stacked layout -> the unrolled one (the leading layer axis dropped)."""
     def drop_layer_axis(sh):
-        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]),
+                                          memory_kind=sh.memory_kind)
 
     out = {k: v for k, v in shardings.items() if k != name}
     per_layer = jax.tree_util.tree_map(drop_layer_axis, shardings[name])

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 QUANT_DTYPES = ("int8", "float8_e4m3fn")
-FLOAT_DTYPES = ("float32", "bfloat16")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = FLOAT_DTYPES + QUANT_DTYPES
 QMAX = {"int8": 127.0, "float8_e4m3fn": float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)}  # 448
 STORAGE_DTYPE = "bfloat16"  # the weights a quantized base keeps unquantized
