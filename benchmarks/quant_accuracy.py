@@ -10,7 +10,8 @@ Per config and format:
              the fixed-noise loss before and after, against bf16's
   transfer   the LoRA trained on the quantized base applied to the bf16 base: its fixed-noise loss there,
              and how far its change of the bf16 model's output is from the bf16-trained LoRA's change
-             (relative L2 of the two deltas, and of the two outputs)
+             (relative L2 of the two deltas, and of the two outputs); the yardstick is a second LoRA
+             trained on the bf16 base from another initial seed
 Random weights have no outlier channels; a real checkpoint's error can be larger (per-output-channel
 scales follow each column's largest weight).
 """
@@ -20,12 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU benchmark: no accelerator plugin is started
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,6 +47,10 @@ CONFIGS = {
                                        time_embed_dim=256),
 }
 FORMATS = ("bfloat16", "int8", "float8_e4m3fn")
+# the yardstick of the transfer numbers: a second LoRA on the bf16 base from another initial seed
+# (how far two LoRAs trained on the same base and data already differ)
+RUNS = (("bfloat16", "bfloat16", 1), ("int8", "int8", 1), ("float8_e4m3fn", "float8_e4m3fn", 1),
+        ("bfloat16, LoRA seed 2", "bfloat16", 2))
 TARGETS = {"attn": dict(pattern=r"attn/(qkv|proj)_[xy]$", rank=8, alpha=8.0),
            "mlp": dict(pattern=r"mlp_x/w2$", rank=8, alpha=8.0)}
 
@@ -103,13 +110,13 @@ def run_config(name, arch, steps):
             return jnp.mean(jax.lax.map(one, (stacked, jax.random.split(jax.random.PRNGKey(7), 8))))
         return f
 
-    for fmt in FORMATS:
+    for label, fmt, seed in RUNS:
         t0 = time.time()
         qcfg = dataclasses.replace(cfg, param_dtype=fmt)
         params = base_params(params32, fmt)
         pred = np.asarray(jax.jit(MochiDiT(qcfg).apply)({"params": params}, *inp))
         model = MochiDiT(qcfg, targets)
-        lora = training.init_lora(model, jax.random.PRNGKey(1))
+        lora = training.init_lora(model, jax.random.PRNGKey(seed))
         state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": opt.init(lora), "rng": jax.random.PRNGKey(2)}
         loss = fixed_loss(model, params)
         start = float(loss(state["lora"]))
@@ -118,36 +125,37 @@ def run_config(name, arch, steps):
         for i in range(steps):
             state, m = step(state, params, clips[i % 2])
             curve.append(float(m["loss"]))
-        loras[fmt] = state["lora"]
-        outs[fmt] = np.asarray(jax.jit(bf16_model.apply)({"params": bf16_params, "lora": state["lora"]}, *inp))
-        out[fmt] = {"output_rel_l2_vs_fp32": rel_l2(pred, ref),
+        loras[label] = state["lora"]
+        outs[label] = np.asarray(jax.jit(bf16_model.apply)({"params": bf16_params, "lora": state["lora"]}, *inp))
+        out[label] = {"output_rel_l2_vs_fp32": rel_l2(pred, ref),
                     "loss_start": start, "loss_end": float(loss(state["lora"])),
                     "train_loss_last10": float(np.mean(curve[-10:])),
                     "on_bf16_base_loss_end": float(fixed_loss(bf16_model, bf16_params)(state["lora"])),
                     "seconds": round(time.time() - t0, 1)}
-        out[fmt]["_pred"] = pred
+        out[label]["_pred"] = pred
     no_lora = np.asarray(jax.jit(bf16_model.apply)(
         {"params": bf16_params, "lora": jax.tree_util.tree_map(jnp.zeros_like, loras["bfloat16"])}, *inp))
-    preds = {fmt: out[fmt].pop("_pred") for fmt in FORMATS}
-    for fmt in FORMATS:
-        r = out[fmt]
-        r["output_rel_l2_vs_bf16"] = rel_l2(preds[fmt], preds["bfloat16"])
-        r["transfer_output_rel_l2"] = rel_l2(outs[fmt], outs["bfloat16"])
-        r["transfer_delta_rel_l2"] = rel_l2(outs[fmt] - no_lora, outs["bfloat16"] - no_lora)
+    preds = {label: out[label].pop("_pred") for label, _, _ in RUNS}
+    for label, _, _ in RUNS:
+        r = out[label]
+        r["output_rel_l2_vs_bf16"] = rel_l2(preds[label], preds["bfloat16"])
+        r["transfer_output_rel_l2"] = rel_l2(outs[label], outs["bfloat16"])
+        r["transfer_delta_rel_l2"] = rel_l2(outs[label] - no_lora, outs["bfloat16"] - no_lora)
     return {"config": arch, "steps": steps, "formats": out}
 
 
 def show(data):
-    print(f"\n{'config':28} {'base':14} {'out err':>8} {'vs bf16':>8} {'loss start':>10} {'loss end':>9} "
+    print(f"\n{'config':28} {'base':22} {'out err':>8} {'vs bf16':>8} {'loss start':>10} {'loss end':>9} "
           f"{'on bf16':>8} {'delta err':>9}")
     for name, r in data["configs"].items():
         for fmt, v in r["formats"].items():
-            print(f"{name:28} {fmt:14} {v['output_rel_l2_vs_fp32']:8.4f} {v['output_rel_l2_vs_bf16']:8.4f} "
+            print(f"{name:28} {fmt:22} {v['output_rel_l2_vs_fp32']:8.4f} {v['output_rel_l2_vs_bf16']:8.4f} "
                   f"{v['loss_start']:10.4f} {v['loss_end']:9.4f} {v['on_bf16_base_loss_end']:8.4f} "
                   f"{v['transfer_delta_rel_l2']:9.4f}")
     print("out err: DiT output vs the float32 model; vs bf16: vs the bf16 base; loss: fixed-noise flow loss before / "
           "after LoRA training on this base; on bf16: that LoRA on the bf16 base; delta err: its change of the bf16 "
-          "model's output vs the bf16-trained LoRA's change (relative L2)")
+          "model's output vs the bf16-trained LoRA's change (relative L2); 'LoRA seed 2': a second LoRA on the bf16 "
+          "base from another initial seed, the yardstick of how much two LoRAs differ anyway")
 
 
 def main():

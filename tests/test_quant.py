@@ -320,3 +320,26 @@ def test_gpu_compile_needs_less_device_memory_for_int8_and_host_weights():
     assert bf16["host"] == 0 and host["host"] > 0.7 * w_bf16, (bf16, host)
     assert host["inputs"]["frozen weights in host memory"] > 0.7 * w_bf16
     assert host["arguments"] < bf16["arguments"] - 0.6 * w_bf16 and host["total"] < bf16["total"], (bf16, host)
+
+
+def test_sampling_accepts_a_quantized_base(tmp_path):
+    """`mochi_jax.sample` with model.param_dtype=int8 quantizes the (float32) demo checkpoint as it
+    loads and renders nearly the float32 base's video (evaluate loads its base the same way)."""
+    from mochi_jax import sample
+    from mochi_jax.configs import sample as sample_config
+    from mochi_jax.demo import write_demo_models
+
+    paths = write_demo_models(tmp_path / "models")
+
+    def render(dtype):
+        cfg = sample_config.get_config("demo")
+        cfg.model.update(dict(dit=str(paths["dit"]), vae=str(paths["vae"]), t5=str(paths["t5"]),
+                              tokenizer=str(paths["tokenizer"]), param_dtype=dtype))
+        cfg.sampling.update(dict(num_frames=7, height=32, width=48, steps=3))
+        cfg.demo.root, cfg.out_dir = str(tmp_path), str(tmp_path / "out")
+        return dict(sample.render(cfg))[cfg.seed].astype(np.float32)
+
+    base, q = render("float32"), render("int8")
+    diff = np.abs(q - base)
+    print(f"int8 base: mean |frame difference| {diff.mean():.3f} of 255")
+    assert 0 < diff.mean() < 2.0, diff.mean()
