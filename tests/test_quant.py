@@ -317,9 +317,9 @@ def test_gpu_compile_needs_less_device_memory_for_int8_and_host_weights():
     assert 0.45 * w_bf16 < w_int8 < 0.7 * w_bf16, (w_bf16, w_int8)
     assert bf16["arguments"] - int8["arguments"] >= 0.9 * (w_bf16 - w_int8), (bf16, int8)
     assert int8["total"] < bf16["total"], (bf16, int8)
-    assert bf16["host"] == 0 and host["host"] > 0.7 * w_bf16, (bf16, host)
-    assert host["inputs"]["frozen weights in host memory"] > 0.7 * w_bf16
-    assert host["arguments"] < bf16["arguments"] - 0.6 * w_bf16 and host["total"] < bf16["total"], (bf16, host)
+    on_host = host["inputs"]["frozen weights in host memory"]  # the stacked blocks: 2 of this tiny model's 3
+    assert on_host > 0.5 * w_bf16 and bf16["host"] == 0 and host["host"] >= on_host, (bf16, host)
+    assert host["arguments"] <= bf16["arguments"] - 0.9 * on_host and host["total"] < bf16["total"], (bf16, host)
 
 
 def test_sampling_accepts_a_quantized_base(tmp_path):
