@@ -343,3 +343,26 @@ def test_sampling_accepts_a_quantized_base(tmp_path):
     diff = np.abs(q - base)
     print(f"int8 base: mean |frame difference| {diff.mean():.3f} of 255")
     assert 0 < diff.mean() < 2.0, diff.mean()
+
+
+def test_validation_sampling_with_host_placed_blocks_equals_device():
+    """The trainer's validation videos sample with the training placement: blocks in pinned host
+    memory, fetched by the scan, give the on-device latents."""
+    from mochi_jax.lib import sampling
+    from mochi_jax.models import sharding as sharding_lib
+
+    cfg = dataclasses.replace(dit_ref.our_config("h2d16"), param_dtype="int8")
+    params = quant.quantize_params(MochiDiT(dataclasses.replace(cfg, param_dtype="float32")).init(
+        jax.random.PRNGKey(0), *dit_ref.random_inputs(cfg))["params"], "int8")
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal((1, 12, 2, 4, 6)).astype(np.float32)
+    cond = (rng.standard_normal((1, 8, cfg.t5_dim)).astype(np.float32), np.ones((1, 8), bool))
+    outs = []
+    for on_host in (False, True):
+        c = dataclasses.replace(cfg, weights_on_host=on_host)
+        sh = training.train_shardings(MochiDiT(c, TARGETS), training.make_optimizer(_optim()), mesh)
+        placed = jax.device_put(params, sh["params"])
+        outs.append(np.asarray(sampling.denoise(c, placed, noise, cond, cond, sigmas=np.linspace(1, 0, 4),
+                                                guidance=2.0)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
