@@ -366,3 +366,22 @@ def test_validation_sampling_with_host_placed_blocks_equals_device():
         outs.append(np.asarray(sampling.denoise(c, placed, noise, cond, cond, sigmas=np.linspace(1, 0, 4),
                                                 guidance=2.0)))
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_float_checkpoint_loads_into_host_placed_blocks(tmp_path):
+    """load_dit into the weights_on_host shardings: orbax reads the unrolled blocks into pinned host
+    memory and they are stacked there (no device in between); the values are the checkpoint's."""
+    from mochi_jax.checkpoints import load_dit
+    from mochi_jax.demo import write_demo_models
+    from mochi_jax.models import sharding as sharding_lib
+
+    paths = write_demo_models(tmp_path)
+    cfg, ref = load_dit(paths["dit"])
+    mesh = sharding_lib.make_mesh({"data": 1}, jax.devices()[:1])
+    sh = training.train_shardings(MochiDiT(dataclasses.replace(cfg, weights_on_host=True), TARGETS),
+                                  training.make_optimizer(_optim()), mesh)["params"]
+    hcfg, params = load_dit(paths["dit"], shardings=sh, weights_on_host=True)
+    assert hcfg.weights_on_host
+    assert params["blocks"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == training.HOST_MEMORY
+    assert params["last_block"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == "device"
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref)
