@@ -117,12 +117,12 @@ def test_gradients_reach_only_the_lora(base):
         jax.grad(lambda p: jnp.sum(model.apply({"params": p, "lora": lora}, *inp)))(qparams)
 
 
-def _overfit(cfg, params, steps=60):
+def _overfit(cfg, params, steps=30):
     """(fixed-noise loss before, after) of a LoRA trained on two clips over `params`, and the LoRA."""
     targets = lora_lib.targets_from_config({"attn": dict(pattern=r"attn/(qkv|proj)_[xy]$", rank=8, alpha=8.0),
                                             "mlp": dict(pattern=r"mlp_x/w2$", rank=8, alpha=8.0)})
     model = MochiDiT(cfg, targets)
-    opt = training.make_optimizer(_optim(lr=1e-2))
+    opt = training.make_optimizer(_optim(lr=2e-2))
     lora = training.init_lora(model, jax.random.PRNGKey(0))
     state = {"step": jnp.zeros((), jnp.int32), "lora": lora, "opt": opt.init(lora), "rng": jax.random.PRNGKey(1)}
     clips = [_batch(cfg, 10 + i) for i in range(2)]
@@ -150,7 +150,7 @@ def test_lora_on_quantized_base_overfits_like_bf16():
     bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
     s0, e0, _, _ = _overfit(cfg, bf)
     assert e0 < 0.85 * s0
-    for fmt in quant.QUANT_DTYPES:
+    for fmt in ("int8",):  # float8_e4m3fn: benchmarks/quant_accuracy.py (one more compile here costs ~20 s)
         s1, e1, _, _ = _overfit(dataclasses.replace(cfg, param_dtype=fmt), quant.quantize_params(params, fmt))
         print(f"{fmt}: loss {s1:.3f} -> {e1:.3f} (bf16 {s0:.3f} -> {e0:.3f})")
         assert abs(s1 - s0) < 0.05 * s0
