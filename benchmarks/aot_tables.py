@@ -3,12 +3,16 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
 
     python benchmarks/aot_tables.py gpu     # per GPU and remat policy: the longest clip that fits at batch 1
     python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
-    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu}.json
+    python benchmarks/aot_tables.py quant   # per GPU and base-weight setting (bf16, fp8, int8, host-streamed)
+    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant}.json
 
 GPU: H100 80 GB, H200 141 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention;
 for each remat policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the
 card's memory (longer clips only need more). "fits" is reported at JAX's default 75 % of the card and at 95 %
 (XLA_CLIENT_MEM_FRACTION=.95).
+Quant: the frozen base as bf16, float8_e4m3fn, int8 (model.param_dtype), and bf16 / fp8 with the stacked
+blocks in pinned host memory (model.weights_on_host), remat full, cuDNN attention, batch 1, one H100 and
+one RTX 4090, 37, 85 and 163 frames (every cell compiled): benchmarks/results/aot_gpu_quant.json.
 TPU: 'xla' attention by default, --attention=splash for the Pallas kernel,
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
 then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4, 8 until one fits
@@ -149,6 +153,53 @@ def show_gpu(data: dict):
         print(f"  {k}: {b / GIB:.1f} GiB in pinned host memory")
 
 
+# ----------------------------------------------------------------------------- quantized / host-streamed base
+
+QUANT_GPUS = ("rtx4090", "h100")
+QUANT_FRAMES = (37, 85, 163)
+# name -> (model.param_dtype, model.weights_on_host)
+QUANT_SETTINGS = {"bf16": ("bfloat16", False), "fp8": ("float8_e4m3fn", False), "int8": ("int8", False),
+                  "bf16+host": ("bfloat16", True), "fp8+host": ("float8_e4m3fn", True)}
+QUANT_GOALS = ((37, 22, "a quantized base"), (85, 22, "host-streamed weights"), (163, 40, "any setting"))
+
+
+def run_quant(args):
+    path = RESULTS / "aot_gpu_quant.json"
+    data = load(path)
+    data["setup"] = ("10 B base (configs/dit.py 'mochi'), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; batch 1; "
+                     "one GPU; remat full; cuDNN attention; autotuning off")
+    for gpu in args.gpus:
+        for name in args.settings:
+            dtype, host = QUANT_SETTINGS[name]
+            for frames in args.frames:
+                cell(data, path, f"{gpu}/{name}/{frames}",
+                     {"aot.target": gpu, "model.attention": "cudnn", "model.remat": "full", "aot.num_frames": frames,
+                      "model.param_dtype": dtype, "model.weights_on_host": host}, args.redo)
+    show_quant(data)
+
+
+def show_quant(data: dict):
+    cells = data["cells"]
+    print("\nGPU memory (GiB per GPU, the compiler's figure) of the full-size LoRA train step by base weights; "
+          "480x848, batch 1, remat full, cuDNN attention")
+    print(f"{'GPU':8} {'base':10} " + " ".join(f"{f:>6}f" for f in QUANT_FRAMES) + "   weights on device / host")
+    for gpu in QUANT_GPUS:
+        for name in QUANT_SETTINGS:
+            row = [cells.get(f"{gpu}/{name}/{f}") for f in QUANT_FRAMES]
+            if not any(row):
+                continue
+            vals = " ".join(f"{r['total_bytes'] / GIB:7.2f}" if r and "total_bytes" in r else f"{'-':>7}" for r in row)
+            r = next(r for r in row if r and "inputs" in r)
+            dev = r["inputs"].get("frozen weights", 0) / GIB
+            host = r["inputs"].get("frozen weights in host memory", 0) / GIB
+            print(f"{gpu:8} {name:10} {vals}   {dev:6.2f} / {host:.2f}")
+    print("\ngoals:")
+    for frames, gib, what in QUANT_GOALS:
+        ok = sorted({f"{k.split('/')[0]} {k.split('/')[1]} ({r['total_bytes'] / GIB:.1f})" for k, r in cells.items()
+                     if k.endswith(f"/{frames}") and r.get("total_bytes", 1 << 62) <= gib * GIB})
+        print(f"  {frames} frames within {gib} GiB ({what}): " + (", ".join(ok) if ok else "none measured"))
+
+
 # ----------------------------------------------------------------------------- TPU
 
 
@@ -231,7 +282,9 @@ def show_tpu(data: dict):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("gpu", "tpu", "show"))
+    p.add_argument("what", choices=("gpu", "tpu", "quant", "show"))
+    p.add_argument("--settings", type=lambda s: s.split(","), default=tuple(QUANT_SETTINGS),
+                   help="quant: base settings to measure, of " + ", ".join(QUANT_SETTINGS))
     p.add_argument("--gpus", type=lambda s: s.split(","), default=GPUS)
     p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
     p.add_argument("--slices", type=lambda s: s.split(","), default=SLICES)
@@ -246,11 +299,15 @@ def main():
     if args.what == "gpu":
         args.frames = args.frames or GPU_FRAMES
         run_gpu(args)
+    elif args.what == "quant":
+        args.gpus = QUANT_GPUS if args.gpus == GPUS else args.gpus
+        args.frames = args.frames or QUANT_FRAMES
+        run_quant(args)
     elif args.what == "tpu":
         args.frames = args.frames or TPU_FRAMES
         run_tpu(args)
     else:
-        for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu)):
+        for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu), ("aot_gpu_quant.json", show_quant)):
             if (RESULTS / name).exists():
                 show(load(RESULTS / name))
 

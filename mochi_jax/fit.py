@@ -57,7 +57,7 @@ class Report:
     alias_bytes: int = 0
     temp_bytes: int = 0
     code_bytes: int = 0
-    host_bytes: int = 0  # pinned host memory of the program (offloaded activations)
+    host_bytes: int = 0  # pinned host memory of the program (weights on the host, offloaded activations)
     resident: dict = dataclasses.field(default_factory=dict)  # name -> bytes on the device the program never reads
     total_bytes: int = 0  # per device
     limit_bytes: int = 0
@@ -92,7 +92,8 @@ class Report:
             for k, v in self.resident.items():
                 lines.append(f"    resident    {g(v)}  ({k}: on the device, unused by this program)")
             if self.host_bytes:
-                lines.append(f"    host memory {g(self.host_bytes)}  (pinned host: offloaded activations)")
+                lines.append(f"    host memory {g(self.host_bytes)}  (pinned host: weights streamed block by block, "
+                             "offloaded activations; not counted in the total)")
             lines.append(f"    total       {g(self.total_bytes)}  of {self.limit_bytes / GIB:.2f} GiB "
                          f"({self.limit_source})")
         lines.append(f"  compiled in {self.compile_s:.1f} s (lowered in {self.lower_s:.1f} s)")
@@ -109,13 +110,17 @@ class Report:
         return "\n".join(lines)
 
 
-def device_bytes(tree) -> int:
-    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings."""
+def device_bytes(tree, memory: str = "device") -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings, in device
+    memory (memory='device') or in pinned host memory (memory='pinned_host')."""
     import jax
     import numpy as np
 
     total = 0
     for x in jax.tree_util.tree_leaves(tree):
+        kind = getattr(getattr(x, "sharding", None), "memory_kind", None) or "device"
+        if (kind == "pinned_host") != (memory == "pinned_host"):
+            continue
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
         total += math.prod(shape) * np.dtype(x.dtype).itemsize
     return total
@@ -353,8 +358,10 @@ def t5_program(t5_cfg, devices, batch: int, length: int, mesh_sizes) -> Program:
 def measure(program: Program, target: targets_lib.Target, limit: int, limit_source: str) -> Report:
     """Lower and compile `program` and read its memory; a TPU compiler's out-of-memory refusal
     becomes a report that does not fit (with the sizes from its message)."""
+    inputs = {k: device_bytes(v) for k, v in program.inputs.items()}
+    inputs.update({f"{k} in host memory": b for k, v in program.inputs.items() if (b := device_bytes(v, "pinned_host"))})
     report = Report(program.what, target.name, target.describe(), target.num_devices, program.mesh,
-                    program.details, {k: device_bytes(v) for k, v in program.inputs.items()},
+                    program.details, inputs,
                     limit_bytes=limit, limit_source=limit_source,
                     resident={k: device_bytes(v) for k, v in program.resident.items()})
     t0 = time.time()
@@ -463,7 +470,8 @@ def choose_remat_here(cfg, latent_shape, text_tokens: int) -> RematChoice:
     if budget <= 0:
         raise BadInput(f"remat='auto': {devices[0].platform} reports no memory limit; "
                        "set --config.model.memory_budget_gb")
-    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention)
+    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
+                         weights_on_host=bool(m.get("weights_on_host", False)))
     _, t, h, w = latent_shape
     clip = (6 * (t - 1) + 1, 8 * h, 8 * w)
     target = targets_lib.local_target(devices)
@@ -622,7 +630,8 @@ def _lora_program(cfg, what, target, devices) -> Program:
     aot, m = cfg.aot, cfg.model
     arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
     dit_cfg = DiTConfig.from_dict({**arch, "param_dtype": m.param_dtype, "compute_dtype": m.compute_dtype,
-                                   "attention": m.attention, "remat": m.remat, "remat_groups": m.remat_groups})
+                                   "attention": m.attention, "remat": m.remat, "remat_groups": m.remat_groups,
+                                   "weights_on_host": bool(m.get("weights_on_host", False))})
     auto = ""
     if what == "train":
         f, h, w, src = _prepare_clip_defaults(cfg)
@@ -656,7 +665,8 @@ def _lora_program(cfg, what, target, devices) -> Program:
                                  aot.text_tokens, mesh, sh["params"], sh["state"]["lora"])
         program.details.append("         (the train state, resident meanwhile, is not counted)")
     program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} "
-                              f"weights, attention {m.attention}, remat {m.remat}"
+                              f"weights" + (" (blocks in pinned host memory)" if dit_cfg.weights_on_host else "")
+                              + f", attention {m.attention}, remat {m.remat}"
                            + (f" ({m.remat_groups})" if m.remat_groups else ""))
     program.details.append(f"         (clip size from {src})")
     if auto:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert official Mochi PyTorch checkpoints (safetensors) into mochi_jax orbax checkpoints.
 
-    python tools/convert_weights.py dit  SRC OUT [--dtype bfloat16] [--overwrite]
+    python tools/convert_weights.py dit  SRC OUT [--dtype bfloat16|int8|float8_e4m3fn] [--overwrite]
     python tools/convert_weights.py t5   SRC OUT [--dtype bfloat16] [--overwrite]
     python tools/convert_weights.py vae  SRC OUT [--dtype bfloat16] [--overwrite]
     python tools/convert_weights.py clip SRC OUT [--dtype float32] [--overwrite] [--vision-heads N --text-heads N]
@@ -32,13 +32,17 @@ def main(argv=None):
     ap.add_argument("model", choices=["dit", "t5", "vae", "clip"], help="which model the checkpoint holds")
     ap.add_argument("src", help="source checkpoint file or folder")
     ap.add_argument("out", help="output checkpoint directory (must not exist unless --overwrite)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                    help="dtype of the written floating-point weights (default bfloat16)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16", "int8", "float8_e4m3fn"],
+                    help="dtype of the written floating-point weights (default bfloat16); dit only: int8 or "
+                         "float8_e4m3fn write a quantized base (the blocks' kernels with per-channel scales, the "
+                         "rest bfloat16)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--vision-heads", type=int, help="clip: attention heads of the image tower (else from the config)")
     ap.add_argument("--text-heads", type=int, help="clip: attention heads of the text tower (else from the config)")
     args = ap.parse_args(argv)
+    if args.dtype in ("int8", "float8_e4m3fn") and args.model != "dit":
+        ap.error(f"--dtype {args.dtype}: only the dit is written quantized; choose bfloat16, float32 or float16")
 
     try:
         if args.model == "dit":

@@ -289,6 +289,7 @@ class Leaf:
     shape: tuple[int, ...]
     keys: tuple[str, ...]  # source keys it reads, for validation
     build: Callable[["TensorSource"], np.ndarray]
+    dtype: object = None  # written as built (a quantized kernel, its float32 scale); None: `write`'s dtype
 
 
 def validate(src: TensorSource, expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -400,7 +401,8 @@ def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike,
             raise ConversionError(f"internal: {'/'.join(leaf.path)} built with shape {arr.shape}, "
                                   f"expected {leaf.shape}")
         shape = arr.shape  # np.ascontiguousarray makes 0-d arrays 1-d; keep scalars scalar
-        arr = np.ascontiguousarray(arr.astype(dtype if arr.dtype.kind == "f" else arr.dtype, copy=False))
+        want = leaf.dtype if leaf.dtype is not None else dtype if arr.dtype.kind == "f" else arr.dtype
+        arr = np.ascontiguousarray(arr.astype(want, copy=False))
         arr = arr.reshape(shape)
         if batch and size + arr.nbytes > batch_bytes:
             flush()

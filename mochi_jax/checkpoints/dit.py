@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from mochi_jax.checkpoints.common import (ConversionError, LazyTensor, Leaf, TensorSource, load_model, read_metadata,
                                          validate, vote, write, write_safetensors)
+from mochi_jax.models import quant
 from mochi_jax.models.dit import DiTConfig
 
 GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -265,16 +266,36 @@ def _our_path(genmo_key: str, cfg: DiTConfig) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def plan(cfg: DiTConfig, layout: str) -> list[Leaf]:
+def plan(cfg: DiTConfig, layout: str, quantized: str = "") -> list[Leaf]:
     """One output leaf per genmo tensor, so the converter holds one tensor at a time.
+
+    `quantized` ('int8' | 'float8_e4m3fn'): the kernels of the blocks (mochi_jax.models.quant) are
+    written quantized, each followed by its float32 'kernel_scale' leaf (the pair is built from one
+    read of the tensor).
 
     The checkpoint keeps the blocks unrolled (blocks_0 .. blocks_{depth-2}, last_block): the
     loader (`mochi_jax.checkpoints.weights.load_dit`) stacks them for the scan, leaf by leaf, directly
     into the requested shardings."""
     leaves = []
+    last = {}  # the most recent quantization: (genmo key, (q, scale))
+
+    def quantized_pair(src, gk):
+        if last.get("key") != gk:
+            last.clear()
+            last.update(key=gk, pair=quant.quantize(np.asarray(_to_ours(gk, read_genmo(src, layout, cfg, gk), cfg)),
+                                                   quantized))
+        return last["pair"]
+
     for gk, shape in genmo_shapes(cfg).items():
         ours = _to_ours(gk, np.broadcast_to(np.float32(0), shape), cfg).shape
-        leaves.append(Leaf(path=_our_path(gk, cfg), shape=tuple(ours), keys=(gk,),
+        path = _our_path(gk, cfg)
+        if quantized and quant.is_quantized_kernel(path):
+            leaves.append(Leaf(path=path, shape=tuple(ours), keys=(gk,), dtype=np.dtype(quantized),
+                               build=lambda src, gk=gk: quantized_pair(src, gk)[0]))
+            leaves.append(Leaf(path=path[:-1] + ("kernel_scale",), shape=tuple(ours[-1:]), keys=(gk,),
+                               dtype=np.dtype(np.float32), build=lambda src, gk=gk: quantized_pair(src, gk)[1]))
+            continue
+        leaves.append(Leaf(path=path, shape=tuple(ours), keys=(gk,),
                            build=lambda src, gk=gk: _to_ours(gk, read_genmo(src, layout, cfg, gk), cfg)))
     return leaves
 
@@ -289,13 +310,19 @@ def check(src: TensorSource, layout: str) -> DiTConfig:
 def convert_dit(src_path, out_dir, dtype="bfloat16", overwrite=False, progress=True):
     """Convert a genmo or diffusers DiT checkpoint into our orbax layout; returns (out_dir, DiTConfig).
 
-    Every key and shape is checked before anything is written.
+    `dtype`: bfloat16 / float32 / float16, or a quantized base, int8 / float8_e4m3fn (the blocks'
+    kernels quantized per output channel as they stream through, everything else bfloat16; the
+    metadata's 'quantized' says which). Every key and shape is checked before anything is written.
     """
+    name = quant.check_param_dtype(dtype, "--dtype")
     src, layout = open_dit(src_path)
     cfg = check(src, layout)
     meta = {"model": "mochi_dit", "source": str(src_path), "source_layout": layout, "config": cfg.arch()}
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    out = write(plan(cfg, layout), src, out_dir, np_dtype, meta,
+    q = name if quant.is_quantized(name) else ""
+    if q:
+        meta["quantized"] = q
+    np_dtype = np.dtype(jnp.dtype(quant.STORAGE_DTYPE if q else name))
+    out = write(plan(cfg, layout, q), src, out_dir, np_dtype, meta,
                 overwrite=overwrite, progress=progress)
     return out, cfg
 
@@ -335,8 +362,71 @@ def dit_config(path, **overrides) -> DiTConfig:
 def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
     """(DiTConfig, params) from a converted DiT checkpoint, in the scanned layout.
 
-    `shardings`: NamedShardings for the scanned params (e.g. FSDP); each process then reads only
-    its shards and the blocks are stacked straight into them. `dtype` casts the weights;
-    `overrides` set non-architecture config fields (compute_dtype, attention, remat, ...)."""
-    return load_model(path, "mochi_dit", DiTConfig, dtype, shardings, overrides,
-                      stack=lambda arch: ("blocks", int(arch["depth"]) - 1))
+    `shardings`: NamedShardings for the scanned params (e.g. FSDP; pinned host memory for
+    weights_on_host); each process then reads only its shards and the blocks are stacked straight
+    into them. `dtype` casts the weights; a quantized format ('int8', 'float8_e4m3fn') loads a
+    checkpoint of that format as stored and quantizes any other one as it loads, one top-level group
+    (blocks_N, last_block, ...) at a time (a quantized checkpoint asked for as a float dtype is
+    dequantized the same way; None keeps the stored format). `overrides` set non-architecture
+    config fields (compute_dtype, attention, remat, weights_on_host, ...)."""
+    meta = read_metadata(path)
+    if meta.get("model") != "mochi_dit":
+        raise ValueError(f"{path} is not a converted mochi_dit checkpoint (metadata: {meta})")
+    stored = meta.get("quantized", "")
+    want = quant.check_param_dtype(dtype, "dtype") if dtype is not None else (stored or None)
+    stack = lambda arch: ("blocks", int(arch["depth"]) - 1)  # noqa: E731
+    if want is None or (not stored and not quant.is_quantized(want)):
+        return load_model(path, "mochi_dit", DiTConfig, dtype, shardings, overrides, stack=stack)
+    overrides = {**overrides, "param_dtype": want}
+    if want == stored:
+        return load_model(path, "mochi_dit", DiTConfig, None, shardings, overrides, stack=stack)
+    return DiTConfig.from_dict({**meta["config"], **overrides}), _load_converting(path, meta, stored, want, shardings)
+
+
+def _load_converting(path, meta, stored: str, want: str, shardings=None) -> dict:
+    """A checkpoint stored as `stored` ('' for float) loaded as `want`, one top-level group at a time:
+    the group is read (in device memory), converted (quant.quantize_params / dequantize_params) and
+    placed in its sharding, so at most one group exists in both forms."""
+    import jax
+    import orbax.checkpoint.experimental.v1 as ocp
+    from flax import traverse_util
+
+    from mochi_jax.models.layers import stack_layers, unstack_shardings
+
+    n = int(meta["config"]["depth"]) - 1
+    disk = unstack_shardings(shardings, "blocks", n) if shardings is not None else None
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    spare = one if disk is None else jax.sharding.NamedSharding(
+        jax.tree_util.tree_leaves(disk)[0].mesh, jax.sharding.PartitionSpec())
+    tree_meta = ocp.metadata(Path(path).absolute()).metadata
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    params = {}
+    for group, gmeta in tree_meta.items():
+        final = traverse_util.flatten_dict(disk[group]) if disk is not None and isinstance(disk[group], dict) else (
+            {(): disk[group]} if disk is not None else {})
+
+        def reading(s):  # read and convert in device memory; the final placement comes after
+            return s if s.memory_kind in (None, "device") else s.with_memory_kind("device")
+
+        if isinstance(gmeta, dict):
+            flat = traverse_util.flatten_dict(gmeta)
+            target = traverse_util.unflatten_dict({
+                k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=reading(final.get(k, spare))) for k, m in flat.items()})
+        else:
+            target = jax.ShapeDtypeStruct(gmeta.shape, gmeta.dtype, sharding=reading(final.get((), spare)))
+        with ctx:
+            loaded = ocp.load(Path(path).absolute(), {group: target})
+        if stored:
+            loaded = quant.dequantize_params(loaded, "float32" if quant.is_quantized(want) else want)
+        converted = quant.quantize_params(loaded, want) if quant.is_quantized(want) else loaded
+        del loaded
+        if isinstance(converted[group], dict):
+            flat = traverse_util.flatten_dict(converted[group])
+            params[group] = traverse_util.unflatten_dict({k: jax.device_put(v, final.get(k, spare if disk is not None
+                                                                                        else one))
+                                                          for k, v in flat.items()})
+        else:
+            params[group] = jax.device_put(converted[group], final.get((), one))
+        del converted
+    return stack_layers(params, "blocks", n, shardings)

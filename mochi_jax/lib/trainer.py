@@ -208,7 +208,8 @@ def setup(cfg) -> Run:
     heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups,
+                     weights_on_host=bool(m.get("weights_on_host", False)))
     # the config first (from the checkpoint's metadata), so the weights load straight into their shards
     dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
     sweep = sweep_lib.from_config(cfg, dit_cfg)
@@ -298,7 +299,8 @@ def check_exportable(lora_cfg: dict, targets, layers, who: str = "") -> None:
 def load_state(run: Run) -> None:
     """The frozen base into its shardings, and the train state: fresh, or the newest checkpoint's."""
     cfg, m = run.cfg, run.cfg.model
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups)
+    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups,
+                     weights_on_host=bool(m.get("weights_on_host", False)))
     _, run.params = load_dit(m.dit, dtype=m.param_dtype, shardings=run.shardings["params"], **overrides)
     base = (f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "
             f"base: {m.dit} (depth {run.dit_cfg.depth}, width {run.dit_cfg.width}, {m.param_dtype})")

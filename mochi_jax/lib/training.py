@@ -25,6 +25,8 @@ from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models import vae as vae_lib
 from mochi_jax.models.dit import abstract_variables, dummy_inputs, logical_axes
 
+HOST_MEMORY = "pinned_host"  # where DiTConfig.weights_on_host keeps the stacked block weights
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -135,7 +137,8 @@ def make_train_step(model, optimizer, formulation: str, caption_dropout: float, 
 
 
 def train_shardings(model, optimizer, mesh) -> dict:
-    """NamedShardings of everything the step touches: 'params' (frozen base: FSDP over 'embed'),
+    """NamedShardings of everything the step touches: 'params' (frozen base: FSDP over 'embed'; with
+    model.cfg.weights_on_host the stacked 'blocks' in pinned host memory),
     'state' (LoRA factors like the kernels they adapt, optimizer moments like the LoRA, step and rng
     replicated), 'batch' (leading axis over data x fsdp) and 'replicated'."""
     rep = NamedSharding(mesh, PartitionSpec())
@@ -144,14 +147,27 @@ def train_shardings(model, optimizer, mesh) -> dict:
     params, lora = abstract["params"], abstract["lora"]
     lora_sh = sharding_lib.param_shardings(names["lora"], lora, mesh)
     opt = jax.eval_shape(optimizer.init, lora)
+    params_sh = sharding_lib.param_shardings(names["params"], params, mesh)
+    if model.cfg.weights_on_host:  # the stacked blocks wait in pinned host memory; the scan fetches each block
+        params_sh = {**params_sh, "blocks": jax.tree_util.tree_map(host_sharding, params_sh["blocks"])}
     return {
-        "params": sharding_lib.param_shardings(names["params"], params, mesh),
+        "params": params_sh,
         "state": {"step": rep, "lora": lora_sh, "opt": sharding_lib.like_tree_shardings(opt, lora, lora_sh, rep),
                   "rng": rep},
         "batch": {k: sharding_lib.batch_sharding(mesh, n) for k, n in
                   (("mean", 5), ("logvar", 5), ("t5_feats", 3), ("t5_mask", 2))},
         "replicated": rep,
     }
+
+
+def host_sharding(s: NamedSharding) -> NamedSharding:
+    """`s` in pinned host memory. Compile-only devices (the fit check's GPU targets) list no memories,
+    so their NamedSharding drops the kind; there the sharding is stated on the mesh's abstract form,
+    which keeps it and compiles to the same program."""
+    h = s.with_memory_kind(HOST_MEMORY)
+    if h.memory_kind != HOST_MEMORY:
+        h = NamedSharding(s.mesh.abstract_mesh, s.spec, memory_kind=HOST_MEMORY)
+    return h
 
 
 def init_lora(model, key):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from mochi_jax.models import layers
+from mochi_jax.models import layers, quant
 from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, rms_norm
 from mochi_jax.models.lora import LoraTarget
 from mochi_jax.models.sharding import constrain
@@ -53,7 +53,10 @@ class DiTConfig:
     norm_eps: float = 1e-6  # modulated RMS norms and the final LayerNorm
     qk_norm_eps: float = 1e-5
     rope_base_area: int = 192 * 192
-    param_dtype: str = "bfloat16"  # frozen weights
+    # frozen weights: float32 | bfloat16, or a weight-only quantized base, int8 | float8_e4m3fn: every
+    # Dense kernel of 'blocks' and 'last_block' quantized with a float32 scale per output channel,
+    # the rest bfloat16 (mochi_jax.models.quant)
+    param_dtype: str = "bfloat16"
     compute_dtype: str = "bfloat16"  # matmuls and attention; norms, softmax, modulation are fp32
     attention: str = "xla"  # 'xla' | 'cudnn' | 'splash'
     # attention='splash': q and kv tile (tokens, a multiple of 128) of the forward and backward
@@ -64,6 +67,26 @@ class DiTConfig:
     # A remat policy per consecutive group of the depth-1 stacked blocks, e.g. "dots:16,full:31"
     # (counts sum to depth-1); '' = `remat` for every block. Needs scan_layers.
     remat_groups: str = ""
+    # The stacked blocks' weights ('blocks') live in pinned host memory (training.train_shardings
+    # places them there) and each block's weights are copied to the device inside the scan, where
+    # that block runs (and again for its backward): about one block's weights on the device at a
+    # time. Needs scan_layers. Without host-placed inputs the copy is a no-op.
+    weights_on_host: bool = False
+
+    def __post_init__(self):
+        quant.check_param_dtype(self.param_dtype)
+        if self.weights_on_host and not self.scan_layers:
+            raise ValueError("model.weights_on_host needs scan_layers=True (the blocks are fetched one scan step "
+                             "at a time)")
+
+    @property
+    def quantized(self) -> bool:
+        return quant.is_quantized(self.param_dtype)
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype of the weights that are not quantized (all of them for a float base)."""
+        return quant.STORAGE_DTYPE if self.quantized else self.param_dtype
 
     @property
     def width(self) -> int:
@@ -145,12 +168,14 @@ def unpatchify(x, t: int, hp: int, wp: int, p: int):
 class _Base(nn.Module):
     cfg: DiTConfig
     lora_targets: Sequence[LoraTarget] = ()
+    IN_BLOCK = False  # the modules of a joint block: their Dense kernels are quantized in a quantized base
 
     def dense(self, features, name, axes, use_bias=True, **kw):
         """A Dense named `name` whose kernel [in, out] has the logical names `axes`."""
-        return Dense(features, axes=axes, use_bias=use_bias, param_dtype=jnp.dtype(self.cfg.param_dtype),
-                     compute_dtype=jnp.dtype(self.cfg.compute_dtype), lora_targets=self.lora_targets,
-                     name=name, **kw)
+        cfg = self.cfg
+        return Dense(features, axes=axes, use_bias=use_bias, param_dtype=jnp.dtype(cfg.storage_dtype),
+                     compute_dtype=jnp.dtype(cfg.compute_dtype), lora_targets=self.lora_targets,
+                     quant=cfg.param_dtype if cfg.quantized and self.IN_BLOCK else "", name=name, **kw)
 
 
 class AttentionPool(_Base):
@@ -184,6 +209,7 @@ class FeedForward(_Base):
     """SwiGLU: w2(silu(a) * g) where [a, g] = w1(x) (genmo's half order)."""
 
     hidden: int = 0
+    IN_BLOCK = True
 
     @nn.compact
     def __call__(self, x):
@@ -197,6 +223,7 @@ class JointAttention(_Base):
     """Attention over [visual tokens; text tokens] with one softmax; padding text is never a key."""
 
     last: bool = False
+    IN_BLOCK = True
 
     @nn.compact
     def __call__(self, x, y, y_mask, rope):
@@ -204,7 +231,7 @@ class JointAttention(_Base):
         h, hd = cfg.num_heads, cfg.head_dim
         cdt = jnp.dtype(cfg.compute_dtype)
         b, n, _ = x.shape
-        pdt = jnp.dtype(cfg.param_dtype)
+        pdt = jnp.dtype(cfg.storage_dtype)
 
         def qkv(inp, proj, norm_q, norm_k):
             q, k, v = jnp.split(checkpoint_name(self.dense(3 * h * hd, proj, ("embed", "heads"), use_bias=False)(inp),
@@ -237,6 +264,7 @@ class Block(_Base):
     """One joint block. The last block (last=True) updates only the visual stream."""
 
     last: bool = False
+    IN_BLOCK = True
 
     @nn.compact
     def __call__(self, carry, c, y_mask, rope_cos, rope_sin):
@@ -315,7 +343,7 @@ class MochiDiT(_Base):
 
         block_args = (c, t5_mask, *rope)
         n_sym = cfg.depth - 1
-        if cfg.scan_layers and cfg.remat_groups and not self.is_initializing():
+        if cfg.scan_layers and (cfg.remat_groups or cfg.weights_on_host) and not self.is_initializing():
             x, y = self._grouped_blocks((x, y), block_args)
         elif cfg.scan_layers:
             block = layers.remat(Block, cfg.remat)
@@ -334,8 +362,11 @@ class MochiDiT(_Base):
         return unpatchify(out.astype(jnp.float32), t, hp, wp, p)
 
     def _grouped_blocks(self, carry, block_args):
-        """The stacked blocks with a remat policy per consecutive group (cfg.remat_groups): one
-        jax.lax.scan per group over slices of the same stacked 'blocks' variables."""
+        """The stacked blocks with a remat policy per consecutive group (cfg.remat_groups; one group
+        of cfg.remat when empty): one jax.lax.scan per group over slices of the same stacked 'blocks'
+        variables. cfg.weights_on_host: each step first copies its block's weights to the device
+        memory (inside the rematerialised body, so the backward fetches them again instead of
+        keeping them)."""
         cfg = self.cfg
         params = self.variables["params"]["blocks"]
         lora = self.variables.get("lora", {}).get("blocks")
@@ -343,12 +374,15 @@ class MochiDiT(_Base):
         block = Block(cfg, tuple(self.lora_targets), parent=None)  # unbound: applied functionally
 
         def run(carry, p, lo, i):
+            if cfg.weights_on_host:
+                p = jax.tree_util.tree_map(lambda a: jax.device_put(a, jax.memory.Space.Device), p)
             variables = {"params": p, **({"lora": lo} if lo is not None else {})}
             rngs = {"dropout": jax.random.fold_in(rng, i)} if rng is not None else {}
             return block.apply(variables, carry, *block_args, rngs=rngs)[0]
 
         start = 0
-        for policy, n in parse_remat_groups(cfg.remat_groups, cfg.depth - 1):
+        groups = parse_remat_groups(cfg.remat_groups, cfg.depth - 1) if cfg.remat_groups else [(cfg.remat, cfg.depth - 1)]
+        for policy, n in groups:
             body = run if policy == "none" else jax.checkpoint(run, policy=layers.remat_policy(policy),
                                                                prevent_cse=False)
             xs = jax.tree_util.tree_map(lambda a: a[start:start + n], (params, lora))

@@ -11,8 +11,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
+from mochi_jax.models import quant as quant_lib
 from mochi_jax.models import splash
 from mochi_jax.models.lora import LoraTarget, find_target
 
@@ -52,11 +54,24 @@ class Dense(nn.Module):
     lora_targets: Sequence[LoraTarget] = ()
     kernel_init: Any = nn.initializers.xavier_uniform()
 
+    # '' or a format of mochi_jax.models.quant.QUANT_DTYPES: the kernel is stored quantized, with a
+    # float32 'kernel_scale' [out] beside it, and dequantized to compute_dtype where it is used
+    quant: str = ""
+
     @nn.compact
     def __call__(self, x):
         in_features = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        shape = (in_features, self.features)
         cdt = self.compute_dtype
+        if self.quant:
+            q0 = s0 = None
+            if self.is_initializing():  # one random kernel, quantized: the scale fits its kernel
+                q0, s0 = quant_lib.quantize(self.kernel_init(self.make_rng("params"), shape, jnp.float32), self.quant)
+            q = self.param("kernel", lambda _: q0)
+            scale = self.param("kernel_scale", lambda _: s0)
+            kernel = quant_lib.dequantize(q, scale, cdt)  # this layer's kernel only (one block under a scan)
+        else:
+            kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
         y = jnp.dot(x.astype(cdt), kernel.astype(cdt))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
@@ -70,7 +85,7 @@ class Dense(nn.Module):
         if not self.axes:
             return {}
         i, o = self.axes
-        return {"kernel": (i, o), "bias": (o,), "a": (i, None), "b": (None, o)}
+        return {"kernel": (i, o), "kernel_scale": (o,), "bias": (o,), "a": (i, None), "b": (None, o)}
 
     def _lora(self, x, in_features: int, target: LoraTarget):
         bound = 1.0 / math.sqrt(in_features)  # PEFT's kaiming_uniform(a=sqrt(5)) for A
@@ -199,7 +214,11 @@ def stack_layers(tree: dict, name: str, n: int, shardings=None) -> dict:
     stacked = {}
     for path in list(flat[0]):
         xs = [layer.pop(path) for layer in flat]
-        stacked[path] = _stack(*xs, sharding=target.get(path))
+        sharding = target.get(path)
+        if sharding is not None and sharding.memory_kind not in (None, "device"):
+            stacked[path] = _stack_in_host_memory(xs, sharding)  # jit computes on the device only
+        else:
+            stacked[path] = _stack(*xs, sharding=sharding)
         del xs
     out = {k: v for k, v in tree.items() if k not in names}
     out[name] = traverse_util.unflatten_dict(stacked)
@@ -214,10 +233,27 @@ def _stack(*layers, sharding=None):
     return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
+def _stack_in_host_memory(layers, sharding):
+    """The layers (each laid out as `sharding` without its leading axis, in the same host memory)
+    stacked into `sharding` by this process's hosts, shard by shard: nothing passes through a device."""
+    def local(x, index):
+        for shard in x.addressable_shards:
+            if tuple(shard.index) == tuple(index):
+                return np.asarray(shard.data)
+        return np.asarray(x)[tuple(index)]  # a layout the shards do not match: the whole layer (one process)
+
+    def block(index):
+        rows = range(len(layers))[index[0]]
+        return np.stack([local(layers[i], index[1:]) for i in rows])
+
+    return jax.make_array_from_callback((len(layers), *layers[0].shape), sharding, block)
+
+
 def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
     """NamedShardings of the stacked layout -> the unrolled one (the leading layer axis dropped)."""
     def drop_layer_axis(sh):
-        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+        return jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]),
+                                          memory_kind=sh.memory_kind)
 
     out = {k: v for k, v in shardings.items() if k != name}
     per_layer = jax.tree_util.tree_map(drop_layer_axis, shardings[name])

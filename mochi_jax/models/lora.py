@@ -100,7 +100,8 @@ def merge(params: Mapping, lora: Mapping, targets: Sequence[LoraTarget], strengt
           sign: float = 1.0) -> dict:
     """Fold strength * (alpha/r) * a @ b into the adapted kernels; returns new params.
 
-    The kernels keep their dtype. `sign=-1` removes a merged LoRA again (unmerge).
+    The kernels keep their dtype. `sign=-1` removes a merged LoRA again (unmerge). A quantized
+    kernel (int8 / float8 with a 'kernel_scale' beside it) is refused with a ValueError.
     """
     out = dict(params)
     for path, node in layers_of(lora):
@@ -108,6 +109,11 @@ def merge(params: Mapping, lora: Mapping, targets: Sequence[LoraTarget], strengt
         if target is None:
             raise ValueError(f"LoRA layer {'/'.join(path)!r} matches no LoRA target, so its scale is unknown")
         kernel = _get(params, path)["kernel"]
+        if "kernel_scale" in _get(params, path):
+            raise ValueError(f"cannot merge a LoRA into {'/'.join(path)!r}: its kernel is quantized "
+                             f"({jnp.dtype(kernel.dtype).name} with per-channel scales), and folding the LoRA in "
+                             "would re-round the whole kernel; apply the LoRA unmerged (as training and sampling "
+                             "do), or merge into a bfloat16/float32 base")
         if kernel.shape[-2:] != (node["a"].shape[-2], node["b"].shape[-1]):
             raise ValueError(f"LoRA layer {'/'.join(path)!r}: a {node['a'].shape} @ b {node['b'].shape} "
                              f"does not fit kernel {kernel.shape}")
