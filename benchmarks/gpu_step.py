@@ -3,6 +3,7 @@
     python benchmarks/gpu_step.py                      # on a GPU host; ends within --budget (480 s)
     python benchmarks/gpu_step.py --size small         # a 3-block 'small' DiT on CPU (what the test runs)
     python benchmarks/gpu_step.py --policies dots_no_batch,dots:16,full:31 --frames 37,85,61   # 'full' always runs
+    python benchmarks/gpu_step.py --policies full@int8,full@host,full@float8_e4m3fn+host --frames 37,85  # the 24 GB settings
     python benchmarks/gpu_step.py --wheels wheels      # no diffusers on the host: use these carried wheels
 
 What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's peak memory cannot be reset):
@@ -12,7 +13,10 @@ What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's p
          batch 1 at 480x848 with 256 valid text tokens, the 'normalized' flow loss, caption dropout 0 (both
          sides then attend to every text token), attention 'cudnn' on GPU ('xla' elsewhere), remat 'full'
          and each other --policies entry (a REMAT_POLICIES name, or a remat_groups string such as
-         'dots:16,full:31': the stacked blocks' groups, the last block 'full').
+         'dots:16,full:31': the stacked blocks' groups, the last block 'full'). A named policy may end in a
+         frozen-base setting: '@int8' / '@float8_e4m3fn' (model.param_dtype: a quantized base, its random
+         weights drawn in that format), '@host' (model.weights_on_host: the stacked blocks in pinned host
+         memory, streamed to the device inside the scan), or both joined by '+', e.g. 'full@int8+host'.
   torch  diffusers' MochiTransformer3DModel of the same size, random bf16 weights made on the device, PEFT
          LoraConfig(r=16, alpha=16) on to_q/to_k/to_v/add_q_proj/add_k_proj/add_v_proj/to_out.0/to_add_out
          (the same layers: diffusers splits qkv into three adapters), gradient checkpointing, LoRA in fp32,
@@ -125,11 +129,25 @@ def preset(name: str) -> dict:
         raise
 
 
+def split_setting(policy: str) -> tuple[str, dict]:
+    """'full@int8+host' -> ('full', {'param_dtype': 'int8', 'weights_on_host': True}); no '@': no change."""
+    policy, _, base = policy.partition("@")
+    over = {}
+    for part in filter(None, base.split("+")):
+        if part == "host":
+            over["weights_on_host"] = True
+        else:
+            over["param_dtype"] = part
+    return policy, over
+
+
 def dit_config(size: str, policy: str, attention: str, depth: int | None = None, **over):
     """The DiTConfig of a run: the size's preset (`depth` blocks if given) and dtype, `policy` as remat or
-    as remat_groups."""
+    as remat_groups, and its base setting (`split_setting`)."""
     from mochi_jax.models.dit import DiTConfig
 
+    policy, base = split_setting(policy)
+    over = {**base, **over}
     s = SIZES[size]
     fields = {k: v for k, v in preset(s["preset"]).items() if k in {f.name for f in dataclasses.fields(DiTConfig)}}
     remat = dict(remat="full", remat_groups=policy) if ":" in policy else dict(remat=policy, remat_groups="")
@@ -137,6 +155,11 @@ def dit_config(size: str, policy: str, attention: str, depth: int | None = None,
         fields["depth"] = depth or s["depth"]
     return DiTConfig(**{**fields, "param_dtype": s["dtype"], "compute_dtype": s["dtype"], "attention": attention,
                         **remat, **over})
+
+
+def remat_of(policy: str) -> str:
+    """The remat part of a policy entry (what the FLOP model counts)."""
+    return split_setting(policy)[0]
 
 
 def peak_tflops(kind: str) -> float | None:
@@ -190,7 +213,9 @@ def random_params(cfg, targets, sharding, seed: int = 0):
                 std = s.shape[-2] ** -0.5 if name == "kernel" else 0.02
 
                 def draw(k, shape=s.shape[1:] if len(s.shape) == 3 else s.shape, std=std, dtype=s.dtype):
-                    return (jax.random.normal(k, shape, dtype) * std).astype(dtype)
+                    if jnp.issubdtype(dtype, jnp.integer):  # an int8 kernel: its scale carries the size
+                        return jax.random.randint(k, shape, -127, 128, dtype)
+                    return (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
 
                 k = jax.random.fold_in(key, i)
                 out.append(jax.lax.map(draw, jax.random.split(k, s.shape[0])) if len(s.shape) == 3 else draw(k))
@@ -214,34 +239,45 @@ def child_jax(a) -> dict:
     from mochi_jax.lib import training
     from mochi_jax.lib.flops import flop_breakdown
     from mochi_jax.models import lora as lora_lib
+    from mochi_jax.models import sharding as sharding_lib
     from mochi_jax.models.dit import MochiDiT, abstract_variables, param_count
 
     dev = jax.devices()[0]
     attention = a.attention if a.attention != "auto" else ("cudnn" if dev.platform == "gpu" else "xla")
     cfg = dit_config(a.size, a.policy, attention, a.depth)
+    policy = remat_of(a.policy)
     targets = lora_lib.targets_from_config({k: dict(v, rank=LORA_RANK, alpha=float(LORA_RANK))
                                             for k, v in lora_lib.REFERENCE_TARGETS.items()})
     model, one = MochiDiT(cfg, targets), jax.sharding.SingleDeviceSharding(dev)
-    params = jax.block_until_ready(random_params(cfg, targets, one))
     opt = training.make_optimizer(types.SimpleNamespace(**OPTIM))
-    state = training.init_state(model, opt, 0, one)
+    mesh = sh = None
+    if cfg.weights_on_host:  # the blocks' memory kind is a sharding: the trainer's, on a one-device mesh
+        mesh = sharding_lib.make_mesh({"data": 1}, [dev])
+        sh = training.train_shardings(model, opt, mesh)
+    params = jax.block_until_ready(random_params(cfg, targets, sh["params"] if sh else one))
+    state = training.init_state(model, opt, 0, sh["state"] if sh else one)
     shape = latent_shape(a.frames, a.height, a.width)
     k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-    batch = jax.device_put(dict(mean=jax.random.normal(k1, shape), logvar=jnp.full(shape, -4.0),
-                                t5_feats=jax.random.normal(k2, (1, a.text_tokens, cfg.t5_dim)),
-                                t5_mask=jnp.ones((1, a.text_tokens), bool)), one)
+    batch = dict(mean=jax.random.normal(k1, shape), logvar=jnp.full(shape, -4.0),
+                 t5_feats=jax.random.normal(k2, (1, a.text_tokens, cfg.t5_dim)),
+                 t5_mask=jnp.ones((1, a.text_tokens), bool))
+    batch = jax.device_put(batch, {k: sh["batch"][k] for k in batch} if sh else one)
     setup_s = time.perf_counter() - t_start
     setup_peak = (dev.memory_stats() or {}).get("peak_bytes_in_use")
 
-    step = training.make_train_step(model, opt, "normalized", 0.0)
     t = time.perf_counter()
-    compiled = step.lower(state, params, batch).compile()
+    if sh is None:
+        compiled = training.make_train_step(model, opt, "normalized", 0.0).lower(state, params, batch).compile()
+    else:
+        with sharding_lib.activate(mesh):
+            compiled = training.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(
+                state, params, batch).compile()
     compile_s = time.perf_counter() - t
     m = compiled.memory_analysis()
     memory = {k: getattr(m, f"{k}_size_in_bytes", None) for k in ("temp", "argument", "output", "alias",
                                                                     "generated_code")} if m is not None else {}
-    flops = flop_breakdown(cfg, a.frames, a.height, a.width, a.policy, targets, a.text_tokens)
-    as_counted = flop_breakdown(cfg, a.frames, a.height, a.width, a.policy, targets, a.text_tokens,
+    flops = flop_breakdown(cfg, a.frames, a.height, a.width, policy, targets, a.text_tokens)
+    as_counted = flop_breakdown(cfg, a.frames, a.height, a.width, policy, targets, a.text_tokens,
                                 as_xla_counts=True)["total"]
     xla = dict(compiled_flops=xla_flops(compiled.cost_analysis()), model_as_xla_counts=as_counted)
     xla["compiled_ratio"] = xla["compiled_flops"] / as_counted if xla["compiled_flops"] else None
@@ -261,8 +297,8 @@ def child_jax(a) -> dict:
     if a.xla_check:  # the same step with the blocks unrolled, lowered only: every block is counted
         xla["unrolled"] = {}
         for pol in [a.policy] + (["none"] if a.policy == "full" else []):  # 'none': forward + backward alone
-            if ":" in pol:
-                xla["unrolled"][pol] = "remat groups need scanned blocks"
+            if ":" in pol or cfg.weights_on_host:
+                xla["unrolled"][pol] = "remat groups and host-streamed blocks need scanned blocks"
                 continue
             ucfg = dataclasses.replace(dit_config(a.size, pol, attention, a.depth), scan_layers=False)
             umodel = MochiDiT(ucfg, targets)
@@ -272,7 +308,7 @@ def child_jax(a) -> dict:
                       "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
             lowered = training.make_train_step(umodel, opt, "normalized", 0.0).lower(ustate, abstract["params"], batch)
             got = xla_flops(lowered.cost_analysis())
-            want = flop_breakdown(ucfg, a.frames, a.height, a.width, pol, targets, a.text_tokens)["total"]
+            want = flop_breakdown(ucfg, a.frames, a.height, a.width, remat_of(pol), targets, a.text_tokens)["total"]
             xla["unrolled"][pol] = dict(lowered_flops=got, model_flops=want, ratio=got / want if got else None)
     xla["check_s"] = time.perf_counter() - t
 
@@ -596,8 +632,8 @@ def parent(args):
                             floor_tflops=FLOOR_TFLOPS))
     for f in frames:
         res["flops"][str(f)] = {p: flop_breakdown(dataclasses.replace(cfg_full, **(
-            dict(remat="full", remat_groups=p) if ":" in p else dict(remat=p))), f, args.height, args.width,
-            p, None, args.text_tokens) for p in policies}
+            dict(remat="full", remat_groups=p) if ":" in p else dict(remat=remat_of(p)))), f, args.height, args.width,
+            remat_of(p), None, args.text_tokens) for p in policies}
     res["anchors"]["floor_s"] = {str(f): {p: b["total"] / (FLOOR_TFLOPS * 1e12) for p, b in v.items()}
                                  for f, v in ((int(k), v) for k, v in res["flops"].items())}
 

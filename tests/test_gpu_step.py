@@ -111,11 +111,20 @@ def test_flop_model_full_size():
 
 
 def test_budget_skips_everything(tmp_path):
-    res, stdout = _run(tmp_path, "--budget", "1", "--policies", "dots_no_batch,dots:1,full:1", timeout=120)
-    assert res["settings"]["policies"] == ["full", "dots_no_batch", "dots:1,full:1"]
-    assert len(res["runs"]) == 2 * 4 and all(r["status"] == "skipped" and r["reason"] for r in res["runs"])
-    assert len(res["skipped"]) == 8 and all(r["estimate_s"] > 1 for r in res["runs"] if r["side"] == "jax")
+    res, stdout = _run(tmp_path, "--budget", "1", "--policies", "dots_no_batch,dots:1,full:1,full@int8+host",
+                       timeout=120)
+    assert res["settings"]["policies"] == ["full", "dots_no_batch", "dots:1,full:1", "full@int8+host"]
+    assert len(res["runs"]) == 2 * 5 and all(r["status"] == "skipped" and r["reason"] for r in res["runs"])
+    assert len(res["skipped"]) == 10 and all(r["estimate_s"] > 1 for r in res["runs"] if r["side"] == "jax")
     assert "skipped" in stdout
+
+
+def test_base_settings_of_a_policy():
+    """'full@int8+host' runs remat full on an int8 base with host-streamed blocks (the 24 GB settings)."""
+    cfg = gpu_step.dit_config("small", "full@int8+host", "xla")
+    assert (cfg.remat, cfg.param_dtype, cfg.weights_on_host) == ("full", "int8", True)
+    assert gpu_step.remat_of("dots_no_batch@float8_e4m3fn") == "dots_no_batch"
+    assert gpu_step.dit_config("small", "dots:1,full:1", "xla").remat_groups == "dots:1,full:1"
 
 
 def test_missing_diffusers_names_the_wheels(monkeypatch, capsys):
