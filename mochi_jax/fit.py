@@ -7,8 +7,9 @@ GPUs on a CPU host (no accelerator, no weights) and read the compiler's per-devi
     report = fit.check(config)                      # config: configs/lora.py, sample.py or prepare.py
     print(report.format()); report.fits             # arguments, temporaries, outputs, total vs HBM
 
-The programs are the commands' own: the training step is `training.make_train_step` with
-`training.train_shardings` over the mesh of `config.mesh` (`sharding.make_mesh`); the sampler step is
+The programs are the commands' own: the training step is the trainer's (`sweep.training_parts`: one
+LoRA's `training.make_train_step`, or a sweep's step) with its shardings over the mesh of
+`config.mesh` (`sharding.make_mesh`); the sampler step is
 `sampling.euler_step`; prepare's VAE encode and T5 are `vae.encode` and the T5 encoder placed as
 `mochi_jax.lib.preparation` places them. Inputs are ShapeDtypeStructs with the shardings the command would
 give them: model shapes come from a converted checkpoint's metadata, or a preset when there is none.
@@ -182,9 +183,8 @@ def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int 
     from mochi_jax.lib import sampling
     from mochi_jax.models import sharding as sharding_lib
     from mochi_jax.lib import sweep as sweep_lib
-    from mochi_jax.lib import training
     from mochi_jax.models import lora as lora_lib
-    from mochi_jax.models.dit import MochiDiT, abstract_variables
+    from mochi_jax.models.dit import abstract_variables
 
     mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices)
     n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -192,28 +192,14 @@ def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int 
         raise BadInput(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
                        f"{_mesh_dict(mesh)}) and by the {num_hosts} hosts; change --config.batch_size or "
                        "--config.mesh.*")
-    sweep = sweep_lib.from_config(cfg, dit_cfg)
-    if sweep is None:
-        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
-        if not targets:
-            raise BadInput("no LoRA targets with rank > 0 in config.lora")
-        model = MochiDiT(dit_cfg, targets)
-        optimizer = training.make_optimizer(cfg.optim)
-        shardings = training.train_shardings(model, optimizer, mesh)
-        step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh,
-                                        shardings)
-        variables = abstract_variables(dit_cfg, targets)
-        lora = variables["lora"]
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": lora,
-                 "opt": jax.eval_shape(optimizer.init, lora), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
-    else:
-        targets, model, opts = sweep.union, sweep_lib.model_of(sweep, dit_cfg), sweep_lib.optimizers(sweep)
-        shardings = sweep_lib.shardings(sweep, model, opts, mesh)
-        step = sweep_lib.make_step(sweep, model, opts, cfg.loss.formulation, cfg.loss.caption_dropout, mesh,
-                                   shardings)
-        variables = abstract_variables(dit_cfg, targets)
-        state = sweep_lib.abstract_state(sweep, model, opts)
-        lora = state["lora"]
+    try:
+        parts = sweep_lib.training_parts(cfg, dit_cfg, mesh)
+    except ValueError as e:  # the config's LoRA targets or sweep
+        raise BadInput(str(e)) from e
+    sweep, targets, shardings, step = parts.sweep, parts.targets, parts.shardings, parts.step
+    variables = abstract_variables(dit_cfg, targets)
+    state = parts.abstract_state()
+    lora = state["lora"]
     state = _placed(state, shardings["state"])
     params = _placed(variables["params"], shardings["params"])
     b, latent = cfg.batch_size, sampling.latent_shape(*clip)

@@ -212,18 +212,7 @@ def make_step(sweep: Sweep, model: MochiDiT, opts, formulation: str, caption_dro
         new = {"step": t + 1, "lora": lora, "opt": new_opt, "rng": state["rng"], "noise_rng": state["noise_rng"]}
         return new, {"loss": losses, "grad_norm": jnp.stack(norms), "finite": jnp.stack(finite)}
 
-    if mesh is None:
-        return jax.jit(step, donate_argnums=(0,))
-    sh = shardings
-    jitted = jax.jit(step, in_shardings=(sh["state"], sh["params"], sh["batch"]),
-                     out_shardings=(sh["state"], sh["replicated"]), donate_argnums=(0,))
-
-    def sharded_step(state, params, batch):
-        with sharding_lib.activate(mesh):
-            return jitted(state, params, batch)
-
-    sharded_step.jitted = jitted
-    return sharded_step
+    return training.jit_step(step, mesh, shardings)
 
 
 def shardings(sweep: Sweep, model: MochiDiT, opts, mesh) -> dict:
@@ -262,3 +251,42 @@ def per_variant(sweep: Sweep, values: dict) -> dict:
         for name, v in values.items():
             out[f"variant/{variant}/{name}"] = float(np.asarray(v)[k])
     return out
+
+
+# ----------------------------------------------------------------------------- one LoRA or a sweep
+
+@dataclasses.dataclass
+class Parts:
+    """What a training config trains on a mesh: one LoRA (lib/training.py) or a sweep (`sweep` set)."""
+    sweep: Sweep | None
+    targets: tuple  # the model's LoRA targets (a sweep's: its stacked structure's)
+    model: MochiDiT
+    optimizer: object  # an optax optimizer; a sweep's: one per variant
+    shardings: dict  # training.train_shardings' layout
+    step: object  # step(state, params, batch) -> (state, metrics), `.jitted` on a mesh
+
+    def abstract_state(self) -> dict:
+        """The train state as ShapeDtypeStructs (nothing allocated)."""
+        if self.sweep is not None:
+            return abstract_state(self.sweep, self.model, self.optimizer)
+        lora = abstract_variables(self.model.cfg, self.targets)["lora"]
+        return {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": lora,
+                "opt": jax.eval_shape(self.optimizer.init, lora), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+
+
+def training_parts(cfg, dit_cfg: DiTConfig, mesh) -> Parts:
+    """The model, optimizer(s), shardings and jitted step of training config `cfg` (configs/lora.py)
+    for a DiT of `dit_cfg` on `mesh`: the trainer's and the fit check's one way to build them."""
+    sweep = from_config(cfg, dit_cfg)
+    if sweep is None:
+        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+        if not targets:
+            raise ValueError("no LoRA targets with rank > 0 in config.lora")
+        model, optimizer = MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim)
+        sh = training.train_shardings(model, optimizer, mesh)
+        step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh)
+    else:
+        targets, model, optimizer = sweep.union, model_of(sweep, dit_cfg), optimizers(sweep)
+        sh = shardings(sweep, model, optimizer, mesh)
+        step = make_step(sweep, model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh)
+    return Parts(sweep, targets, model, optimizer, sh, step)

@@ -212,27 +212,16 @@ def setup(cfg) -> Run:
                      weights_on_host=bool(m.get("weights_on_host", False)))
     # the config first (from the checkpoint's metadata), so the weights load straight into their shards
     dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
-    sweep = sweep_lib.from_config(cfg, dit_cfg)
+    parts = sweep_lib.training_parts(cfg, dit_cfg, mesh)
+    sweep, targets, model, optimizer, shardings = (parts.sweep, parts.targets, parts.model, parts.optimizer,
+                                                   parts.shardings)
     if sweep is None:
-        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
-        if not targets:
-            raise ValueError("no LoRA targets with rank > 0 in config.lora")
-        model = MochiDiT(dit_cfg, targets)
-        optimizer = training.make_optimizer(cfg.optim)
-        shardings = training.train_shardings(model, optimizer, mesh)
         check_exportable(cfg.lora.to_dict(), targets,
                          ["/".join(path) for path, _ in lora_lib.layers_of(shardings["state"]["lora"])])
-        step_fn = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
-                                           mesh, shardings)
-    else:
-        for k, vcfg in enumerate(sweep.configs):
-            check_exportable(vcfg.lora.to_dict(), sweep.targets[k],
-                             ["/".join(p) for i, p in enumerate(sweep.layers) if sweep.ranks[k][i]],
-                             f"sweep variant {sweep.names[k]!r}: ")
-        targets, model, optimizer = sweep.union, sweep_lib.model_of(sweep, dit_cfg), sweep_lib.optimizers(sweep)
-        shardings = sweep_lib.shardings(sweep, model, optimizer, mesh)
-        step_fn = sweep_lib.make_step(sweep, model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout,
-                                      mesh, shardings)
+    for k, vcfg in enumerate(sweep.configs if sweep is not None else ()):
+        check_exportable(vcfg.lora.to_dict(), sweep.targets[k],
+                         ["/".join(p) for i, p in enumerate(sweep.layers) if sweep.ranks[k][i]],
+                         f"sweep variant {sweep.names[k]!r}: ")
     if runs.complete_steps(ckpt_dir):
         check_same_lora(run_dir, cfg)
 
@@ -245,7 +234,7 @@ def setup(cfg) -> Run:
         multihost_utils.sync_global_devices("mochi_jax.train: incomplete checkpoints removed")
     if main:
         (run_dir / "config.json").write_text(cfg.to_json(indent=2))
-    return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings, step_fn=step_fn,
+    return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings, step_fn=parts.step,
                loader=loader, heldout=heldout, manager=runs.checkpoint_manager(ckpt_dir, cfg.checkpoint.keep),
                removed=broken, sweep=sweep)
 

@@ -122,6 +122,14 @@ def make_train_step(model, optimizer, formulation: str, caption_dropout: float, 
         new = {"step": state["step"] + 1, "lora": lora, "opt": opt, "rng": state["rng"]}
         return new, {"loss": loss, "grad_norm": gnorm, "finite": finite}
 
+    return jit_step(step, mesh, shardings)
+
+
+def jit_step(step, mesh=None, shardings=None):
+    """`step(state, params, batch)` jitted with the state donated; with a mesh, one SPMD program whose
+    inputs and outputs keep `shardings` (train_shardings') and whose trace sees the mesh, so the
+    model's activation annotations apply. The result's `.jitted` is the underlying jax.jit (lower
+    it inside `sharding.activate(mesh)`)."""
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
     sh = shardings
