@@ -10,10 +10,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import eval_ref
 from mochi_jax import demo, evaluate
@@ -26,6 +24,7 @@ from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig, MochiDiT, dummy_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("shared_compilations")
 ONE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 DC = DiTConfig(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, param_dtype="float32",
                compute_dtype="float32", remat="none")
@@ -123,21 +122,6 @@ def test_sweep_config():
 
 
 # ----------------------------------------------------------------------------- the trainer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilations(tmp_path_factory):
-    """The runs below compile the same programs again: JAX's persistent cache lets them compile once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("compilations")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    compilation_cache.reset_cache()
-    for name, value in saved.items():
-        jax.config.update(name, value)
 
 
 def _demo_cfg(root, run, sweep=True, **kw):

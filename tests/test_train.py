@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from jax.experimental.compilation_cache import compilation_cache
 from tensorboardX.proto import event_pb2
 
 from mochi_jax.configs import lora as lora_config
@@ -31,23 +30,7 @@ from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import abstract_variables
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilations(tmp_path_factory):
-    """The in-process runs of this module compile the same programs again (each run builds its own
-    jitted functions): JAX's persistent compilation cache, in a folder of this module's, lets them
-    compile once."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")  # the last one is set when the cache starts
-    saved = {name: getattr(jax.config, name) for name in names}
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("compilations")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    compilation_cache.reset_cache()
-    for name, value in saved.items():
-        jax.config.update(name, value)
+pytestmark = pytest.mark.usefixtures("shared_compilations")
 
 
 @pytest.fixture(scope="module")
