@@ -200,8 +200,5 @@ def test_sweep_on_meshes_equals_one_device_and_shares_the_base():
     np.testing.assert_allclose(res["mesh"]["loss"], res["single"]["loss"], rtol=1e-5)
     assert res["mesh"]["lora_rel"] < 5e-5, res["mesh"]  # measured 1.0e-5: tensor-parallel sums in another order
     assert res["mesh"]["lora_sharding"].split("(", 1)[1].startswith("None, None, 'fsdp'")  # [K, layers, in, r]
-    one, three = res["memory"]["one"], res["memory"]["three"]
-    assert one["params_bytes"] == three["params_bytes"]  # variants never multiply the base
-    for m in (one, three):  # the arguments are the base's shards, the state and the batch: nothing else
-        assert m["argument_bytes"] == m["params_bytes"] + m["state_bytes"] + m["batch_bytes"], m
-    assert three["state_bytes"] > one["state_bytes"]
+    m = res["memory"]["three"]  # the arguments are the base's shards once, the state and the batch: nothing else
+    assert m["argument_bytes"] == m["params_bytes"] + m["state_bytes"] + m["batch_bytes"], m
