@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mochi_jax.configs import lora as lora_config
 from mochi_jax.lib import training
+from mochi_jax.lib.variants import per_variant_mask
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables
@@ -107,14 +108,13 @@ def unpad(sweep: Sweep, k: int, stacked) -> dict:
     return lora_lib.variant_of(stacked, k, sweep.targets[k])
 
 
-def effective(sweep: Sweep, stacked, scales=None) -> dict:
+def effective(sweep: Sweep, stacked) -> dict:
     """The stacked tree with each variant's alpha / rank folded into `a` (what the scale-1 stacked
-    model adds is then each variant's own adapter). `scales`: per layer a [K] array (default: the
-    sweep's, as constants)."""
+    model adds is then each variant's own adapter); the scales are constants of the trace."""
     out = {}
     for i, path in enumerate(sweep.layers):
         node = _get(stacked, path)
-        s = scales[i] if scales is not None else jnp.asarray([sc[i] for sc in sweep.scales], jnp.float32)
+        s = jnp.asarray([sc[i] for sc in sweep.scales], jnp.float32)
         a = node["a"]
         _set(out, path, {"a": a * s.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype), "b": node["b"]})
     return out
@@ -176,8 +176,6 @@ def make_step(sweep: Sweep, model: MochiDiT, opts, formulation: str, caption_dro
     """step(state, params, batch) -> (state, metrics with a leading K axis: loss, grad_norm, finite),
     jitted like training.make_train_step. A variant whose loss or gradients are not finite keeps its
     LoRA and optimizer state for this step; the others step on."""
-    scales = [jnp.asarray([sc[i] for sc in sweep.scales], jnp.float32) for i in range(len(sweep.layers))]
-
     def step(state, params, batch):
         t = state["step"]
         noise = training.draw_noise(jax.random.fold_in(state["noise_rng"], t), batch, caption_dropout)
@@ -188,7 +186,7 @@ def make_step(sweep: Sweep, model: MochiDiT, opts, formulation: str, caption_dro
         def loss_of(stacked, keys):  # the sum of independent losses: each variant's gradient is its own
             per = jax.vmap(lambda lo, key, mask: training.flow_loss(
                 model, params, lo, {**batch, "t5_mask": mask}, {**noise, "lora_rng": key}, formulation))(
-                effective(sweep, stacked, scales), keys, _per_variant(batch["t5_mask"], sweep.size))
+                effective(sweep, stacked), keys, per_variant_mask(batch["t5_mask"], sweep.size))
             return jnp.sum(per), per
 
         (_, losses), grads = jax.value_and_grad(loss_of, has_aux=True)(state["lora"], lora_keys)
@@ -234,14 +232,9 @@ def validation_loss_fn(sweep: Sweep, model: MochiDiT, formulation: str):
     def loss_fn(params, stacked, batch, noise):
         return jax.vmap(lambda lo, mask: training.flow_loss(model, params, lo, {**batch, "t5_mask": mask}, noise,
                                                             formulation))(
-            effective(sweep, stacked), _per_variant(batch["t5_mask"], sweep.size))
+            effective(sweep, stacked), per_variant_mask(batch["t5_mask"], sweep.size))
     return jax.jit(loss_fn)
 
-
-def _per_variant(mask, k: int):
-    """The text mask once per variant: cuDNN attention's batching rule does not broadcast key lengths
-    that are not batched with the queries (the vmapped model's)."""
-    return jnp.broadcast_to(mask, (k, *mask.shape))
 
 
 def per_variant(sweep: Sweep, values: dict) -> dict:

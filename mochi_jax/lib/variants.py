@@ -107,11 +107,14 @@ def batched_step(params, loras, z, feats, mask, sigma, sigma_next, guidance, *, 
     """One Euler step of K variants at once: z [K, B, ...], adapters with a leading K axis; compiled
     once per (cfg, targets, guided) and shapes (jax.jit's own cache)."""
     one = sampling.euler_step(cfg, targets, guided)
-    # the mask goes in once per variant: cuDNN attention's batching rule does not broadcast key lengths
-    # that are not batched with the queries
-    masks = jnp.broadcast_to(mask, (z.shape[0], *mask.shape))
     return jax.vmap(one, in_axes=(None, 0, 0, None, 0, None, None, None))(
-        params, loras, z, feats, masks, sigma, sigma_next, guidance)
+        params, loras, z, feats, per_variant_mask(mask, z.shape[0]), sigma, sigma_next, guidance)
+
+
+def per_variant_mask(mask, k: int):
+    """The text mask once per variant, for a DiT vmapped over variants (here, and a sweep's step): cuDNN
+    attention's batching rule reshapes the key lengths with the queries, so they must be batched too."""
+    return jnp.broadcast_to(mask, (k, *mask.shape))
 
 
 def denoise_variants(cfg: DiTConfig, params, stacked, targets, noise, cond, uncond, sigmas, guidance: float,
