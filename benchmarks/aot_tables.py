@@ -4,6 +4,7 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
     python benchmarks/aot_tables.py gpu     # per GPU and remat policy: the longest clip that fits at batch 1
     python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
     python benchmarks/aot_tables.py quant   # per GPU and base-weight setting (bf16, fp8, int8, host-streamed)
+    python benchmarks/aot_tables.py remat   # one H100: memory, attention reruns and FLOPs per remat policy, remat=auto
     python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant}.json
 
 GPU: H100 80 GB, H200 141 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention;
@@ -13,6 +14,11 @@ card's memory (longer clips only need more). "fits" is reported at JAX's default
 Quant: the frozen base as bf16, float8_e4m3fn, int8 (model.param_dtype), and bf16 / fp8 with the stacked
 blocks in pinned host memory (model.weights_on_host), remat full, cuDNN attention, batch 1, one H100 and
 one RTX 4090, 37, 85 and 163 frames (every cell compiled): benchmarks/results/aot_gpu_quant.json.
+Remat: one H100, cuDNN attention, batch 1, 37 / 61 / 85 frames, remat full, save:attn, dots_no_batch and
+dots: the compiled memory, the attention forwards the backward loop reruns per block (fit.attention_reruns,
+from the compiled program) and the step's FLOPs (mochi_jax/lib/flops.py) with its time at 800 TFLOP/s;
+and what remat='auto' picks within 40 GB at 37 frames and 60 GB at 85 (the issue's goals):
+benchmarks/results/aot_remat.json.
 TPU: 'xla' attention by default, --attention=splash for the Pallas kernel,
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
 then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4, 8 until one fits
@@ -36,6 +42,7 @@ import concurrent.futures
 import json
 import math
 import multiprocessing
+import re
 import sys
 import time
 from pathlib import Path
@@ -200,6 +207,67 @@ def show_quant(data: dict):
         print(f"  {frames} frames within {gib} GiB ({what}): " + (", ".join(ok) if ok else "none measured"))
 
 
+# ----------------------------------------------------------------------------- remat: memory against recompute
+
+REMAT_POLICIES = ("full", "save:attn", "dots_no_batch", "dots")
+REMAT_FRAMES = (37, 61, 85)
+REMAT_BUDGETS = ((37, 40), (85, 60))  # (frames, GB): the goals
+FLOOR_TFLOPS = 800
+
+
+def _remat_over(frames: int, **over) -> dict:
+    return {"aot.target": "h100", "model.attention": "cudnn", "aot.num_frames": frames, **over}
+
+
+def run_remat(args):
+    path = RESULTS / "aot_remat.json"
+    data = load(path)
+    data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
+                     "batch 1; one H100; cuDNN attention; autotuning off")
+    for frames in args.frames:
+        for policy in args.policies:
+            cell(data, path, f"{policy}/{frames}", _remat_over(frames, **{"model.remat": policy}), args.redo)
+    for frames, gb in REMAT_BUDGETS:
+        if frames in args.frames:
+            cell(data, path, f"auto@{gb}GB/{frames}",
+                 _remat_over(frames, **{"model.remat": "auto", "model.memory_budget_gb": gb * 1e9 / GIB}), args.redo)
+    show_remat(data)
+
+
+def _auto_setting(r: dict) -> str:
+    line = next((d for d in r.get("details", []) if "auto ->" in d), "")
+    m = re.search(r"auto -> (.+?): [\d.]+ GiB within", line)
+    return m.group(1) if m else "?"
+
+
+def show_remat(data: dict):
+    from mochi_jax.lib.flops import flop_breakdown
+    from mochi_jax.models.dit import DiTConfig, is_remat_groups
+
+    cells = data["cells"]
+    print("\nRemat on one H100 (AOT, cuDNN, 480x848, batch 1): memory against recomputation")
+    print(f"{'frames':>6} {'remat':28} {'GiB':>6} {'x full':>6} {'reruns':>6} {'TFLOP':>7} {'x full':>6} "
+          f"{'floor s':>7}")
+    for key in sorted(cells, key=lambda k: (int(k.split("/")[-1]), k)):
+        r, (policy, frames) = cells[key], key.rsplit("/", 1)
+        frames = int(frames)
+        if "error" in r:
+            print(f"{frames:6} {policy:28} error: {r['error']}")
+            continue
+        setting = _auto_setting(r) if policy.startswith("auto") else policy
+        cfg = DiTConfig(attention="cudnn", **({"remat": "full", "remat_groups": setting} if is_remat_groups(setting)
+                                              else {"remat": setting}))
+        flops = flop_breakdown(cfg, frames, 480, 848)["total"]
+        full = cells.get(f"full/{frames}", {})
+        full_flops = flop_breakdown(DiTConfig(attention="cudnn"), frames, 480, 848, "full")["total"]
+        name = f"{policy} -> {setting}" if policy.startswith("auto") else policy
+        mem_ratio = f"{r['total_bytes'] / full['total_bytes']:6.2f}" if "total_bytes" in full else f"{'-':>6}"
+        print(f"{frames:6} {name:28} {r['total_bytes'] / GIB:6.1f} {mem_ratio} {r.get('attention_reruns', -1):6} "
+              f"{flops / 1e12:7.1f} {flops / full_flops:6.3f} {flops / (FLOOR_TFLOPS * 1e12):7.3f}")
+    print("reruns: attention forwards in the backward layer loop's body (1: every block reruns it); "
+          f"floor s: the FLOPs at {FLOOR_TFLOPS} TFLOP/s")
+
+
 # ----------------------------------------------------------------------------- TPU
 
 
@@ -282,11 +350,11 @@ def show_tpu(data: dict):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("gpu", "tpu", "quant", "show"))
+    p.add_argument("what", choices=("gpu", "tpu", "quant", "remat", "show"))
     p.add_argument("--settings", type=lambda s: s.split(","), default=tuple(QUANT_SETTINGS),
                    help="quant: base settings to measure, of " + ", ".join(QUANT_SETTINGS))
     p.add_argument("--gpus", type=lambda s: s.split(","), default=GPUS)
-    p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
+    p.add_argument("--policies", type=lambda s: s.split(","), default=None)
     p.add_argument("--slices", type=lambda s: s.split(","), default=SLICES)
     p.add_argument("--frames", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--attention", default="xla")
@@ -297,8 +365,11 @@ def main():
     p.add_argument("--redo", action="store_true", help="measure cells already in the JSON again")
     args = p.parse_args()
     if args.what == "gpu":
-        args.frames = args.frames or GPU_FRAMES
+        args.frames, args.policies = args.frames or GPU_FRAMES, args.policies or POLICIES
         run_gpu(args)
+    elif args.what == "remat":
+        args.frames, args.policies = args.frames or REMAT_FRAMES, args.policies or REMAT_POLICIES
+        run_remat(args)
     elif args.what == "quant":
         args.gpus = QUANT_GPUS if args.gpus == GPUS else args.gpus
         args.frames = args.frames or QUANT_FRAMES
@@ -307,7 +378,8 @@ def main():
         args.frames = args.frames or TPU_FRAMES
         run_tpu(args)
     else:
-        for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu), ("aot_gpu_quant.json", show_quant)):
+        for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu), ("aot_gpu_quant.json", show_quant),
+                           ("aot_remat.json", show_remat)):
             if (RESULTS / name).exists():
                 show(load(RESULTS / name))
 

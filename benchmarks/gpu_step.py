@@ -144,13 +144,13 @@ def split_setting(policy: str) -> tuple[str, dict]:
 def dit_config(size: str, policy: str, attention: str, depth: int | None = None, **over):
     """The DiTConfig of a run: the size's preset (`depth` blocks if given) and dtype, `policy` as remat or
     as remat_groups, and its base setting (`split_setting`)."""
-    from mochi_jax.models.dit import DiTConfig
+    from mochi_jax.models.dit import DiTConfig, is_remat_groups
 
     policy, base = split_setting(policy)
     over = {**base, **over}
     s = SIZES[size]
     fields = {k: v for k, v in preset(s["preset"]).items() if k in {f.name for f in dataclasses.fields(DiTConfig)}}
-    remat = dict(remat="full", remat_groups=policy) if ":" in policy else dict(remat=policy, remat_groups="")
+    remat = dict(remat="full", remat_groups=policy) if is_remat_groups(policy) else dict(remat=policy, remat_groups="")
     if depth or s.get("depth"):
         fields["depth"] = depth or s["depth"]
     return DiTConfig(**{**fields, "param_dtype": s["dtype"], "compute_dtype": s["dtype"], "attention": attention,
@@ -297,7 +297,7 @@ def child_jax(a) -> dict:
     if a.xla_check:  # the same step with the blocks unrolled, lowered only: every block is counted
         xla["unrolled"] = {}
         for pol in [a.policy] + (["none"] if a.policy == "full" else []):  # 'none': forward + backward alone
-            if ":" in pol or cfg.weights_on_host:
+            if cfg.remat_groups or cfg.weights_on_host:
                 xla["unrolled"][pol] = "remat groups and host-streamed blocks need scanned blocks"
                 continue
             ucfg = dataclasses.replace(dit_config(a.size, pol, attention, a.depth), scan_layers=False)
@@ -486,9 +486,11 @@ def print_wheel_help(d: dict):
 def parse_policies(spec: str, n_blocks: int) -> list[str]:
     """'dots_no_batch,dots:16,full:31' -> ['full', 'dots_no_batch', 'dots:16,full:31']: 'full' first; pieces
     with a count join into one remat_groups string until their counts reach the stacked blocks' number."""
+    from mochi_jax.models.dit import is_remat_groups
+
     out, group, count = ["full"], [], 0
     for piece in filter(None, (x.strip() for x in spec.split(","))):
-        if ":" not in piece:
+        if not is_remat_groups(piece):
             out.append(piece)
             continue
         group.append(piece)
@@ -594,6 +596,7 @@ def report(res: dict):
 def parent(args):
     t0 = time.perf_counter()
     from mochi_jax.lib.flops import flop_breakdown
+    from mochi_jax.models.dit import is_remat_groups
 
     frames = [int(f) for f in args.frames.split(",")]
     cfg_full = dit_config(args.size, "full", "cudnn" if args.attention == "auto" else args.attention, args.depth)
@@ -632,7 +635,7 @@ def parent(args):
                             floor_tflops=FLOOR_TFLOPS))
     for f in frames:
         res["flops"][str(f)] = {p: flop_breakdown(dataclasses.replace(cfg_full, **(
-            dict(remat="full", remat_groups=p) if ":" in p else dict(remat=remat_of(p)))), f, args.height, args.width,
+            dict(remat="full", remat_groups=p) if is_remat_groups(p) else dict(remat=remat_of(p)))), f, args.height, args.width,
             remat_of(p), None, args.text_tokens) for p in policies}
     res["anchors"]["floor_s"] = {str(f): {p: b["total"] / (FLOOR_TFLOPS * 1e12) for p, b in v.items()}
                                  for f, v in ((int(k), v) for k, v in res["flops"].items())}

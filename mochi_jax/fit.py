@@ -66,6 +66,10 @@ class Report:
     fits: bool = False
     lower_s: float = 0.0
     compile_s: float = 0.0
+    # attention forward kernels (cuDNN, splash) in the bodies of the backward pass's layer loops (one loop
+    # per remat group): each is rerun by every block of its loop (its remat keeps no 'attn'); 0 when no
+    # block's backward reruns its attention; -1 when not applicable (no such kernel or loop, not compiled)
+    attention_reruns: int = -1
     compiler_error: str = ""  # the first line of the compiler's out-of-memory refusal
     compiler_message: str = ""  # all of it (TPU: the largest allocations), cut at 4000 characters
 
@@ -139,6 +143,49 @@ def parse_out_of_memory(message: str) -> tuple[int, int] | None:
             a, ua, b, ub = m.groups()
             return targets_lib.parse_size(a, ua), targets_lib.parse_size(b, ub)
     return None
+
+
+# ----------------------------------------------------------------------------- what the compiled program does
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) ", re.M)
+_CALLS = re.compile(r"(?:calls|to_apply|body|condition|branch_computations|called_computations)="
+                    r"(\{[^}]*\}|%[\w.\-]+)")
+_BACKWARD_LOOP = re.compile(r"while\([^\n]*?body=%([\w.\-]+)[^\n]*op_name=\"[^\"]*transpose\(")
+_ATTENTION_FORWARD = re.compile(r'%splash_mha_fwd[\w.]* = .*custom-call\(|custom_call_target="__cudnn\$fmha(?!\w*Backward)')
+
+
+def _computations(hlo: str) -> dict:
+    """{computation name: its text} of an HLO module's text."""
+    starts = [(m.group(1), m.start()) for m in _COMPUTATION.finditer(hlo)]
+    return {name: hlo[a:b] for (name, a), (_, b) in zip(starts, starts[1:] + [(None, len(hlo))])}
+
+
+def attention_reruns(hlo: str) -> int:
+    """How many attention forward kernels (cuDNN's or splash's) one iteration of the backward pass's
+    layer loop(s) runs: the attention forwards remat recomputes per block. -1 when the program has no
+    attention kernel or no backward loop. From the compiled module's text (`compiled.as_text()`)."""
+    if not _ATTENTION_FORWARD.search(hlo):
+        return -1
+    comps = _computations(hlo)
+
+    def called(name: str) -> set:
+        return {c.strip().lstrip("%") for group in _CALLS.findall(comps.get(name, ""))
+                for c in group.strip("{}").split(",") if c.strip()}
+
+    bodies = _BACKWARD_LOOP.findall(hlo)
+    if not bodies:
+        return -1
+    seen, count = set(), 0
+    for body in bodies:
+        todo = [body]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            count += len(_ATTENTION_FORWARD.findall(comps.get(name, "")))
+            todo += called(name)
+    return count
 
 
 # ----------------------------------------------------------------------------- programs
@@ -370,6 +417,7 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
         report.compiler_message = str(e).strip()[:4000]
         return report
     report.compile_s = time.time() - t0
+    report.attention_reruns = attention_reruns(compiled.as_text())
     m = compiled.memory_analysis()
     report.argument_bytes = int(m.argument_size_in_bytes)
     report.output_bytes = int(m.output_size_in_bytes)
@@ -385,15 +433,20 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
 
 # ----------------------------------------------------------------------------- remat under a budget
 
-REMAT_LADDER = ("none", "dots", "dots_no_batch", "full")  # each keeps less than the one before, recomputes more
+# Each keeps less than the one before and recomputes more. With a fused attention kernel (cuDNN, splash)
+# 'dots' keeps every weight matmul and the kernel's residuals, as much as 'dots_no_batch' and
+# recomputing less; the next rung down, 'save:attn', recomputes the matmuls but not the attention.
+# With 'xla' attention 'dots' also keeps the [heads, S, S] logits, so 'dots_no_batch' is the rung below.
+REMAT_LADDERS = {"xla": ("none", "dots", "dots_no_batch", "full"), "fused": ("none", "dots", "save:attn", "full")}
 
 
-def remat_ladder(n: int) -> list[tuple[str, str]]:
+def remat_ladder(n: int, attention: str = "xla") -> list[tuple[str, str]]:
     """(remat, remat_groups) settings for n stacked blocks, from the least recomputation to the most:
-    all blocks at one policy of REMAT_LADDER, then the first k blocks at it and the rest at the
-    next one for k = n-1 .. 1, then all at the next, and so on to 'full'."""
-    out = [(REMAT_LADDER[0], "")]
-    for p, q in zip(REMAT_LADDER, REMAT_LADDER[1:]):
+    all blocks at one policy of the attention's REMAT_LADDERS, then the first k blocks at it and the
+    rest at the next one for k = n-1 .. 1, then all at the next, and so on to 'full'."""
+    policies = REMAT_LADDERS["xla" if attention == "xla" else "fused"]
+    out = [(policies[0], "")]
+    for p, q in zip(policies, policies[1:]):
         out += [("full", f"{p}:{k},{q}:{n - k}") for k in range(n - 1, 0, -1)] + [(q, "")]
     return out
 
@@ -412,11 +465,11 @@ class RematChoice:
                 f"({len(self.tried)} settings compiled)")
 
 
-def choose_remat(n: int, memory_of: Callable[[str, str], int], budget: int) -> RematChoice:
-    """The setting of `remat_ladder(n)` with the least recomputation whose compiled memory per
-    device (`memory_of(remat, groups)`) is within `budget` bytes, by bisection over the ladder
+def choose_remat(n: int, memory_of: Callable[[str, str], int], budget: int, attention: str = "xla") -> RematChoice:
+    """The setting of `remat_ladder(n, attention)` with the least recomputation whose compiled memory
+    per device (`memory_of(remat, groups)`) is within `budget` bytes, by bisection over the ladder
     (memory falls along it: each step keeps fewer activations), so about log2(3n) compiles."""
-    ladder, memo, tried = remat_ladder(n), {}, []
+    ladder, memo, tried = remat_ladder(n, attention), {}, []
 
     def mem(i: int) -> int:
         if i not in memo:
@@ -467,7 +520,7 @@ def choose_remat_here(cfg, latent_shape, text_tokens: int) -> RematChoice:
         return measure(train_program(cfg, c, devices, clip, text_tokens, jax.process_count()), target, budget,
                        "model.memory_budget_gb").total_bytes
 
-    return choose_remat(dit_cfg.depth - 1, memory_of, budget)
+    return choose_remat(dit_cfg.depth - 1, memory_of, budget, dit_cfg.attention)
 
 
 # ----------------------------------------------------------------------------- from a config
@@ -631,7 +684,7 @@ def _lora_program(cfg, what, target, devices) -> Program:
                 return measure(train_program(cfg, c, devices(), clip, aot.text_tokens, target.num_hosts), target,
                                limit, "").total_bytes
 
-            choice = choose_remat(dit_cfg.depth - 1, memory_of, budget)
+            choice = choose_remat(dit_cfg.depth - 1, memory_of, budget, dit_cfg.attention)
             dit_cfg = dataclasses.replace(dit_cfg, remat=choice.remat, remat_groups=choice.groups)
             auto = f"remat    auto -> {choice.describe()}"
         program = train_program(cfg, dit_cfg, devices(), clip, aot.text_tokens, target.num_hosts)

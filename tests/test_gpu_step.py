@@ -100,9 +100,16 @@ def test_flop_model_full_size():
     mixed = flops_per_step(dataclasses.replace(cfg, remat="full", remat_groups="dots_no_batch:20,full:27"),
                            37, 480, 848)
     assert flops_per_step(cfg, 37, 480, 848, "dots_no_batch") < mixed < full
-    # 'dots' keeps every dot: with XLA attention nothing is recomputed, with cuDNN the attention is
+    # 'dots' keeps every dot and the attention (cuDNN's residuals): nothing is recomputed on either backend
     assert flops_per_step(dataclasses.replace(cfg, attention="xla"), 37, 480, 848, "dots") == none
-    assert flops_per_step(cfg, 37, 480, 848, "dots") == flops_per_step(cfg, 37, 480, 848, "dots_no_batch")
+    assert flops_per_step(cfg, 37, 480, 848, "dots") == none
+    # 'save:attn' recomputes the matmuls, not the attention: one attention forward (4 S^2 D) per block less
+    # than 'full' with cuDNN, half of it with XLA attention (its backward recomputes QK^T)
+    s, d = b["visual_tokens"] + b["text_tokens"], cfg.width
+    assert full - flops_per_step(cfg, 37, 480, 848, "save:attn") == cfg.depth * 4 * s * s * d
+    xla_cfg = dataclasses.replace(cfg, attention="xla")
+    assert (flops_per_step(xla_cfg, 37, 480, 848, "full") - flops_per_step(xla_cfg, 37, 480, 848, "save:attn")
+            == cfg.depth * 2 * s * s * d)
     # what XLA counts of the scanned cuDNN step: one block per scan, no attention
     xla = flop_breakdown(cfg, 37, 480, 848, "full", as_xla_counts=True)
     assert xla["total"] < full / 40 and xla["attention_forward"] > 0

@@ -13,6 +13,12 @@ def test_ladder_runs_from_least_to_most_recomputation():
     assert ladder[0] == ("none", "") and ladder[-1] == ("full", "")
     assert ladder[1:4] == [("full", "none:2,dots:1"), ("full", "none:1,dots:2"), ("dots", "")]
     assert len(ladder) == 1 + 3 * 3  # 3 steps between each neighbouring pair of the 4 policies
+    # with a fused attention kernel 'dots' keeps the kernel's residuals too, and 'save:attn' (matmuls
+    # recomputed, attention kept) comes between it and 'full'
+    for attention in ("cudnn", "splash"):
+        fused = fit.remat_ladder(2, attention)
+        assert fused == [("none", ""), ("full", "none:1,dots:1"), ("dots", ""), ("full", "dots:1,save:attn:1"),
+                         ("save:attn", ""), ("full", "save:attn:1,full:1"), ("full", "")], fused
 
 
 def test_bisection_fits_and_a_larger_budget_never_recomputes_more():
@@ -45,9 +51,9 @@ def test_auto_on_the_devices_at_hand_uses_compiled_memory(models, monkeypatch):
     shape, ladder, captured = (12, 2, 4, 6), fit.remat_ladder(2), {}
     real_choose = fit.choose_remat
 
-    def capture(n, memory_of, budget):
+    def capture(n, memory_of, budget, attention):
         captured["memory_of"] = memory_of
-        return real_choose(n, memory_of, budget)
+        return real_choose(n, memory_of, budget, attention)
 
     monkeypatch.setattr(fit, "choose_remat", capture)
     cfg.model.memory_budget_gb = 1.0

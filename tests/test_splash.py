@@ -120,6 +120,33 @@ def test_block_size_must_be_lane_multiple():
         splash_attention(q, k, v, mask, block=100)
 
 
+def test_remat_keeping_the_kernel_residuals_changes_nothing():
+    """'save:attn' and 'dots' keep the kernel's output and log-sum-exp for the backward instead of rerunning
+    it (tests/test_aot.py counts the kernels in the compiled step): the DiT's output and LoRA gradients
+    equal those without remat and with 'full'."""
+    fn, args = dit_case()
+    lora, *inputs = args
+    cfg0 = DiTConfig(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, time_embed_dim=32,
+                     param_dtype="float32", compute_dtype="float32", attention="splash")
+    targets = lora_lib.targets_from_config({k: dict(v, rank=4, alpha=8.0)
+                                            for k, v in lora_lib.REFERENCE_TARGETS.items()})
+    params = jax.jit(MochiDiT(cfg0, targets).init)(jax.random.PRNGKey(0), *inputs)["params"]
+
+    def grads(policy):
+        model = MochiDiT(dataclasses.replace(cfg0, remat=policy), targets)
+
+        def loss(lora):
+            out = model.apply({"params": params, "lora": lora}, *inputs)
+            return jnp.mean(out ** 2), out
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(lora)
+
+    want = grads("none")
+    for policy in ("full", "save:attn", "dots"):
+        errs = [max_rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(grads(policy)), jax.tree_util.tree_leaves(want))]
+        assert max(errs) < 1e-6, (policy, errs)
+
+
 @pytest.fixture(scope="module")
 def sharded():
     """tests/harness/splash_sharded_checks.py's relative errors (8 CPU devices, so in a subprocess; it also runs

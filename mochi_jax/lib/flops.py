@@ -11,7 +11,7 @@ peak. The formula is in `flop_breakdown`'s docstring; tests/test_gpu_step.py che
 from __future__ import annotations
 
 from mochi_jax.models import layers
-from mochi_jax.models.dit import DiTConfig, parse_remat_groups
+from mochi_jax.models.dit import DiTConfig, is_remat_groups, parse_remat_groups
 from mochi_jax.models.lora import LoraTarget, REFERENCE_TARGETS, find_target, targets_from_config
 
 TEXT_TOKENS = 256  # T5 tokens per caption (Mochi pads or truncates to 256)
@@ -30,26 +30,27 @@ def _dense(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
-def _recompute_share(policy: str, attention: str) -> tuple[bool, bool]:
-    """(matmuls recomputed?, attention recomputed?) in a block's backward under a remat policy.
+def _recompute_share(policy: str, attention: str) -> tuple[bool, float]:
+    """(matmuls recomputed?, share of the attention's forward recomputed) in a block's backward under a
+    remat policy.
 
-    'full' recomputes the whole block forward. The dot policies keep matmul outputs: 'dots' keeps
-    every dot_general, so only the cuDNN attention (a custom call, not a dot) is recomputed;
-    'dots_no_batch' / 'offload_dots' keep only dots without batch dimensions (the weight matmuls,
-    LoRA included), so the attention (batched over heads) is recomputed on every backend. Name-based
-    policies are counted coarsely: the matmuls are recomputed unless all four named matmul outputs are
-    kept, the attention unless 'attn' is."""
+    'full' recomputes the whole block forward. 'dots' keeps every matmul output and the attention
+    (on the fused kernels, cuDNN and splash, their output and softmax statistics: layers.remat_policy);
+    'dots_no_batch' / 'offload_dots' keep only dots without batch dimensions (the weight matmuls, LoRA
+    included), so the attention is recomputed. Name-based policies are counted coarsely: the matmuls
+    are recomputed unless all four named matmul outputs are kept, the attention unless 'attn' is; on
+    'xla' keeping 'attn' keeps its output only, and the backward recomputes QK^T (half its forward)
+    for the softmax probabilities."""
     layers.remat_policy(policy)  # raises for an unknown policy
     if ":" in policy:  # save:<names> / offload:<names>: the named activations are kept, the rest recomputed
         kept = set(policy.partition(":")[2].split("+"))
-        return not {"qkv", "proj", "mlp_in", "mlp_out"} <= kept, "attn" not in kept
-    if policy == "none":
-        return False, False
+        attn = 1.0 if "attn" not in kept else (0.5 if attention == "xla" else 0.0)
+        return not {"qkv", "proj", "mlp_in", "mlp_out"} <= kept, attn
+    if policy in ("none", "dots"):
+        return False, 0.0
     if policy == "full":
-        return True, True
-    if policy == "dots":
-        return False, attention != "xla"
-    return False, True  # dots_no_batch, offload_dots
+        return True, 1.0
+    return False, 1.0  # dots_no_batch, offload_dots
 
 
 def flop_breakdown(cfg: DiTConfig, frames: int, height: int, width: int, remat: str | None = None,
@@ -70,9 +71,9 @@ def flop_breakdown(cfg: DiTConfig, frames: int, height: int, width: int, remat: 
                           not depend on the LoRA): the same FLOPs as their forward; no weight gradients
                         + attention: 2 x its forward (dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q)
                         + LoRA: 2 x its forward (dh, db, da, dx)
-      recompute      Rb = Fb under 'full'; the attention's 4 S^2 D under 'dots_no_batch' / 'offload_dots'
-                          (and under 'dots' with cuDNN attention, a custom call no dot policy saves); 0 under
-                          'none' (`cfg.remat_groups` or a groups string: a policy per stacked block)
+      recompute      Rb = Fb under 'full'; the attention's 4 S^2 D under 'dots_no_batch' / 'offload_dots';
+                          0 under 'none' and 'dots'; the matmuls but not the attention under 'save:attn'
+                          (`_recompute_share`; `cfg.remat_groups` or a groups string: a policy per stacked block)
       outside blocks E = forward of the embedders (x_embedder, t5_yproj, timestep MLP, caption pool) and
                           the final layer, + the final linear's input gradient
 
@@ -117,11 +118,11 @@ def flop_breakdown(cfg: DiTConfig, frames: int, height: int, width: int, remat: 
 
     def recompute(b: dict, policy: str) -> int:
         mm, at = _recompute_share(policy, cfg.attention)
-        return (b["matmul_fwd"] if mm else 0) + (b["attn_counted"] if at else 0)
+        return (b["matmul_fwd"] if mm else 0) + int(at * b["attn_counted"])
 
     n_sym = cfg.depth - 1
     # a groups string ("dots:16,full:31") sets the stacked blocks' policies; the last block keeps cfg.remat
-    spec = remat if ":" in remat else (cfg.remat_groups if remat == cfg.remat else "")
+    spec = remat if is_remat_groups(remat) else (cfg.remat_groups if remat == cfg.remat else "")
     groups = parse_remat_groups(spec, n_sym) if spec else [(remat, n_sym)]
     if as_xla_counts:  # one scan per group, each body counted once
         groups = [(p, 1) for p, _ in groups]

@@ -7,7 +7,8 @@ on a leading layer axis under 'blocks' (one nn.scan); the last block is 'last_bl
 Every Dense declares the logical names of its kernel's dimensions where it is created
 (`logical_axes` collects them for sharding), and the block's main activations carry checkpoint
 names for name-based remat policies (layers.remat_policy): 'qkv' (q/k/v projections), 'attn'
-(attention output), 'proj' (output projections), 'mlp_in' / 'mlp_out' (the SwiGLU's matmuls).
+(the attention: its output, or a fused kernel's output and softmax statistics), 'proj' (output
+projections), 'mlp_in' / 'mlp_out' (the SwiGLU's matmuls).
 
 Call convention (the reference's tensors):
     latents  [B, C=12, T, H, W]   (DiT-space, i.e. normalised latents)
@@ -250,8 +251,9 @@ class JointAttention(_Base):
         k = constrain(jnp.concatenate([kx, ky], axis=1).astype(cdt), heads_split)
         v = constrain(jnp.concatenate([vx, vy], axis=1).astype(cdt), heads_split)
         key_mask = jnp.concatenate([jnp.ones((b, n), bool), y_mask], axis=1)
-        out = layers.attention(q, k, v, key_mask, impl=cfg.attention, splash_block=cfg.splash_block)
-        out = checkpoint_name(constrain(out, heads_split), "attn")
+        out = layers.attention(q, k, v, key_mask, impl=cfg.attention, splash_block=cfg.splash_block,
+                               name=layers.ATTENTION_NAME)
+        out = constrain(out, heads_split)
         out = out.reshape(b, -1, h * hd)
         out_x = checkpoint_name(constrain(self.dense(cfg.width, "proj_x", ("heads", "embed"))(out[:, :n]), TOKENS),
                                 "proj")
@@ -363,17 +365,19 @@ class MochiDiT(_Base):
 
     def _grouped_blocks(self, carry, block_args):
         """The stacked blocks with a remat policy per consecutive group (cfg.remat_groups; one group
-        of cfg.remat when empty): one jax.lax.scan per group over slices of the same stacked 'blocks'
-        variables. cfg.weights_on_host: each step first copies its block's weights to the device
-        memory (inside the rematerialised body, so the backward fetches them again instead of
-        keeping them)."""
+        of cfg.remat when empty): one jax.lax.scan per group over the same stacked 'blocks' variables.
+        Each step reads its block's weights from the whole stack by index, inside the rematerialised
+        body: a group's slice of the stack would be a copy of its weights (18.7 GiB for the 10 B model).
+        cfg.weights_on_host: each step then copies its block's weights to the device memory (inside the
+        rematerialised body, so the backward fetches them again instead of keeping them)."""
         cfg = self.cfg
         params = self.variables["params"]["blocks"]
         lora = self.variables.get("lora", {}).get("blocks")
         rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         block = Block(cfg, tuple(self.lora_targets), parent=None)  # unbound: applied functionally
 
-        def run(carry, p, lo, i):
+        def run(carry, stack, lo, i):
+            p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
             if cfg.weights_on_host:
                 p = jax.tree_util.tree_map(lambda a: jax.device_put(a, jax.memory.Space.Device), p)
             variables = {"params": p, **({"lora": lo} if lo is not None else {})}
@@ -385,9 +389,9 @@ class MochiDiT(_Base):
         for policy, n in groups:
             body = run if policy == "none" else jax.checkpoint(run, policy=layers.remat_policy(policy),
                                                                prevent_cse=False)
-            xs = jax.tree_util.tree_map(lambda a: a[start:start + n], (params, lora))
-            carry, _ = jax.lax.scan(lambda c, x: (body(c, *x), None), carry,
-                                    (*xs, jnp.arange(start, start + n)))
+            lo = jax.tree_util.tree_map(lambda a: a[start:start + n], lora)  # small, and differentiated: sliced
+            carry, _ = jax.lax.scan(lambda c, x: (body(c, params, *x), None), carry,
+                                    (lo, jnp.arange(start, start + n)))
             start += n
         return carry
 
@@ -396,6 +400,13 @@ def stack_unrolled(params: dict, depth: int, shardings=None) -> dict:
     """Turn an unrolled tree (blocks_0 .. blocks_{depth-2}) into the scanned layout ('blocks');
     `shardings` (for the scanned layout) places each stacked leaf directly."""
     return layers.stack_layers(params, "blocks", depth - 1, shardings)
+
+
+def is_remat_groups(spec: str) -> bool:
+    """Whether a remat setting is a groups string ('dots:16,full:31', each item policy:count) rather than
+    one policy ('full', 'save:qkv+attn')."""
+    items = [x.strip() for x in spec.split(",") if x.strip()]
+    return bool(items) and all(x.rpartition(":")[2].isdigit() for x in items)
 
 
 def parse_remat_groups(spec: str, n: int) -> list[tuple[str, int]]:

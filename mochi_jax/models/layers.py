@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.ad_checkpoint import checkpoint_name
 
 from mochi_jax.models import quant as quant_lib
 from mochi_jax.models import splash
@@ -165,7 +166,7 @@ def declared_axes(module: nn.Module, *args, collections=("params", "lora")) -> d
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
-def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | None = None):
+def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | None = None, name: str = ""):
     """Softmax attention, [B, S, H, D] layout, scale 1/sqrt(D).
 
     key_mask: [B, Sk] bool, True for keys that may be attended to. The 'cudnn' path turns it
@@ -174,6 +175,11 @@ def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | Non
     The 'xla' path accepts any mask; its logits and softmax run in float32.
     'splash' is the Pallas TPU kernel (mochi_jax.models.splash; interpreted off TPU, as the tests
     run it), with q/kv tiles of `splash_block` tokens (None: that module's default).
+
+    name: a checkpoint name for what the backward pass needs from the attention, so that a remat
+    policy keeping `name` (remat_policy) skips the attention's forward in the backward pass: the
+    output on 'xla'; on the fused kernels their residuals, the output and the softmax statistics
+    (naming only their output would keep it and still rerun the kernel for the statistics).
     """
     if impl == "xla":
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -181,11 +187,13 @@ def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | Non
         if key_mask is not None:
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    if impl == "cudnn":
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return checkpoint_name(out, name) if name else out
+    if impl == "cudnn":  # the kernel's forward is recognised by the policy (_is_fused_forward), not named
         return fused_attention(q, k, v, key_mask, "cudnn")
     if impl == "splash":
-        return splash.splash_attention(q, k, v, key_mask, block=splash_block or splash.DEFAULT_BLOCK)
+        return splash.splash_attention(q, k, v, key_mask, block=splash_block or splash.DEFAULT_BLOCK,
+                                       residual_name=name and kernel_residual_name(name))
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
@@ -266,7 +274,7 @@ def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation is kept
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
-    "dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output, attention's included
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls only
     # weight-matmul outputs are saved in host memory (pinned) instead of the accelerator's, and
     # brought back for the backward pass: dots_no_batch's recompute savings at 'full''s device memory
@@ -275,23 +283,57 @@ REMAT_POLICIES = {
 
 
 CHECKPOINT_NAMES = ("qkv", "attn", "proj", "mlp_in", "mlp_out")  # what the DiT's blocks name (models/dit.py)
+ATTENTION_NAME = "attn"  # the DiT's attention (`attention(..., name=ATTENTION_NAME)`)
+
+# jax's checkpoint-name primitive, which name-based policies are asked about
+_NAME_PRIMITIVE = jax.make_jaxpr(lambda x: checkpoint_name(x, ATTENTION_NAME))(0.0).eqns[0].primitive
+
+
+def kernel_residual_name(name: str) -> str:
+    """The checkpoint name a fused attention kernel gives its residuals when the attention is `name`."""
+    return f"{name}/kernel"
+
+
+def _is_fused_attention_residual(prim, params) -> bool:
+    """The residuals of a fused kernel's forward: splash's (named) or the outputs of cuDNN's forward
+    (output and softmax statistics; jax's cuDNN attention names nothing, so its primitive is matched)."""
+    if prim is _NAME_PRIMITIVE:
+        return params.get("name") == kernel_residual_name(ATTENTION_NAME)
+    return getattr(prim, "name", "").startswith("dot_product_attention_fwd")
+
+
+def _with_fused_attention(policy, keep):
+    """`policy`, with the fused attention kernels' residuals decided by keep(*avals) (what the
+    policy does with the attention's output)."""
+    def extended(prim, *args, **params):
+        if _is_fused_attention_residual(prim, params):
+            return keep(*args)
+        return policy(prim, *args, **params)
+    return extended
 
 
 def remat_policy(name: str):
     """The jax.checkpoint policy of a remat setting: a key of REMAT_POLICIES, or name-based
     'save:<names>' (keep only these named activations, recompute the rest) or 'offload:<names>'
     (keep them in pinned host memory), <names> joined by '+' from CHECKPOINT_NAMES, e.g.
-    'save:qkv+proj'."""
+    'save:qkv+proj'.
+
+    Keeping the attention ('dots', or 'attn' among the names) keeps what its backward needs on every
+    backend, so the backward pass never reruns the attention forward: on 'xla' its matmul outputs, on
+    the fused kernels (cuDNN, splash) their output and softmax statistics."""
     if name in REMAT_POLICIES:
-        return REMAT_POLICIES[name]
+        policy = REMAT_POLICIES[name]
+        return _with_fused_attention(policy, lambda *_: True) if name == "dots" else policy
     kind, _, names = name.partition(":")
     chosen = tuple(n for n in names.split("+") if n)
     if kind in ("save", "offload") and chosen and set(chosen) <= set(CHECKPOINT_NAMES):
         if kind == "save":
-            return jax.checkpoint_policies.save_only_these_names(*chosen)
-        return jax.checkpoint_policies.save_and_offload_only_these_names(
-            names_which_can_be_saved=(), names_which_can_be_offloaded=chosen, offload_src="device",
-            offload_dst="pinned_host")
+            policy = jax.checkpoint_policies.save_only_these_names(*chosen)
+        else:
+            policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+                names_which_can_be_saved=(), names_which_can_be_offloaded=chosen, offload_src="device",
+                offload_dst="pinned_host")
+        return _with_fused_attention(policy, lambda *a: policy(_NAME_PRIMITIVE, *a, name=ATTENTION_NAME))
     raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}, or save:<names> / "
                      f"offload:<names> with names joined by '+' from {CHECKPOINT_NAMES}")
 

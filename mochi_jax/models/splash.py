@@ -32,7 +32,8 @@ LANES = 128  # block sizes must be multiples of the TPU lane width
 DEFAULT_BLOCK = 512  # MaxText's default for every splash tile; <= 4.6 % padding at Mochi's >= 11k tokens
 
 
-def splash_attention(q, k, v, key_mask=None, block: int = DEFAULT_BLOCK, interpret: bool | None = None):
+def splash_attention(q, k, v, key_mask=None, block: int = DEFAULT_BLOCK, interpret: bool | None = None,
+                     residual_name: str = ""):
     """Softmax attention, [B, S, H, D] layout, scale 1/sqrt(D), equal to layers.attention(impl='xla').
 
     key_mask: [B, Sk] bool, True for keys that may be attended to (any pattern; every example needs
@@ -40,6 +41,8 @@ def splash_attention(q, k, v, key_mask=None, block: int = DEFAULT_BLOCK, interpr
     multiple of 128; shorter sequences use one tile of their length rounded up to 128.
     interpret: run the kernel in Pallas' interpreter (default: whenever the mesh's devices, or without
       a mesh the default backend, are not TPUs).
+    residual_name: the checkpoint name of the kernel's residuals (its output and log-sum-exp), so that
+      a remat policy can keep them and skip the forward kernel in the backward pass ('' = unnamed).
     """
     if block % LANES or block <= 0:
         raise ValueError(f"splash block size {block} must be a positive multiple of {LANES}")
@@ -47,7 +50,7 @@ def splash_attention(q, k, v, key_mask=None, block: int = DEFAULT_BLOCK, interpr
         interpret = _platform() != "tpu"
     if key_mask is None:
         key_mask = jnp.ones(k.shape[:2], bool)
-    local = functools.partial(_attend, block=block, interpret=interpret)
+    local = functools.partial(_attend, block=block, interpret=interpret, residual_name=residual_name or None)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local(q, k, v, key_mask)
@@ -70,7 +73,7 @@ def _platform() -> str:
     return getattr(device, "platform", None) or jax.default_backend()
 
 
-def _attend(q, k, v, key_mask, *, block: int, interpret: bool):
+def _attend(q, k, v, key_mask, *, block: int, interpret: bool, residual_name: str | None):
     """The kernel on one device's shard: [b, S, h, D] in and out."""
     _, sq, heads, d = q.shape
     sk_len = k.shape[1]
@@ -91,7 +94,8 @@ def _attend(q, k, v, key_mask, *, block: int, interpret: bool):
                           block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
                           block_q_dq=bq, block_kv_dq=bkv)
     full = sm.MultiHeadMask([sm.FullMask((sq + pq, sk_len + pk))] * heads)
-    kernel = sk.make_splash_mha_single_device(full, block_sizes=sizes, interpret=interpret)
+    kernel = sk.make_splash_mha_single_device(full, block_sizes=sizes, interpret=interpret,
+                                              residual_checkpoint_name=residual_name)
 
     def one(q, k, v, kv_ids):
         return kernel(q, k, v, segment_ids=sk.SegmentIds(q=q_ids, kv=kv_ids))
