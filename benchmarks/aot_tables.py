@@ -42,7 +42,6 @@ import concurrent.futures
 import json
 import math
 import multiprocessing
-import re
 import sys
 import time
 from pathlib import Path
@@ -234,12 +233,6 @@ def run_remat(args):
     show_remat(data)
 
 
-def _auto_setting(r: dict) -> str:
-    line = next((d for d in r.get("details", []) if "auto ->" in d), "")
-    m = re.search(r"auto -> (.+?): [\d.]+ GiB within", line)
-    return m.group(1) if m else "?"
-
-
 def show_remat(data: dict):
     from mochi_jax.lib.flops import flop_breakdown
     from mochi_jax.models.dit import DiTConfig, is_remat_groups
@@ -254,7 +247,7 @@ def show_remat(data: dict):
         if "error" in r:
             print(f"{frames:6} {policy:28} error: {r['error']}")
             continue
-        setting = _auto_setting(r) if policy.startswith("auto") else policy
+        setting = r.get("remat") or policy
         cfg = DiTConfig(attention="cudnn", **({"remat": "full", "remat_groups": setting} if is_remat_groups(setting)
                                               else {"remat": setting}))
         flops = flop_breakdown(cfg, frames, 480, 848)["total"]

@@ -104,6 +104,9 @@ DIFFUSERS_REQUIRES = [("importlib_metadata", ""), ("filelock", ""), ("huggingfac
                       ("numpy", ""), ("regex", "!=2019.12.17"), ("requests", ""), ("safetensors", ">=0.8.0"),
                       ("Pillow", "")]
 PURE_PYTHON = {"importlib_metadata", "zipp", "filelock", "huggingface_hub", "requests"}
+# --policies 'auto': what remat='auto' picked for one H100 at each clip length within the issue's budgets
+# (40 GB at 37 frames, 60 GB at 85), compiled ahead of time by `benchmarks/aot_tables.py remat`
+REMAT_PICKS = REPO / "benchmarks" / "results" / "aot_remat.json"
 # Estimates before a side has run once: seconds of process start + imports + weight init, of compile, and
 # the achieved FLOP/s. GPU ('full') priors are deliberately a little pessimistic.
 PRIORS = {"full": {"jax": (60.0, 100.0, 400e12), "torch": (45.0, 0.0, 300e12)},
@@ -483,6 +486,15 @@ def print_wheel_help(d: dict):
               flush=True)
 
 
+def auto_picks(size: str, path: Path = REMAT_PICKS) -> dict:
+    """{frames: remat setting} that remat='auto' picked for the full-size model on one H100 (REMAT_PICKS);
+    none for --size small, whose model that table does not cover."""
+    if size != "full" or not path.exists():
+        return {}
+    cells = json.loads(path.read_text())["cells"]
+    return {int(k.rsplit("/", 1)[1]): c["remat"] for k, c in cells.items() if k.startswith("auto@") and c.get("remat")}
+
+
 def parse_policies(spec: str, n_blocks: int) -> list[str]:
     """'dots_no_batch,dots:16,full:31' -> ['full', 'dots_no_batch', 'dots:16,full:31']: 'full' first; pieces
     with a count join into one remat_groups string until their counts reach the stacked blocks' number."""
@@ -633,16 +645,30 @@ def parent(args):
                device={}, versions={}, diffusers=diff, flops={}, runs=[], ratios=[], skipped=[],
                anchors=dict(official_h100={str(f): dict(s_per_step=s, gb=gb) for f, (s, gb) in OFFICIAL.items()},
                             floor_tflops=FLOOR_TFLOPS))
+    picks, unresolved = auto_picks(args.size), []
+    plan = []
+    for f in frames:
+        for p in policies:
+            if p != "auto":
+                plan.append(("jax", f, p))
+            elif f in picks:
+                plan.append(("jax", f, picks[f]))
+            else:
+                unresolved.append(f)
+        plan.append(("torch", f, "gradient checkpointing"))
+    plan = list(dict.fromkeys(plan))  # an 'auto' pick may be a policy already listed
+    res["settings"]["auto"] = {str(f): picks.get(f) for f in frames} if "auto" in policies else {}
     for f in frames:
         res["flops"][str(f)] = {p: flop_breakdown(dataclasses.replace(cfg_full, **(
             dict(remat="full", remat_groups=p) if is_remat_groups(p) else dict(remat=remat_of(p)))), f, args.height, args.width,
-            remat_of(p), None, args.text_tokens) for p in policies}
+            remat_of(p), None, args.text_tokens) for side, g, p in plan if side == "jax" and g == f}
     res["anchors"]["floor_s"] = {str(f): {p: b["total"] / (FLOOR_TFLOPS * 1e12) for p, b in v.items()}
                                  for f, v in ((int(k), v) for k, v in res["flops"].items())}
-
-    plan = []
-    for f in frames:
-        plan += [("jax", f, p) for p in policies] + [("torch", f, "gradient checkpointing")]
+    for f in unresolved:
+        reason = (f"no remat='auto' pick for {f} frames in {REMAT_PICKS.relative_to(REPO)} (it covers the full-size "
+                  "model; python benchmarks/aot_tables.py remat)")
+        res["runs"].append(dict(side="jax", frames=f, policy="auto", status="skipped", reason=reason))
+        res["skipped"].append(dict(side="jax", frames=f, policy="auto", reason=reason))
     planner = Planner(args.size, args.steps, args.warmup)
 
     def save():
@@ -702,9 +728,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="full")
     ap.add_argument("--frames", help="comma-separated, in order of importance (full: 37,85,61; small: 7,13)")
-    ap.add_argument("--policies", default="dots_no_batch",
-                    help="remat policies besides 'full' (always first): REMAT_POLICIES names or remat_groups "
-                         "strings like dots:16,full:31, comma-separated")
+    ap.add_argument("--policies", default="auto,save:attn",
+                    help="remat policies besides 'full' (always first): REMAT_POLICIES names, save:<names>, remat_groups "
+                         "strings like dots:16,full:31, or 'auto' (remat='auto''s pick per clip length from "
+                         "benchmarks/results/aot_remat.json), comma-separated")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per run (>= 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, >= 1 (the first one is reported)")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole script")

@@ -53,6 +53,7 @@ class Report:
     mesh: dict
     details: list  # lines: model, batch, ...
     inputs: dict  # name -> bytes per device
+    remat: str = ""  # a training step's remat setting (a policy or a groups string; remat='auto': its choice)
     argument_bytes: int = 0
     output_bytes: int = 0
     alias_bytes: int = 0
@@ -201,6 +202,7 @@ class Program:
     mesh: dict
     details: list
     resident: dict = dataclasses.field(default_factory=dict)  # name -> tree on the device, not an argument
+    remat: str = ""  # Report.remat
 
 
 def _placed(tree, shardings):
@@ -394,7 +396,7 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     inputs = {k: device_bytes(v) for k, v in program.inputs.items()}
     inputs.update({f"{k} in host memory": b for k, v in program.inputs.items() if (b := device_bytes(v, "pinned_host"))})
     report = Report(program.what, target.name, target.describe(), target.num_devices, program.mesh,
-                    program.details, inputs,
+                    program.details, inputs, remat=program.remat,
                     limit_bytes=limit, limit_source=limit_source,
                     resident={k: device_bytes(v) for k, v in program.resident.items()})
     t0 = time.time()
@@ -710,6 +712,8 @@ def _lora_program(cfg, what, target, devices) -> Program:
     program.details.append(f"         (clip size from {src})")
     if auto:
         program.details.insert(1, auto)
+    if what == "train":
+        program.remat = dit_cfg.remat_groups or dit_cfg.remat
     return program
 
 

@@ -110,7 +110,7 @@ targets.compile_only_environment()
 from mochi_jax import fit
 from mochi_jax.configs import lora
 out = {}
-for policy in ("full", "dots_no_batch", "save:attn", "dots"):
+for policy in ("full", "save:attn", "dots"):
     cfg = lora.get_config("demo")
     cfg.aot.target, cfg.model.attention, cfg.model.remat = sys.argv[1], sys.argv[2], policy
     cfg.model.param_dtype = cfg.model.compute_dtype = "bfloat16"  # cuDNN takes bf16
@@ -124,13 +124,13 @@ print(json.dumps(out))
                                                pytest.param("h100", "cudnn", marks=need_cuda)])
 def test_keeping_attn_skips_the_attention_forward_in_the_backward(target, attention):
     """The compiled train step (tiny DiT): the backward pass's layer loop reruns the fused kernel's
-    forward under 'full' and 'dots_no_batch', and not under 'save:attn' or 'dots', which keep its output
-    and softmax statistics (naming only the output used to keep it and rerun the kernel anyway)."""
+    forward under 'full', and not under 'save:attn' or 'dots', which keep its output and softmax
+    statistics (naming only the output used to keep it and rerun the kernel anyway)."""
     p = subprocess.run([sys.executable, "-c", RERUNS_SCRIPT, target, attention], cwd=ROOT, capture_output=True,
                        text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     reruns = json.loads(p.stdout.strip().splitlines()[-1])
-    assert reruns == {"full": 1, "dots_no_batch": 1, "save:attn": 0, "dots": 0}, reruns
+    assert reruns == {"full": 1, "save:attn": 0, "dots": 0}, reruns
 
 
 @pytest.mark.parametrize("flags, words", [

@@ -148,7 +148,8 @@ def test_remat_groups_equal_one_policy_for_params_and_lora():
 
 def test_remat_groups_trade_memory_between_policies():
     """Compiled temp memory of the LoRA gradient: full < dots:2,full:2 < dots, and the name-based
-    save:qkv+proj between full and dots."""
+    save:qkv+proj between full and dots; splitting the blocks into groups of one policy costs no copy of
+    their weights (each scan step reads its block from the whole stack)."""
     from mochi_jax.models import lora as lora_lib
     from mochi_jax.models.dit import DiTConfig, abstract_variables
 
@@ -161,9 +162,11 @@ def test_remat_groups_trade_memory_between_policies():
     temp = {}
     for name, kw in [("full", dict(remat="full")), ("dots", dict(remat="dots")),
                      ("groups", dict(remat="full", remat_groups="dots:2,full:2")),
-                     ("named", dict(remat="save:qkv+proj"))]:
+                     ("named", dict(remat="save:qkv+proj")), ("split", dict(remat="full", remat_groups="full:2,full:2"))]:
         c = dataclasses.replace(cfg, **kw)
         grad = jax.jit(jax.grad(lambda lo, p, *a: jnp.mean(MochiDiT(c, targets).apply({"params": p, "lora": lo}, *a) ** 2)))
         temp[name] = grad.lower(v["lora"], v["params"], *args).compile().memory_analysis().temp_size_in_bytes
     assert temp["full"] < temp["groups"] < temp["dots"], temp
     assert temp["full"] < temp["named"] < temp["dots"], temp
+    stacked = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(v["params"]["blocks"]))
+    assert temp["split"] - temp["full"] < stacked / 4, (temp, stacked)

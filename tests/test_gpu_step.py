@@ -44,13 +44,15 @@ def test_small_run_on_cpu(tmp_path):
     for k in ("benchmark", "size", "budget_s", "total_wall_s", "settings", "model", "device", "versions",
               "diffusers", "flops", "anchors", "runs", "ratios", "skipped"):
         assert k in res, k
-    assert res["settings"]["policies"] == ["full", "dots_no_batch"] and res["settings"]["steps"] == 10
+    assert res["settings"]["policies"] == ["full", "auto", "save:attn"] and res["settings"]["steps"] == 10
     assert res["device"]["platform"] == "cpu" and res["model"]["params"] > 0
     assert res["total_wall_s"] <= res["budget_s"]
     runs = {(r["side"], r["policy"]): r for r in res["runs"]}
-    assert set(runs) == {("jax", "full"), ("jax", "dots_no_batch"), ("torch", "gradient checkpointing")}
+    assert set(runs) == {("jax", "full"), ("jax", "auto"), ("jax", "save:attn"), ("torch", "gradient checkpointing")}
+    # remat='auto''s picks are recorded for the full-size model only
+    assert runs["jax", "auto"]["status"] == "skipped" and "aot_remat.json" in runs["jax", "auto"]["reason"]
 
-    for policy in ("full", "dots_no_batch"):
+    for policy in ("full", "save:attn"):
         r = runs["jax", policy]
         assert r["status"] == "ok", r.get("reason")
         for k in RUN_FIELDS + ("compile_s", "xla", "params"):
@@ -68,7 +70,7 @@ def test_small_run_on_cpu(tmp_path):
         for pol, check in x["unrolled"].items():
             assert abs(check["ratio"] - 1) < XLA_TOL, (pol, check)
         assert set(x["unrolled"]) == ({"full", "none"} if policy == "full" else {policy})
-    assert runs["jax", "dots_no_batch"]["flops"] < runs["jax", "full"]["flops"]
+    assert runs["jax", "save:attn"]["flops"] < runs["jax", "full"]["flops"]
 
     t = runs["torch", "gradient checkpointing"]
     if TORCH:
@@ -78,7 +80,7 @@ def test_small_run_on_cpu(tmp_path):
         assert min(t["step_times_s"]) > 0 and t["median_s"] > 0 and t["steps"] == 10
         depth = res["model"]["depth"]
         assert t["lora_layers"] == 8 * (depth - 1) + 7  # no to_add_out in the last block, none in the pooler
-        assert {q["policy"] for q in res["ratios"]} == {"full", "dots_no_batch"}
+        assert {q["policy"] for q in res["ratios"]} == {"full", "save:attn"}
         assert all(q["speedup"] > 0 for q in res["ratios"])
         assert "diffusers" in res["versions"] and "jax" in res["versions"]
     else:
@@ -124,6 +126,20 @@ def test_budget_skips_everything(tmp_path):
     assert len(res["runs"]) == 2 * 5 and all(r["status"] == "skipped" and r["reason"] for r in res["runs"])
     assert len(res["skipped"]) == 10 and all(r["estimate_s"] > 1 for r in res["runs"] if r["side"] == "jax")
     assert "skipped" in stdout
+
+
+def test_auto_runs_the_recorded_picks(tmp_path):
+    """--policies auto times, per clip length, what remat='auto' picked for the full-size model on an H100
+    (benchmarks/aot_tables.py remat); the committed table has the issue's two goals."""
+    table = {"cells": {"auto@40GB/37": {"remat": "dots:9,save:attn:38"}, "full/37": {"remat": "full"},
+                       "auto@60GB/85": {"remat": "save:attn"}}}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    assert gpu_step.auto_picks("full", tmp_path / "t.json") == {37: "dots:9,save:attn:38", 85: "save:attn"}
+    assert gpu_step.auto_picks("small", tmp_path / "t.json") == {}
+    assert set(gpu_step.auto_picks("full")) == {37, 85}
+    res, _ = _run(tmp_path, "--budget", "1", "--policies", "auto", timeout=120)
+    assert sorted((r["frames"], r["policy"]) for r in res["runs"] if r["side"] == "jax") == [
+        (7, "auto"), (7, "full"), (13, "auto"), (13, "full")]
 
 
 def test_base_settings_of_a_policy():
