@@ -12,8 +12,9 @@ What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's p
          random bf16 weights built on the device by one jit from abstract shapes (no fp32 copy, no download),
          batch 1 at 480x848 with 256 valid text tokens, the 'normalized' flow loss, caption dropout 0 (both
          sides then attend to every text token), attention 'cudnn' on GPU ('xla' elsewhere), remat 'full'
-         and each other --policies entry (a REMAT_POLICIES name, or a remat_groups string such as
-         'dots:16,full:31': the stacked blocks' groups, the last block 'full'). A named policy may end in a
+         and each other --policies entry (a REMAT_POLICIES name or save:<names>, a remat_groups string such as
+         'dots:16,full:31': the stacked blocks' groups, the last block 'full', or 'auto': per clip length the
+         setting remat='auto' picked on an H100, from results/aot_remat.json). A named policy may end in a
          frozen-base setting: '@int8' / '@float8_e4m3fn' (model.param_dtype: a quantized base, its random
          weights drawn in that format), '@host' (model.weights_on_host: the stacked blocks in pinned host
          memory, streamed to the device inside the scan), or both joined by '+', e.g. 'full@int8+host'.
