@@ -102,6 +102,9 @@ class Report:
                              "offloaded activations; not counted in the total)")
             lines.append(f"    total       {g(self.total_bytes)}  of {self.limit_bytes / GIB:.2f} GiB "
                          f"({self.limit_source})")
+        if self.attention_reruns > 0:
+            lines.append("  remat    every block's backward reruns the attention kernel's forward "
+                         "(model.remat=save:attn keeps its output and softmax statistics instead)")
         lines.append(f"  compiled in {self.compile_s:.1f} s (lowered in {self.lower_s:.1f} s)")
         share = f"{self.total_bytes / GIB:.2f} GiB of {self.limit_bytes / GIB:.2f} GiB per {unit}"
         if self.fits:
