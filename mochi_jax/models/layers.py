@@ -176,9 +176,9 @@ def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | Non
     'splash' is the Pallas TPU kernel (mochi_jax.models.splash; interpreted off TPU, as the tests
     run it), with q/kv tiles of `splash_block` tokens (None: that module's default).
 
-    name: a checkpoint name for what the backward pass needs from the attention, so that a remat
-    policy keeping `name` (remat_policy) skips the attention's forward in the backward pass: the
-    output on 'xla'; on the fused kernels their residuals, the output and the softmax statistics
+    name: ATTENTION_NAME (or '' for none) marks what the backward pass needs from the attention, so
+    that a remat policy keeping it (remat_policy) skips the attention's forward in the backward pass:
+    the output on 'xla'; on the fused kernels their residuals, the output and the softmax statistics
     (naming only their output would keep it and still rerun the kernel for the statistics).
     """
     if impl == "xla":
@@ -189,7 +189,7 @@ def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | Non
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return checkpoint_name(out, name) if name else out
-    if impl == "cudnn":  # the kernel's forward is recognised by the policy (_is_fused_forward), not named
+    if impl == "cudnn":  # its forward is recognised by the policies (_is_fused_attention_residual), not named
         return fused_attention(q, k, v, key_mask, "cudnn")
     if impl == "splash":
         return splash.splash_attention(q, k, v, key_mask, block=splash_block or splash.DEFAULT_BLOCK,
