@@ -103,7 +103,7 @@ class Report:
             lines.append(f"    total       {g(self.total_bytes)}  of {self.limit_bytes / GIB:.2f} GiB "
                          f"({self.limit_source})")
         if self.attention_reruns > 0:
-            lines.append("  remat    every block's backward reruns the attention kernel's forward "
+            lines.append("  remat    the backward reruns the attention kernel's forward per block "
                          "(model.remat=save:attn keeps its output and softmax statistics instead)")
         lines.append(f"  compiled in {self.compile_s:.1f} s (lowered in {self.lower_s:.1f} s)")
         share = f"{self.total_bytes / GIB:.2f} GiB of {self.limit_bytes / GIB:.2f} GiB per {unit}"
@@ -165,9 +165,10 @@ def _computations(hlo: str) -> dict:
 
 
 def attention_reruns(hlo: str) -> int:
-    """How many attention forward kernels (cuDNN's or splash's) one iteration of the backward pass's
-    layer loop(s) runs: the attention forwards remat recomputes per block. -1 when the program has no
-    attention kernel or no backward loop. From the compiled module's text (`compiled.as_text()`)."""
+    """How many attention forward kernels (cuDNN's or splash's) the bodies of the backward pass's layer
+    loops hold (one loop per remat group, summed): the attention forwards remat recomputes per block.
+    -1 when the program has no attention kernel or no backward loop. From the compiled module's text
+    (`compiled.as_text()`)."""
     if not _ATTENTION_FORWARD.search(hlo):
         return -1
     comps = _computations(hlo)
