@@ -235,7 +235,7 @@ def run_remat(args):
 
 def show_remat(data: dict):
     from mochi_jax.lib.flops import flop_breakdown
-    from mochi_jax.models.dit import DiTConfig, is_remat_groups
+    from mochi_jax.models.dit import DiTConfig
 
     cells = data["cells"]
     print("\nRemat on one H100 (AOT, cuDNN, 480x848, batch 1): memory against recomputation")
@@ -248,11 +248,10 @@ def show_remat(data: dict):
             print(f"{frames:6} {policy:28} error: {r['error']}")
             continue
         setting = r.get("remat") or policy
-        cfg = DiTConfig(attention="cudnn", **({"remat": "full", "remat_groups": setting} if is_remat_groups(setting)
-                                              else {"remat": setting}))
-        flops = flop_breakdown(cfg, frames, 480, 848)["total"]
+        cfg = DiTConfig(attention="cudnn")
+        flops = flop_breakdown(cfg, frames, 480, 848, setting)["total"]  # a policy or a groups string
         full = cells.get(f"full/{frames}", {})
-        full_flops = flop_breakdown(DiTConfig(attention="cudnn"), frames, 480, 848, "full")["total"]
+        full_flops = flop_breakdown(cfg, frames, 480, 848, "full")["total"]
         name = f"{policy} -> {setting}" if policy.startswith("auto") else policy
         mem_ratio = f"{r['total_bytes'] / full['total_bytes']:6.2f}" if "total_bytes" in full else f"{'-':>6}"
         print(f"{frames:6} {name:28} {r['total_bytes'] / GIB:6.1f} {mem_ratio} {r.get('attention_reruns', -1):6} "

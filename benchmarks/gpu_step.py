@@ -609,7 +609,6 @@ def report(res: dict):
 def parent(args):
     t0 = time.perf_counter()
     from mochi_jax.lib.flops import flop_breakdown
-    from mochi_jax.models.dit import is_remat_groups
 
     frames = [int(f) for f in args.frames.split(",")]
     cfg_full = dit_config(args.size, "full", "cudnn" if args.attention == "auto" else args.attention, args.depth)
@@ -660,9 +659,8 @@ def parent(args):
     plan = list(dict.fromkeys(plan))  # an 'auto' pick may be a policy already listed
     res["settings"]["auto"] = {str(f): picks.get(f) for f in frames} if "auto" in policies else {}
     for f in frames:
-        res["flops"][str(f)] = {p: flop_breakdown(dataclasses.replace(cfg_full, **(
-            dict(remat="full", remat_groups=p) if is_remat_groups(p) else dict(remat=remat_of(p)))), f, args.height, args.width,
-            remat_of(p), None, args.text_tokens) for side, g, p in plan if side == "jax" and g == f}
+        res["flops"][str(f)] = {p: flop_breakdown(cfg_full, f, args.height, args.width, remat_of(p), None,
+                                                  args.text_tokens) for side, g, p in plan if side == "jax" and g == f}
     res["anchors"]["floor_s"] = {str(f): {p: b["total"] / (FLOOR_TFLOPS * 1e12) for p, b in v.items()}
                                  for f, v in ((int(k), v) for k, v in res["flops"].items())}
     for f in unresolved:

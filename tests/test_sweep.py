@@ -200,5 +200,5 @@ def test_sweep_on_meshes_equals_one_device_and_shares_the_base():
     np.testing.assert_allclose(res["mesh"]["loss"], res["single"]["loss"], rtol=1e-5)
     assert res["mesh"]["lora_rel"] < 5e-5, res["mesh"]  # measured 1.0e-5: tensor-parallel sums in another order
     assert res["mesh"]["lora_sharding"].split("(", 1)[1].startswith("None, None, 'fsdp'")  # [K, layers, in, r]
-    m = res["memory"]["three"]  # the arguments are the base's shards once, the state and the batch: nothing else
+    m = res["memory"]  # the arguments are the base's shards once, the state and the batch: nothing else
     assert m["argument_bytes"] == m["params_bytes"] + m["state_bytes"] + m["batch_bytes"], m

@@ -236,7 +236,6 @@ def validation_loss_fn(sweep: Sweep, model: MochiDiT, formulation: str):
     return jax.jit(loss_fn)
 
 
-
 def per_variant(sweep: Sweep, values: dict) -> dict:
     """{name: [K] values} -> {'variant/<variant>/<name>': value}."""
     out = {}

@@ -218,10 +218,11 @@ def setup(cfg) -> Run:
     if sweep is None:
         check_exportable(cfg.lora.to_dict(), targets,
                          ["/".join(path) for path, _ in lora_lib.layers_of(shardings["state"]["lora"])])
-    for k, vcfg in enumerate(sweep.configs if sweep is not None else ()):
-        check_exportable(vcfg.lora.to_dict(), sweep.targets[k],
-                         ["/".join(p) for i, p in enumerate(sweep.layers) if sweep.ranks[k][i]],
-                         f"sweep variant {sweep.names[k]!r}: ")
+    else:
+        for k, vcfg in enumerate(sweep.configs):
+            check_exportable(vcfg.lora.to_dict(), sweep.targets[k],
+                             ["/".join(p) for i, p in enumerate(sweep.layers) if sweep.ranks[k][i]],
+                             f"sweep variant {sweep.names[k]!r}: ")
     if runs.complete_steps(ckpt_dir):
         check_same_lora(run_dir, cfg)
 

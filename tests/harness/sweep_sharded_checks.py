@@ -72,22 +72,19 @@ def main():
                    "lora_sharding": str(state["lora"]["blocks"]["attn"]["qkv_x"]["a"].sharding.spec)}
 
     # the compiled step's memory per device: the base's shards are one argument, whatever the variants
-    mem = {}
-    for name, cfg in (("three", THREE),):
-        sw, model, opts, mesh, sh = parts(cfg, MESH)
-        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       sweep_lib.abstract_state(sw, model, opts), sh["state"])
-        ps = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    jax.eval_shape(params), sh["params"])
-        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh["batch"][k]) for k, v in data[0].items()}
-        with sharding.activate(mesh):
-            m = sweep_lib.make_step(sw, model, opts, "normalized", 0.3, mesh, sh).jitted.lower(
-                state, ps, b).compile().memory_analysis()
-        shard = lambda tree: sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
-                                 for x in jax.tree_util.tree_leaves(tree))
-        mem[name] = {"argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
+    sw, model, opts, mesh, sh = parts(THREE, MESH)
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   sweep_lib.abstract_state(sw, model, opts), sh["state"])
+    ps = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(params), sh["params"])
+    b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh["batch"][k]) for k, v in data[0].items()}
+    with sharding.activate(mesh):
+        m = sweep_lib.make_step(sw, model, opts, "normalized", 0.3, mesh, sh).jitted.lower(
+            state, ps, b).compile().memory_analysis()
+    shard = lambda tree: sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize  # noqa: E731
+                             for x in jax.tree_util.tree_leaves(tree))
+    out["memory"] = {"argument_bytes": m.argument_size_in_bytes, "temp_bytes": m.temp_size_in_bytes,
                      "params_bytes": shard(ps), "state_bytes": shard(state), "batch_bytes": shard(b)}
-    out["memory"] = mem
     print("RESULT " + json.dumps(out))
 
 
