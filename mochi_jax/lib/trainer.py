@@ -335,14 +335,16 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
     """Train from the state's step to cfg.steps; returns False when stopped early by SIGTERM."""
     cfg, sw = run.cfg, run.sweep
     names = sw.names if sw is not None else ("",)  # one LoRA: no variant names
-    schedules = [training.lr_schedule(c.optim) for c in (sw.configs if sw is not None else (cfg,))]
+    # compiled: run eagerly, optax's schedule would move its Python numbers to the device behind the
+    # loop's back; compiled, it also gives the lr the step applies (the eager value can be 1 ulp off)
+    schedules = [jax.jit(training.lr_schedule(c.optim)) for c in (sw.configs if sw is not None else (cfg,))]
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
     old_handler = signal.signal(signal.SIGTERM, on_signal)
-    step = int(run.state["step"])
+    step = int(jax.device_get(run.state["step"]))
     bad, t_last, s_last = np.zeros(len(names), int), time.time(), step  # non-finite steps in a row, per LoRA
     compiled, c_time, c_steps = set(), 0.0, 0  # batch shapes seen; compile steps' time and count since t_last
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not run.main)
@@ -364,8 +366,10 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
                 log(f"step {step}: compiled the step for batch {list(shape)} in {dt:.1f}s "
                     f"(shape {len(compiled)}; not counted in steps/s)")
             bar.update(1)
-            finite = np.atleast_1d(np.asarray(out["finite"]))
-            losses, norms = np.atleast_1d(np.asarray(out["loss"])), np.atleast_1d(np.asarray(out["grad_norm"]))
+            # the step's metrics, fetched once and explicitly: the loop makes no implicit transfer
+            # (tests/test_transfer_guard.py runs it under jax.transfer_guard("disallow"))
+            out = jax.device_get(out)
+            finite, losses, norms = (np.atleast_1d(out[k]) for k in ("finite", "loss", "grad_norm"))
             bad = np.where(finite, 0, bad + 1)
             if not finite.all():
                 for k in np.flatnonzero(~finite):
@@ -385,7 +389,7 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
                 for k, name in enumerate(names):
                     o = sw.configs[k].optim if sw is not None else cfg.optim
                     one = {"loss": float(losses[k]), "grad_norm": float(norms[k]),
-                           "lr": float(schedules[k](max(step - 1, 0) // o.grad_accum))}
+                           "lr": float(jax.device_get(schedules[k](jax.device_put(max(step - 1, 0) // o.grad_accum))))}
                     vals.update({(f"variant/{name}/{key}" if name else key): v for key, v in one.items()})
                 if rate is not None:
                     vals.update(steps_per_s=rate, examples_per_s=rate * cfg.batch_size)
