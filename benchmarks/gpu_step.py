@@ -7,7 +7,7 @@
     python benchmarks/gpu_step.py --wheels wheels      # no diffusers on the host: use these carried wheels
 
 What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's peak memory cannot be reset):
-  ours   `mochi_jax.training.make_train_step` with `make_optimizer` (configs/lora.py's AdamW) and `init_state`,
+  ours   `mochi_jax.lib.training.make_train_step` with `make_optimizer` (configs/lora.py's AdamW) and `init_state`,
          `MochiDiT` of configs/dit.py's 'mochi' preset, `REFERENCE_TARGETS` (rank 16 on qkv_x/y, proj_x/y),
          random bf16 weights built on the device by one jit from abstract shapes (no fp32 copy, no download),
          batch 1 at 480x848 with 256 valid text tokens, the 'normalized' flow loss, caption dropout 0 (both
@@ -91,8 +91,8 @@ PEFT_TARGETS = (r".*transformer_blocks\.\d+\.attn1\."
 # configs/lora.py's optimizer (the official fine-tuner's): AdamW, 200 warmup steps, cosine to step 2000
 OPTIM = dict(lr=2e-4, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=200, schedule="cosine",
              decay_steps=2000, grad_clip=0.0, grad_accum=1)
-# Published reference numbers (MOCHI_SPEC.md section 4): genmo's fine-tuner on one H100 SXM, rank 16, full
-# activation checkpointing: frames -> (s/step, GB).
+# Published reference numbers: genmo's fine-tuner on one H100 SXM, rank 16, full activation checkpointing
+# (genmoai/mochi, demos/fine_tuner/README.md, "System Requirements"): frames -> (s/step, GB).
 OFFICIAL = {37: (1.67, 50), 61: (3.35, 64), 79: (4.92, "69-78"), 85: (5.44, 80)}
 FLOOR_TFLOPS = 800.0  # an 8192^3 bf16 matmul on an H100 measures 769-798 TFLOP/s
 # Nominal dense bf16 peak, TFLOP/s, by device-name substring (first match wins).

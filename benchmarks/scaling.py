@@ -62,7 +62,8 @@ OPTIM = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=0.01, b1=0.9, b2=0.
 TARGETS = lora_lib.targets_from_config(lora_lib.REFERENCE_TARGETS)  # rank 16, alpha 16
 FRAMES, TEXT_LEN, LATENT_HW = (37, 85, 163), 256, (60, 106)  # 480x848 pixels
 DEVICES = {"H100": 80.0, "v5p": 95.0}  # GB per device; 'fits' = total <= 90% of it
-REFERENCE = {37: 50, 61: 64, 79: 78, 85: 80}  # the official fine-tuner on one H100, GB (MOCHI_SPEC.md)
+# genmo's fine-tuner on one H100, GB (genmoai/mochi, demos/fine_tuner/README.md)
+REFERENCE = {37: 50, 61: 64, 79: 78, 85: 80}
 MESHES = {"1": {}, "fsdp2": dict(fsdp=2), "fsdp4": dict(fsdp=4), "fsdp8": dict(fsdp=8), "seq2": dict(sequence=2),
           "fsdp2 seq2": dict(fsdp=2, sequence=2), "fsdp4 seq2": dict(fsdp=4, sequence=2),
           "fsdp2 seq4": dict(fsdp=2, sequence=4), "seq8": dict(sequence=8), "fsdp8 seq8": dict(fsdp=8, sequence=8),

@@ -274,7 +274,7 @@ def plan(cfg: DiTConfig, layout: str, quantized: str = "") -> list[Leaf]:
     read of the tensor).
 
     The checkpoint keeps the blocks unrolled (blocks_0 .. blocks_{depth-2}, last_block): the
-    loader (`mochi_jax.checkpoints.weights.load_dit`) stacks them for the scan, leaf by leaf, directly
+    loader (`load_dit` below) stacks them for the scan, leaf by leaf, directly
     into the requested shardings."""
     leaves = []
     last = {}  # the most recent quantization: (genmo key, (q, scale))

@@ -165,7 +165,7 @@ class Loader:
         differ = {k: (state[k], v) for k, v in mine.items() if k in state and state[k] != v}
         if differ or "next_batch" not in state:
             what = ", ".join(f"{k} {a} then, {b} now" for k, (a, b) in differ.items()) or "an older loader"
-            print(f"[mochi_jax.data] note: the checkpoint's data position was saved with {what}; continuing at "
+            print(f"[mochi_jax.lib.data] note: the checkpoint's data position was saved with {what}; continuing at "
                   f"batch {next_batch} of the current plan (the clip order differs from the interrupted run's)",
                   flush=True)
         self._start(int(next_batch))

@@ -286,7 +286,7 @@ def logits(params, image_features, text_features):
 
 
 def init_params(cfg: CLIPConfig, rng) -> dict:
-    """Random parameters (for tests; real ones come from convert/clip.py)."""
+    """Random parameters (for tests; real ones come from checkpoints/clip.py)."""
     pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     ids = jnp.zeros((1, cfg.context_length), jnp.int32)
     return CLIP(cfg).init(rng, pixels, ids)["params"]

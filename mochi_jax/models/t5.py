@@ -3,10 +3,11 @@
     token ids [B, L] -> shared embedding -> num_layers x Block -> RMS norm -> features [B, L, d_model]
     Block:  x += o(attention(q(n1(x)), k(n1(x)), v(n1(x)), bias));  x += wo(gelu(wi_0(n2(x))) * wi_1(n2(x)))
 
-T5 specifics (see MOCHI_SPEC.md section 3): no biases anywhere; RMS norms without mean
-subtraction; attention logits are NOT scaled by 1/sqrt(d_kv) (the scale is folded into the
-trained weights); one learned relative-position bias table [num_buckets, num_heads] (the
-reference keeps it in the first layer) is added to the logits of every layer.
+T5 specifics (those of transformers' T5EncoderModel, the reference tests/test_t5.py compares
+against): no biases anywhere; RMS norms without mean subtraction; attention logits are NOT scaled
+by 1/sqrt(d_kv) (the scale is folded into the trained weights); one learned relative-position
+bias table [num_buckets, num_heads] (the reference keeps it in the first layer) is added to the
+logits of every layer.
 
 Parameters (Dense kernels [in, out]; the layers stacked on a leading axis for one nn.scan):
     shared/embedding                    [vocab, d_model]
@@ -177,7 +178,7 @@ class T5Encoder(_Base):
 # ----------------------------------------------------------------------------- parameters
 
 def init_params(cfg: T5Config, rng, seq_len: int = 8) -> dict:
-    """Random parameters (for tests and benchmarks; real ones come from convert/t5.py)."""
+    """Random parameters (for tests and benchmarks; real ones come from checkpoints/t5.py)."""
     ids = jnp.zeros((1, seq_len), jnp.int32)
     return T5Encoder(cfg).init(rng, ids)["params"]
 

@@ -22,7 +22,7 @@ whose numbers they reproduce (see tests/test_vae.py):
     drop nothing) and `decode` drops the first 5 at the very end. Genmo's original drops
     frames inside each up block instead; frame counts agree, the first frames' pixels do not.
 
-Parameter names are ours (see mochi_jax/convert/vae.py for the map from both checkpoint
+Parameter names are ours (see mochi_jax/checkpoints/vae.py for the map from both checkpoint
 layouts): dense kernels [in, out], conv kernels [kt, kh, kw, in, out], norms scale/bias.
 
 Tiled processing (`tiled=True`, knobs in VAEConfig) bounds memory for big clips:

@@ -43,7 +43,7 @@ def make_reference(cfg: DiTConfig, seed: int = 0):
 
 
 def diffusers_to_genmo(sd: dict) -> dict:
-    """The test's own diffusers -> genmo key map (independent of mochi_jax.convert)."""
+    """The test's own diffusers -> genmo key map (independent of mochi_jax.checkpoints)."""
     out = {}
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
 

@@ -94,7 +94,7 @@ _RES = {"norm1.norm_layer": "stack.0", "conv1.conv": "stack.2", "norm2.norm_laye
 
 
 def diffusers_to_genmo(sd: dict, layers_per_block) -> tuple[dict, dict]:
-    """The test's own diffusers -> genmo map (independent of mochi_jax.convert): (encoder, decoder) dicts."""
+    """The test's own diffusers -> genmo map (independent of mochi_jax.checkpoints): (encoder, decoder) dicts."""
     n = list(layers_per_block)
     nd = len(n) - 2
     enc, dec = {}, {}
