@@ -49,7 +49,7 @@ def main():
     subprocess.run([sys.executable, "-c", GEN, str(src), str(args.depth), str(args.heads)], check=True)
 
     from mochi_jax.checkpoints import dit as dit_conv
-    from mochi_jax.checkpoints.common import TensorSource
+    from mochi_jax.checkpoints.safetensors_io import TensorSource
 
     s = TensorSource(src)
     cfg = dit_conv.check(s, "genmo")

@@ -18,7 +18,7 @@ import numpy as np
 
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae
-from mochi_jax.checkpoints.common import writable_dir
+from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.lib import sampling
 from mochi_jax.lib.text import TextEncoder

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mochi_jax import cli, demo, fit
-from mochi_jax.checkpoints.common import writable_dir
+from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.lib import trainer
 from mochi_jax.lib.cache import Cache
 

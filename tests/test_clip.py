@@ -23,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 from mochi_jax.lib.clip import CLIP_MEAN, CLIP_STD, preprocess  # noqa: E402
 from mochi_jax.lib.clip import BOS, EOS, CLIPTokenizer, bytes_to_unicode, normalize, split_words  # noqa: E402
 from mochi_jax.checkpoints.clip import convert_clip, load_clip  # noqa: E402
-from mochi_jax.checkpoints.common import ConversionError  # noqa: E402
+from mochi_jax.checkpoints.safetensors_io import ConversionError  # noqa: E402
 from mochi_jax.models import clip as clip_model  # noqa: E402
 
 CORPUS = ("a photo of a cat sitting on the table. the cat is orange and the table is wooden; "

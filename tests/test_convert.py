@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from dit_ref import diffusers_to_genmo, make_reference, our_config
 from mochi_jax import checkpoints as convert
-from mochi_jax.checkpoints import common
+from mochi_jax.checkpoints import safetensors_io
 from mochi_jax.checkpoints import t5 as t5_convert
 from mochi_jax.checkpoints import load_dit
 
@@ -104,7 +104,7 @@ def test_sharded_folder_with_missing_shard(tmp_path):
 
 def test_crash_mid_write_leaves_nothing_loadable(genmo_sd, tmp_path, monkeypatch):
     src = _save(genmo_sd, tmp_path / "dit.safetensors")
-    real_get = common.TensorSource.get
+    real_get = safetensors_io.TensorSource.get
     calls = {"n": 0}
 
     def flaky_get(self, key):
@@ -113,11 +113,11 @@ def test_crash_mid_write_leaves_nothing_loadable(genmo_sd, tmp_path, monkeypatch
             raise KeyboardInterrupt  # e.g. the user pressed Ctrl-C halfway
         return real_get(self, key)
 
-    monkeypatch.setattr(common.TensorSource, "get", flaky_get)
+    monkeypatch.setattr(safetensors_io.TensorSource, "get", flaky_get)
     with pytest.raises(KeyboardInterrupt):
         convert.convert_dit(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    monkeypatch.setattr(common.TensorSource, "get", real_get)
+    monkeypatch.setattr(safetensors_io.TensorSource, "get", real_get)
     out, _ = convert.convert_dit(src, tmp_path / "out", dtype="float32", progress=False)  # retry is clean
     _, params = load_dit(out)
     assert not list(tmp_path.glob("out.partial_save*"))

@@ -24,7 +24,7 @@ from mochi_jax.configs import sample as sample_config
 from mochi_jax.demo import make_clips, write_demo_models
 from mochi_jax.demo.clips import render
 from mochi_jax.lib import cache as cache_lib
-from mochi_jax.lib import preparation, trainer
+from mochi_jax.lib import preparation, sources, trainer
 from mochi_jax.lib.cache import Cache
 from mochi_jax.lib.data import make_loader
 from mochi_jax.lib.video import VideoError, VideoInfo, load_image, read_clip, write_mp4
@@ -149,7 +149,7 @@ def prep_cfg(**kw):
 
 
 def test_window_modes_start_where_documented():
-    plan = preparation.plan_windows
+    plan = sources.plan_windows
     assert plan("head", 100, 13) == [0]
     assert plan("uniform", 100, 13, count=4) == [0, 29, 58, 87]  # round(k * 87 / 3)
     assert plan("uniform", 100, 13, count=1) == [0] and plan("uniform", 13, 13, count=3) == [0]
@@ -159,10 +159,10 @@ def test_window_modes_start_where_documented():
     assert plan("slide", 12, 13) == [] and plan("uniform", 12, 13, count=2) == []
     with pytest.raises(ValueError, match="windows.mode"):
         plan("random", 100, 13)
-    assert preparation.frame_buckets(37) == (37,) and preparation.frame_buckets([61, 25, 37]) == (25, 37, 61)
-    assert preparation.longest_fit(40, (25, 37, 61)) == 37 and preparation.longest_fit(20, (25, 37)) is None
+    assert sources.frame_buckets(37) == (37,) and sources.frame_buckets([61, 25, 37]) == (25, 37, 61)
+    assert sources.longest_fit(40, (25, 37, 61)) == 37 and sources.longest_fit(20, (25, 37)) is None
     with pytest.raises(ValueError, match="6k\\+1"):
-        preparation.frame_buckets((25, 36))
+        sources.frame_buckets((25, 36))
 
 
 def test_windows_of_a_real_clip_have_their_frames_and_frame_rate(tmp_path, monkeypatch):
@@ -170,7 +170,7 @@ def test_windows_of_a_real_clip_have_their_frames_and_frame_rate(tmp_path, monke
 
     def read(**kw):
         cfg = prep_cfg(num_frames=(7, 13), **kw)
-        return preparation.read_source("ramp", video, "a ramp", cfg)
+        return sources.read_source("ramp", video, "a ramp", cfg)
 
     for mode, expect in [({"mode": "uniform", "count": 3}, [0, 14, 27]), ({"mode": "slide", "stride": 10}, [0, 10, 20]),
                          ({"mode": "head"}, [0])]:
@@ -183,9 +183,9 @@ def test_windows_of_a_real_clip_have_their_frames_and_frame_rate(tmp_path, monke
         assert names == (["ramp"] if mode["mode"] == "head" else [f"ramp@{s:05d}" for s in expect])
     # frame buckets: a clip fills the longest it can (10 frames at 30 fps -> 7), or is too short
     short = ramp(tmp_path / "short.mp4", 10, fps=30)
-    got = preparation.read_source("short", short, "x", prep_cfg(num_frames=(7, 13)))
+    got = sources.read_source("short", short, "x", prep_cfg(num_frames=(7, 13)))
     assert [s.frames.shape[0] for s in got.samples] == [7] and levels(got.samples[0].frames) == list(range(7))
-    got = preparation.read_source("short", short, "x", prep_cfg(num_frames=(13, 19)))
+    got = sources.read_source("short", short, "x", prep_cfg(num_frames=(13, 19)))
     assert not got.samples and got.skips[0].startswith("too short: 10 frames at 30 fps")
     # the container's duration is an estimate: a window the video turns out too short for is named and left out
     monkeypatch.setattr(VideoInfo, "frames_at", lambda self, fps: 50)
@@ -206,30 +206,30 @@ def test_captions_from_txt_metadata_jsonl_and_csv_with_a_trigger(tmp_path):
             {"file_name": "gone.mp4", "text": "no such file"}, {"file_name": "d.png", "text": "  "},
             {"file_name": "b.png", "text": "twice"}, {"text": "no file column"}]
     (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    caps = preparation.Captions(d, trigger="sks")
+    caps = sources.Captions(d, trigger="sks")
     assert caps(d / "a.png") == "sks from the txt" and caps(d / "b.png") == "sks from jsonl"
-    with pytest.raises(preparation.Skip, match="no caption: c.txt not found and no row in metadata.jsonl"):
+    with pytest.raises(sources.Skip, match="no caption: c.txt not found and no row in metadata.jsonl"):
         caps(d / "c.png")
-    with pytest.raises(preparation.Skip, match="empty caption: metadata.jsonl line 4"):
+    with pytest.raises(sources.Skip, match="empty caption: metadata.jsonl line 4"):
         caps(d / "d.png")
     reasons = {src.rsplit("/", 1)[-1]: why for src, why in caps.skipped}
     assert reasons["metadata.jsonl:3 (gone.mp4)"].startswith("missing file: gone.mp4 named in metadata.jsonl line 3")
     assert reasons["metadata.jsonl:5 (b.png)"].startswith("duplicate metadata row")
     assert reasons["metadata.jsonl:6"].startswith("bad metadata row") and reasons["metadata.jsonl:7"].startswith(
         "unreadable metadata row")
-    assert preparation.with_trigger("sks, a dog", "sks") == "sks, a dog"  # not doubled
+    assert sources.with_trigger("sks, a dog", "sks") == "sks, a dog"  # not doubled
 
     c = tmp_path / "csv"
     (c / "sub").mkdir(parents=True)
     (c / "sub" / "v.mp4").write_bytes(b"x")
     (c / "metadata.csv").write_text('file_name,caption\nsub/v.mp4,"a clip, with a comma"\nmissing.jpg,x\n')
-    caps = preparation.Captions(c)
+    caps = sources.Captions(c)
     assert caps(c / "sub" / "v.mp4") == "a clip, with a comma"
     assert [s.rsplit("/", 1)[-1] for s, _ in caps.skipped] == ["metadata.csv:3 (missing.jpg)"]
     (c / "metadata.jsonl").write_text("")
     with pytest.raises(ValueError, match="both metadata.jsonl and metadata.csv"):
-        preparation.Captions(c)
-    assert preparation.Captions(c, captions="metadata.csv").metadata.name == "metadata.csv"
+        sources.Captions(c)
+    assert sources.Captions(c, captions="metadata.csv").metadata.name == "metadata.csv"
 
 
 def test_images_are_upright_one_frame_clips_and_bad_ones_are_named(tmp_path):
@@ -248,7 +248,7 @@ def test_images_are_upright_one_frame_clips_and_bad_ones_are_named(tmp_path):
         load_image(tmp_path / "junk.png")
     with pytest.raises(VideoError, match=r"empty\.webp: zero-byte"):
         load_image(tmp_path / "empty.webp")
-    got = preparation.read_source("junk", tmp_path / "junk.png", "x", prep_cfg())
+    got = sources.read_source("junk", tmp_path / "junk.png", "x", prep_cfg())
     assert not got.samples and got.skips[0].startswith("unreadable")
 
 

@@ -14,7 +14,7 @@ import eval_ref
 from compiles import compiled_functions
 from mochi_jax import evaluate
 from mochi_jax.lib import variants as variants_lib
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_format, lora_read
 from mochi_jax.checkpoints.runs import load_run_lora
 from mochi_jax.lib import cache, sampling
 from mochi_jax.demo import write_demo_clip, write_demo_models
@@ -116,8 +116,8 @@ def test_batched_equals_each_lora_alone(setup):
     batched = np.asarray(variants_lib.denoise_variants(cfg, params, stacked, targets, noise, cond, uncond, sigmas, 4.0))
     alone = np.asarray(variants_lib.denoise_variants(cfg, params, stacked, targets, noise, cond, uncond, sigmas, 4.0,
                                                  batched=False))
-    a_tree, a_targets, _ = lora_io.load_lora(loras["a"], cfg=cfg)
-    b_tree, b_targets, _ = lora_io.load_lora(loras["b"], cfg=cfg)
+    a_tree, a_targets, _ = lora_read.load_lora(loras["a"], cfg=cfg)
+    b_tree, b_targets, _ = lora_read.load_lora(loras["b"], cfg=cfg)
     assert b_targets == a_targets  # strength 0.5 = b halved (and no new compilation for the reference)
     b_half = (jax.tree_util.tree_map(lambda x: x, b_tree), b_targets)
     for node in (b_half[0]["blocks"]["attn"], b_half[0]["last_block"]["attn"]):
@@ -172,13 +172,13 @@ def test_errors_before_rendering(setup, tmp_path, monkeypatch):
 
     wide = eval_ref.other_base(head_dim=8)
     foreign = eval_ref.genmo_file(tmp_path / "foreign.safetensors", 4, cfg=wide)
-    _expect(cfg((loras["a"], foreign)), monkeypatch, lora_io.LoraFormatError, foreign, "blocks.0.attn.qkv_x")
+    _expect(cfg((loras["a"], foreign)), monkeypatch, lora_format.LoraFormatError, foreign, "blocks.0.attn.qkv_x")
     _expect(cfg((loras["a"], tmp_path / "nowhere.safetensors")), monkeypatch, FileNotFoundError,
             tmp_path / "nowhere.safetensors")
     empty_run = eval_ref.run_dir(tmp_path / "run_empty", seed=None)
     _expect(cfg((empty_run,)), monkeypatch, FileNotFoundError, empty_run / "checkpoints", "no complete checkpoint")
     foreign_run = eval_ref.run_dir(tmp_path / "run_foreign", seed=5, cfg=wide)
-    _expect(cfg((foreign_run,)), monkeypatch, lora_io.LoraFormatError, foreign_run, "do not fit")
+    _expect(cfg((foreign_run,)), monkeypatch, lora_format.LoraFormatError, foreign_run, "do not fit")
 
 
 def test_reference_videos(setup, tmp_path):

@@ -1,5 +1,5 @@
-"""LoRA files (mochi_jax.checkpoints.lora_files): round trips, parity with diffusers' own LoRA loader and with an
-independent NumPy merge on the genmo checkpoint, combine, merge_checkpoint, refusals, the CLI."""
+"""LoRA files (mochi_jax.checkpoints.lora_read / lora_write): round trips, parity with diffusers' own LoRA loader
+and with an independent NumPy merge on the genmo checkpoint, combine, merge_checkpoint, refusals, the CLI."""
 
 import copy
 import json
@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from dit_ref import make_reference, our_config, random_inputs, reference_forward, rel_l2, write_both_layouts
 from mochi_jax import checkpoints as convert
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_format, lora_read, lora_write
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import MochiDiT
 from mochi_jax.checkpoints import load_dit
@@ -95,7 +95,7 @@ def test_round_trips_genmo_and_diffusers(base, tmp_path):
     tree, targets = random_lora(params, SPEC, seed=1)
     want = deltas(tree, targets)
 
-    g = lora_io.save_genmo(tmp_path / "g.safetensors", tree, targets)
+    g = lora_write.save_genmo(tmp_path / "g.safetensors", tree, targets)
     sd = load_file(g)
     with safe_open(g, "np") as f:
         kwargs = json.loads(f.metadata()["kwargs"])
@@ -107,7 +107,7 @@ def test_round_trips_genmo_and_diffusers(base, tmp_path):
     assert sd["blocks.1.attn.qkv_x.lora_A"].shape == (4, w) and sd["blocks.1.attn.qkv_x.lora_B"].shape == (3 * w, 4)
     np.testing.assert_allclose(sd["blocks.1.attn.qkv_x.lora_B"], 1.5 * tree["blocks"]["attn"]["qkv_x"]["b"][1].T,
                                rtol=1e-7)  # alpha/r folded into lora_B
-    got_tree, got_targets, info = lora_io.load_lora(g, cfg=cfg)
+    got_tree, got_targets, info = lora_read.load_lora(g, cfg=cfg)
     assert info["format"] == "genmo" and all(t.scale == 1.0 for t in got_targets)
     err_g = assert_same_deltas(deltas(got_tree, got_targets), want, 1e-7)
 
@@ -119,20 +119,20 @@ def test_round_trips_genmo_and_diffusers(base, tmp_path):
     for m in ("add_q_proj", "add_k_proj", "add_v_proj"):  # A shared by q, k, v
         np.testing.assert_array_equal(sd[f"transformer.transformer_blocks.3.attn1.{m}.lora_A.weight"], a)
     assert "transformer.transformer_blocks.3.norm1_context.linear_1.lora_A.weight" in sd
-    got_tree, got_targets, info = lora_io.load_lora(d, depth=cfg.depth)
+    got_tree, got_targets, info = lora_read.load_lora(d, depth=cfg.depth)
     assert info["format"] == "diffusers" and got_tree["blocks"]["attn"]["qkv_x"]["a"].shape[-1] == 4
     err_d = assert_same_deltas(deltas(got_tree, got_targets), want, 1e-7)
-    d2 = lora_io.save_diffusers(tmp_path / "d2.safetensors", tree, targets)
-    err_d2 = assert_same_deltas(deltas(*lora_io.load_lora(d2, cfg=cfg)[:2]), want, 1e-7)
+    d2 = lora_write.save_diffusers(tmp_path / "d2.safetensors", tree, targets)
+    err_d2 = assert_same_deltas(deltas(*lora_read.load_lora(d2, cfg=cfg)[:2]), want, 1e-7)
     print(f"rel err of delta W: ours -> genmo -> ours {err_g:.2e}, -> diffusers -> ours {err_d:.2e}, "
           f"ours -> diffusers -> ours {err_d2:.2e}")
 
     # scale 1 and uniform ranks: both round trips give back the tree bitwise, with the same targets
     tree1, targets1 = random_lora(params, {r"attn/qkv_[xy]$": (4, 4.0), r"attn/proj_[xy]$": (2, 2.0),
                                            r"mlp_x/w1$": (3, 3.0)}, seed=2)
-    for save in (lora_io.save_genmo, lora_io.save_diffusers):
+    for save in (lora_write.save_genmo, lora_write.save_diffusers):
         p = save(tmp_path / f"{save.__name__}.safetensors", tree1, targets1)
-        back, back_targets, _ = lora_io.load_lora(p)
+        back, back_targets, _ = lora_read.load_lora(p)
         jax.tree_util.tree_map(np.testing.assert_array_equal, back, tree1)
         assert {(t.rank, t.alpha) for t in back_targets} == {(4, 4.0), (2, 2.0), (3, 3.0)}
 
@@ -142,7 +142,7 @@ def test_genmo_export_pads_ranks_and_writes_zero_partners(base, tmp_path):
     cfg, _, params, _, _ = base("h3d8")
     tree, targets = random_lora(params, {r"attn/qkv_x$": (4, 2.0), r"^blocks/attn/proj_y$": (2, 2.0),
                                          r"last_block/attn/qkv_y$": (2, 3.0)}, seed=3)
-    p = lora_io.save_genmo(tmp_path / "g.safetensors", tree, targets, dtype="bfloat16")
+    p = lora_write.save_genmo(tmp_path / "g.safetensors", tree, targets, dtype="bfloat16")
     sd = load_file(p)
     assert sd["blocks.0.attn.qkv_x.lora_A"].dtype.name == "bfloat16"
     expect = {f"blocks.{n}.attn.{name}.lora_{x}" for n in range(cfg.depth) for x in "AB"
@@ -152,7 +152,7 @@ def test_genmo_export_pads_ranks_and_writes_zero_partners(base, tmp_path):
     assert not np.any(sd["blocks.0.attn.qkv_y.lora_B"]) and not np.any(sd["blocks.1.attn.proj_x.lora_A"])
     assert sd["blocks.3.attn.qkv_y.lora_B"].shape == (3 * cfg.width, 4)
     assert not np.any(sd["blocks.3.attn.qkv_y.lora_B"][:, 2:])  # rank 2 zero-padded to 4
-    back, back_targets, _ = lora_io.load_lora(p, cfg=cfg)
+    back, back_targets, _ = lora_read.load_lora(p, cfg=cfg)
     # what the file holds: bfloat16 of a and of b with the scale folded in
     bf16 = {}
     for path, node in lora_lib.layers_of(tree):
@@ -186,7 +186,7 @@ def test_diffusers_files_match_diffusers_loader(base, tmp_path, name):
     # 1. our export, read by diffusers
     spec = dict(SPEC, **{r"mlp_y/w2$": (1, 1.0), r"^blocks/mod_x$": (2, 3.0)})
     tree, targets = random_lora(params, spec, seed=5)
-    lora_io.save_diffusers(tmp_path / "ours.safetensors", tree, targets)
+    lora_write.save_diffusers(tmp_path / "ours.safetensors", tree, targets)
     ref = diffusers_out(tmp_path, "ours.safetensors")
     ours = forward(cfg, params, inp, tree, targets)
     assert rel_l2(ref, ref_base) > 1e-2  # diffusers really applied the adapters
@@ -208,7 +208,7 @@ def test_diffusers_files_match_diffusers_loader(base, tmp_path, name):
     meta = json.dumps({f"transformer.{k}": v for k, v in peft.items()})
     save_file(sd, str(tmp_path / "peft.safetensors"), metadata={"format": "pt", "lora_adapter_metadata": meta})
     ref = diffusers_out(tmp_path, "peft.safetensors")
-    tree, targets, info = lora_io.load_lora(tmp_path / "peft.safetensors", cfg=cfg)
+    tree, targets, info = lora_read.load_lora(tmp_path / "peft.safetensors", cfg=cfg)
     assert tree["blocks"]["attn"]["qkv_x"]["a"].shape[-1] == 3 * r  # q, k, v stacked: rank 3r
     assert info["layers"]["blocks/attn/qkv_x"]["scale_folded_into_b"]
     ours = forward(cfg, params, inp, tree, targets)
@@ -228,14 +228,14 @@ def test_diffusers_export_has_one_rank_and_leaves_out_zero_adapters(base, tmp_pa
     tree, targets = random_lora(params, SPEC, seed=5)  # ranks 4, 3, 2 and 2
     tree["blocks"]["attn"]["proj_x"]["b"][1] = 0  # block 1's proj_x adapter adds nothing
     tree["blocks"]["attn"]["qkv_x"]["a"][..., 3] = 0  # nor does qkv_x's 4th component in blocks 0-2
-    sd = load_file(lora_io.save_diffusers(tmp_path / "d.safetensors", tree, targets))
+    sd = load_file(lora_write.save_diffusers(tmp_path / "d.safetensors", tree, targets))
     ranks = {v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight")}
     ranks |= {v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
     assert ranks == {4}
     assert "transformer.transformer_blocks.1.attn1.to_out.0.lora_A.weight" not in sd
     assert "transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight" in sd
     assert not np.any(sd["transformer.transformer_blocks.0.attn1.to_out.0.lora_A.weight"][3:])  # rank 3 padded
-    back, back_targets, info = lora_io.load_lora(tmp_path / "d.safetensors", cfg=cfg)
+    back, back_targets, info = lora_read.load_lora(tmp_path / "d.safetensors", cfg=cfg)
     assert_same_deltas(deltas(back, back_targets), deltas(tree, targets), 1e-6)
     got = {t.pattern: t.rank for t in back_targets}
     assert got["^blocks/attn/qkv_x$"] == 3 and got["^last_block/attn/qkv_x$"] == 4 and got["^blocks/mlp_x/w1$"] == 2
@@ -247,7 +247,7 @@ def test_convert_infers_the_depth_only_when_the_file_shows_it(base, tmp_path, ca
     under the last block's names: without --depth the command asks for it."""
     cfg, _, params, _, _ = base("h3d8")  # depth 4
     tree, targets = random_lora(params, {r"attn/(qkv|proj)_[xy]$": (2, 2.0)}, seed=7)
-    full = lora_io.save_genmo(tmp_path / "full.safetensors", tree, targets, cfg=cfg)
+    full = lora_write.save_genmo(tmp_path / "full.safetensors", tree, targets, cfg=cfg)
     sd = load_file(full)
     first = {k: v for k, v in sd.items() if int(k.split(".")[1]) < 2}  # blocks 0 and 1 of 4
     _write(tmp_path / "first.safetensors", first)
@@ -266,14 +266,14 @@ def test_convert_infers_the_depth_only_when_the_file_shows_it(base, tmp_path, ca
                      "--to", "diffusers"]) == 2
     assert "pass the model's depth" in capsys.readouterr().err and not (tmp_path / "q.safetensors").exists()
     # shown by the file: proj_y (which the last block lacks) on every block but the highest
-    for path in (full, lora_io.save_diffusers(tmp_path / "full_d.safetensors", tree, targets)):
-        assert lora_io.load_lora(path)[2]["depth"] == 4
+    for path in (full, lora_write.save_diffusers(tmp_path / "full_d.safetensors", tree, targets)):
+        assert lora_read.load_lora(path)[2]["depth"] == 4
     # the diffusers last-block module norm1_context.linear_1 shows it too; Mochi 1's block 47 does
     last = {"transformer.transformer_blocks.2.norm1_context.linear_1.lora_A.weight": np.ones((1, cfg.width)),
             "transformer.transformer_blocks.2.norm1_context.linear_1.lora_B.weight": np.ones((cfg.text_width, 1))}
-    assert lora_io.load_lora(_write(tmp_path / "last.safetensors", last))[2]["depth"] == 3
+    assert lora_read.load_lora(_write(tmp_path / "last.safetensors", last))[2]["depth"] == 3
     mochi = {"blocks.47.attn.qkv_x.lora_A": np.ones((1, 8)), "blocks.47.attn.qkv_x.lora_B": np.ones((24, 1))}
-    assert lora_io.load_lora(_write(tmp_path / "mochi.safetensors", mochi))[2]["depth"] == 48
+    assert lora_read.load_lora(_write(tmp_path / "mochi.safetensors", mochi))[2]["depth"] == 48
     # info shows an ambiguous file anyway
     assert cli.main(["info", str(tmp_path / "first.safetensors")]) == 0
     assert "depth unknown (blocks up to 1" in capsys.readouterr().out
@@ -282,7 +282,7 @@ def test_convert_infers_the_depth_only_when_the_file_shows_it(base, tmp_path, ca
 def test_info_says_when_the_scale_is_folded_and_convert_drops_zero_adapters(base, tmp_path, capsys):
     cfg, _, params, _, _ = base("h3d8")
     tree, targets = random_lora(params, {r"attn/qkv_x$": (4, 16.0), r"^blocks/attn/proj_y$": (2, 2.0)}, seed=8)
-    g = lora_io.save_genmo(tmp_path / "g.safetensors", tree, targets, cfg=cfg)  # writes zero qkv_y / proj_x partners
+    g = lora_write.save_genmo(tmp_path / "g.safetensors", tree, targets, cfg=cfg)  # writes zero qkv_y / proj_x partners
     assert cli.main(["info", str(g)]) == 0
     out = capsys.readouterr().out
     assert "alpha 4 = rank, scale 1" in out and "already folded into lora_B" in out
@@ -308,7 +308,7 @@ def test_convert_reads_a_training_run_directory(base, tmp_path, monkeypatch, cap
     run.mkdir()
     assert cli.main(["convert", str(run), str(tmp_path / "r.safetensors"), "--to", "genmo"]) == 0
     assert seen == [run] and f"training run {run}" in capsys.readouterr().out
-    back, back_targets, _ = lora_io.load_lora(tmp_path / "r.safetensors", depth=cfg.depth)
+    back, back_targets, _ = lora_read.load_lora(tmp_path / "r.safetensors", depth=cfg.depth)
     assert_same_deltas(deltas(back, back_targets), deltas(tree, targets), 1e-6)
     # a folder that is no run: one line, exit status 2
     monkeypatch.undo()
@@ -395,14 +395,14 @@ def test_genmo_kohya_comfy_files_match_an_independent_numpy_merge(base, tmp_path
         assert changed == {("last_block" if k.split(".")[1] == str(cfg.depth - 1) else "blocks",
                             *k.split(".")[2:-1], "kernel") for k in delta}
         want = forward(c, merged_params, inp)
-        tree, targets, info = lora_io.load_lora(tmp_path / f"{kind}.safetensors", cfg=cfg)
+        tree, targets, info = lora_read.load_lora(tmp_path / f"{kind}.safetensors", cfg=cfg)
         assert info["format"] == ("kohya" if kind == "kohya" else "genmo")
         got = forward(cfg, params, inp, tree, targets)
         err = rel_l2(got, want)
         print(f"{kind}: rel err vs NumPy merge {err:.2e}")
         assert err <= 1e-5, kind
     # the file's uniform alpha is kept where it can be; per-block alphas are folded into b
-    assert {(t.pattern, t.rank, t.alpha) for t in lora_io.load_lora(tmp_path / "genmo.safetensors")[1]} >= {
+    assert {(t.pattern, t.rank, t.alpha) for t in lora_read.load_lora(tmp_path / "genmo.safetensors")[1]} >= {
         ("^blocks/attn/qkv_x$", 2, 3.0), ("^blocks/attn/proj_x$", 2, 1.0)}
 
 
@@ -414,7 +414,7 @@ def test_combine_equals_merging_each(base):
     l1, t1 = random_lora(params, {r"attn/qkv_[xy]$": (2, 3.0), r"mlp_x/w1$": (2, 2.0)}, seed=11)
     l2, t2 = random_lora(params, {r"attn/proj_x$": (3, 1.0), r"attn/qkv_x$": (1, 2.0), r"last_block/mod_y$": (2, 4.0)},
                          seed=12)
-    tree, targets = lora_io.combine([(l1, t1, 0.7), (l2, t2, -0.3)])
+    tree, targets = lora_lib.combine([(l1, t1, 0.7), (l2, t2, -0.3)])
     assert tree["blocks"]["attn"]["qkv_x"]["a"].shape[-1] == 3 and "qkv_y" in tree["last_block"]["attn"]
     assert all(t.scale == 1.0 and t.pattern.startswith("^") for t in targets)
     want = lora_lib.merge(lora_lib.merge(params, l1, t1, 0.7), l2, t2, -0.3)
@@ -430,11 +430,11 @@ def test_combine_equals_merging_each(base):
 def test_merge_checkpoint_and_unmerge(base, tmp_path):
     cfg, _, params, ckpt, genmo = base("h3d8")
     tree, targets = random_lora(params, SPEC, seed=13)
-    f = lora_io.save_genmo(tmp_path / "l.safetensors", tree, targets)
+    f = lora_write.save_genmo(tmp_path / "l.safetensors", tree, targets)
     assert cli.main(["merge", str(ckpt), str(f), str(tmp_path / "m"), "--strength", "0.8"]) == 0
     c, merged = load_dit(tmp_path / "m")
     assert c.arch() == cfg.arch() and c.param_dtype == "float32"
-    loaded, loaded_targets, _ = lora_io.load_lora(f, cfg=cfg)
+    loaded, loaded_targets, _ = lora_read.load_lora(f, cfg=cfg)
     want = lora_lib.merge(params, loaded, loaded_targets, 0.8)
     jax.tree_util.tree_map(np.testing.assert_array_equal, merged, want)
     assert not np.array_equal(merged["blocks"]["attn"]["qkv_x"]["kernel"], params["blocks"]["attn"]["qkv_x"]["kernel"])
@@ -449,7 +449,7 @@ def test_merge_checkpoint_and_unmerge(base, tmp_path):
                                                   progress=False)[0])
     assert c2.arch() == cfg.arch()
     jax.tree_util.tree_map(np.testing.assert_array_equal, from_genmo, want)
-    out, _ = lora_io.merge_checkpoint(tmp_path / "m", f, tmp_path / "u", strength=0.8, unmerge=True)
+    out, _ = lora_write.merge_checkpoint(tmp_path / "m", f, tmp_path / "u", strength=0.8, unmerge=True)
     _, restored = load_dit(out)
     worst = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / (1 + np.abs(np.asarray(y)))))
                 for x, y in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params)))
@@ -487,8 +487,8 @@ def test_refusals_name_the_file_and_every_bad_key(base, tmp_path, capsys):
     }
     for case, (tensors, named) in cases.items():
         path = _write(tmp_path / f"{case.replace(' ', '_')}.safetensors", tensors)
-        with pytest.raises(lora_io.LoraFormatError) as e:
-            lora_io.load_lora(path, depth=cfg.depth)
+        with pytest.raises(lora_format.LoraFormatError) as e:
+            lora_read.load_lora(path, depth=cfg.depth)
         for key in named + [str(path)]:
             assert key in str(e.value), (case, str(e.value))
         assert cli.main(["info", str(path), "--depth", str(cfg.depth)]) == 2
@@ -497,22 +497,22 @@ def test_refusals_name_the_file_and_every_bad_key(base, tmp_path, capsys):
     # against the model's dims (cfg): a lora_B with the wrong output size
     path = _write(tmp_path / "dims.safetensors", {"blocks.0.attn.qkv_x.lora_A": np.ones((2, w)),
                                                    "blocks.0.attn.qkv_x.lora_B": np.ones((w, 2))})
-    lora_io.load_lora(path, depth=cfg.depth)  # self-consistent on its own
-    with pytest.raises(lora_io.LoraFormatError, match=re.escape("blocks.0.attn.qkv_x.lora_B")):
-        lora_io.load_lora(path, cfg=cfg)
+    lora_read.load_lora(path, depth=cfg.depth)  # self-consistent on its own
+    with pytest.raises(lora_format.LoraFormatError, match=re.escape("blocks.0.attn.qkv_x.lora_B")):
+        lora_read.load_lora(path, cfg=cfg)
     # genmo kwargs that contradict the tensors; depth inferred where the last block cannot be the last
     path = _write(tmp_path / "kw.safetensors", ok, {"kwargs": json.dumps({"qkv_proj_lora_rank": 4,
                                                                           "qkv_proj_lora_alpha": 4})})
-    with pytest.raises(lora_io.LoraFormatError, match="qkv_proj_lora_rank = 4"):
-        lora_io.load_lora(path, depth=cfg.depth)
-    with pytest.raises(lora_io.LoraFormatError, match="pass the model's depth"):
-        lora_io.load_lora(_write(tmp_path / "py.safetensors", {"blocks.1.attn.proj_y.lora_A": np.ones((2, w)),
+    with pytest.raises(lora_format.LoraFormatError, match="qkv_proj_lora_rank = 4"):
+        lora_read.load_lora(path, depth=cfg.depth)
+    with pytest.raises(lora_format.LoraFormatError, match="pass the model's depth"):
+        lora_read.load_lora(_write(tmp_path / "py.safetensors", {"blocks.1.attn.proj_y.lora_A": np.ones((2, w)),
                                                                "blocks.1.attn.proj_y.lora_B": np.ones((w, 2))}))
     # export: layers the file formats have no names for
     _, _, params, _, _ = base("h3d8")
     tree, targets = random_lora(params, {r"attn/qkv_x$": (2, 2.0)}, seed=0)
     tree["t_embedder"] = {"mlp_0": {"a": np.ones((8, 2)), "b": np.ones((2, 8))}}
     targets += (lora_lib.LoraTarget("t_embedder", 2, 2.0),)
-    for save in (lora_io.save_genmo, lora_io.save_diffusers):
-        with pytest.raises(lora_io.LoraFormatError, match="t_embedder/mlp_0"):
+    for save in (lora_write.save_genmo, lora_write.save_diffusers):
+        with pytest.raises(lora_format.LoraFormatError, match="t_embedder/mlp_0"):
             save(tmp_path / "x.safetensors", tree, targets)

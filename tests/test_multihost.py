@@ -15,7 +15,7 @@ from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
 from mochi_jax import demo
 from mochi_jax.checkpoints import runs
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_read
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     # the checkpoint written by two processes restores in this single-device process and equals
     # the LoRA file process 0 exported from the gathered factors
     factors, targets = runs.load_run_lora(run)
-    exported, exp_targets, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
+    exported, exp_targets, _ = lora_read.load_lora(run / "lora.safetensors", depth=3)
     for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
         d = lora_delta64(factors, targets, path)
         assert np.abs(d).max() > 0  # trained

@@ -3,15 +3,18 @@
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from mochi_jax.checkpoints import common
+from mochi_jax.checkpoints import files
 from mochi_jax.configs import prepare as prepare_configs
 from mochi_jax.lib import cache as cache_lib
 from mochi_jax import prepare as prepare_cmd
+from mochi_jax.lib import placement
 from mochi_jax.lib import preparation as prepare_lib
+from mochi_jax.lib import sources
 from mochi_jax.demo import clips as synthetic
 from mochi_jax.lib.cache import Cache, CacheError
 from mochi_jax.lib.video import VideoError, read_clip, resize_cover, to_unit, from_unit, write_mp4
@@ -100,9 +103,9 @@ def test_synthetic_clips_are_deterministic_and_distinct(tmp_path):
 
 def test_choose_bucket_by_aspect_ratio():
     buckets = ((480, 848), (848, 480), (640, 640))
-    assert prepare_lib.choose_bucket(1080, 1920, buckets) == (480, 848)
-    assert prepare_lib.choose_bucket(1920, 1080, buckets) == (848, 480)
-    assert prepare_lib.choose_bucket(500, 520, buckets) == (640, 640)
+    assert sources.choose_bucket(1080, 1920, buckets) == (480, 848)
+    assert sources.choose_bucket(1920, 1080, buckets) == (848, 480)
+    assert sources.choose_bucket(500, 520, buckets) == (640, 640)
 
 
 def test_config_presets_and_overrides():
@@ -153,6 +156,25 @@ def test_demo_preset_runs_on_a_fresh_folder(demo):
     preview = read_clip(cache.path / "previews" / "clip_000.mp4", 13, size=(48, 160))  # input | reconstruction
     source = read_clip(cache.entries[0]["source"], 13, size=SIZE)
     assert np.abs(preview[:, :, :80].astype(int) - source).mean() < 3
+
+
+def test_the_fit_checks_programs_are_what_prepare_runs(demo):
+    """placement.vae_encode_program / t5_program (what `mochi_jax.aot` compiles) give the very jitted
+    functions Models calls and lower to the same HLO as those calls on real arrays of the same shapes, on
+    one device (several devices: tests/test_prepare_sharded.py)."""
+    cfg = demo[0].copy_and_resolve_references()
+    cfg.devices = 1
+    m = prepare_lib.load_models(cfg)
+    one = jax.local_devices()[:1]
+    enc, pixels = m.encode_call(np.zeros((1, 3, 13, *SIZE), np.float32))
+    program = placement.vae_encode_program(m.vae_cfg, one, (13, *SIZE), m.tiled)
+    assert program.fn is enc and program.kwargs == {"cfg": m.vae_cfg, "tiled": m.tiled}
+    assert program.lower().as_text() == enc.lower(m.vae_params, pixels, cfg=m.vae_cfg, tiled=m.tiled).as_text()
+    assert set(program.inputs) == {"encoder weights", "pixels"} and set(program.resident) == {"decoder weights"}
+    fn, args = m.text_call(["a grey clip", ""])
+    program = placement.t5_program(m.text.cfg, one, m.batch, cfg.max_length, {})
+    assert program.fn is fn and program.lower().as_text() == fn.lower(*args).as_text()
+    assert m.encode_text(["a grey clip", ""])[0].shape == (2, cfg.max_length, m.text.cfg.d_model)
 
 
 def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, monkeypatch, capsys):
@@ -243,7 +265,7 @@ def test_a_crash_mid_clip_leaves_no_partial_file_and_the_next_run_finishes(demo,
                 f.write(blob[: len(blob) // 2])
                 raise KeyboardInterrupt
 
-            common.write_atomically(path, half_then_killed)
+            files.write_atomically(path, half_then_killed)
         return real_save(path, arrays)
 
     monkeypatch.setattr(cache_lib, "write_safetensors", dies_on_second_clip)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mochi_jax.configs import prepare as prepare_configs
-from mochi_jax.lib import preparation as prepare_lib
+from mochi_jax.lib import placement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,16 @@ def test_vae_weights_replicated_and_clip_split_spatially(results):
     assert "T5 weights sharded, text batches of 8 split over fsdp" in results["printed"]
 
 
+def test_the_fit_checks_programs_are_what_prepare_runs_on_many_devices(results):
+    """placement.vae_encode_program / t5_program (what `mochi_jax.aot` compiles) lower to the very HLO of
+    Models' own calls on real arrays: a clip split over 8 devices or over 2 x 2 with copies, a tiled clip
+    whole on every device, the batch-split T5 with FSDP weights (one device: tests/test_prepare.py)."""
+    assert results["programs"] == {"vae split 48x128": True, "vae split 48x80": True, "vae tiled 48x128": True,
+                                   "vae tiled 48x80": True, "t5": True}
+
+
 def test_spatial_split_takes_the_width_first_then_the_height():
-    split = prepare_lib.spatial_split
+    split = placement.spatial_split
     assert split(6, 16, 8) == (1, 8)  # the width divides 8 ways
     assert split(60, 106, 8) == (4, 2)  # 480x848: 106 columns split 2 ways, 60 rows 4 ways
     assert split(60, 106, 2) == (1, 2)
@@ -79,7 +87,7 @@ def test_one_device_is_todays_path_and_bad_device_counts_are_refused():
     cfg = prepare_configs.get_config("")
     assert cfg.devices == -1 and cfg.mesh.to_dict() == {"data": 1, "fsdp": -1, "tensor": 1}
     cfg.devices = 1
-    assert prepare_lib.prepare_mesh(cfg) is None
+    assert placement.prepare_mesh(cfg) is None
     cfg.devices = 10_000
     with pytest.raises(ValueError, match="devices=10000"):
-        prepare_lib.prepare_mesh(cfg)
+        placement.prepare_mesh(cfg)

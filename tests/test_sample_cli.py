@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 from mochi_jax.configs import sample as sample_config
 from mochi_jax import sample
 from mochi_jax.checkpoints import runs
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_format, lora_write
 from mochi_jax.demo import write_demo_models
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.checkpoints import load_dit
@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     cfg, _ = load_dit(paths["dit"])
     targets = lora_lib.targets_from_config({k: dict(v, rank=2, alpha=4.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
     files = []
-    for i, save in enumerate((lora_io.save_genmo, lora_io.save_diffusers)):
+    for i, save in enumerate((lora_write.save_genmo, lora_write.save_diffusers)):
         from mochi_jax.models.dit import MochiDiT
         import jax.numpy as jnp
 
@@ -91,7 +91,7 @@ def test_bad_lora_is_refused_naming_the_key(setup):
     bad = root / "bad.safetensors"
     save_file(tensors, str(bad), metadata={"kwargs": '{"qkv_proj_lora_rank": 2, "qkv_proj_lora_alpha": 2, '
                                                       '"out_proj_lora_rank": 2, "out_proj_lora_alpha": 2}'})
-    with pytest.raises(lora_io.LoraFormatError, match=key.replace(".", r"\.")):
+    with pytest.raises(lora_format.LoraFormatError, match=key.replace(".", r"\.")):
         _frames(_cfg(root, loras=str(bad)))
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         _frames(_cfg(root, loras="nope.safetensors"))

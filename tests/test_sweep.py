@@ -16,7 +16,7 @@ import pytest
 import eval_ref
 from mochi_jax import demo, evaluate
 from mochi_jax.demo import write_demo_clip
-from mochi_jax.checkpoints import lora_files, runs
+from mochi_jax.checkpoints import lora_read, runs
 from mochi_jax.configs import lora as lora_config
 from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import trainer, training
@@ -156,7 +156,7 @@ def test_sweep_run_resume_export_and_compare(tmp_path):
         for f in ("lora.safetensors", "lora_diffusers.safetensors", "config.json"):
             assert (whole / "variants" / n / f).is_file()
         # the exported files load through the project's loader and hold the checkpoint's LoRA
-        factors, targets, _ = lora_files.load_lora(whole / "variants" / n / "lora.safetensors")
+        factors, targets, _ = lora_read.load_lora(whole / "variants" / n / "lora.safetensors")
         ckpt, ckpt_targets = runs.load_run_lora(whole / "variants" / n)
         assert [t.rank for t in ckpt_targets] == [2, 2] if n == "r2" else [4, 4]
         for (p1, a), (p2, b) in zip(lora_lib.layers_of(factors), lora_lib.layers_of(ckpt)):

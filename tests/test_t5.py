@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
-from mochi_jax.checkpoints.common import ConversionError  # noqa: E402
+from mochi_jax.checkpoints.safetensors_io import ConversionError  # noqa: E402
 from mochi_jax.checkpoints.t5 import convert_t5, load_t5  # noqa: E402
 from mochi_jax.models import t5 as t5_model  # noqa: E402
 from mochi_jax.lib.text import T5Tokenizer, TextEncoder, encode  # noqa: E402

@@ -23,7 +23,7 @@ from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
 from mochi_jax import demo, train
 from mochi_jax.checkpoints import dit_config, runs
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_read, lora_write
 from mochi_jax.lib import trainer, training
 from mochi_jax.lib.validation import Validator
 from mochi_jax.models import lora as lora_lib
@@ -119,7 +119,7 @@ def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
     assert len(videos) == 1 and videos[0].stat().st_size > 0
     # the exported LoRA (genmo format, alpha folded) is the trained one
     factors, targets = runs.load_run_lora(run)
-    loaded, loaded_targets, _ = lora_io.load_lora(run / "lora.safetensors", depth=3)
+    loaded, loaded_targets, _ = lora_read.load_lora(run / "lora.safetensors", depth=3)
     for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
         np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path), lora_delta64(factors, targets, path),
                                    rtol=1e-6, atol=1e-8)
@@ -318,7 +318,7 @@ def test_visual_only_lora_is_exported(demo_root):
     run = train.train(cfg)
     factors, targets = runs.load_run_lora(run)
     for name in ("lora.safetensors", "lora_diffusers.safetensors"):
-        loaded, loaded_targets, _ = lora_io.load_lora(run / name, depth=3)
+        loaded, loaded_targets, _ = lora_read.load_lora(run / name, depth=3)
         for path in [("blocks", "attn", "qkv_x"), ("last_block", "attn", "proj_x")]:
             np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path),
                                        lora_delta64(factors, targets, path), rtol=1e-6, atol=1e-8)
@@ -334,9 +334,9 @@ def test_exporters_take_the_dit_config(demo_root):
     tree = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
                                   abstract_variables(dit_cfg, targets)["lora"])
     path = ("last_block", "attn", "qkv_y")
-    for save in (lora_io.save_genmo, lora_io.save_diffusers):
+    for save in (lora_write.save_genmo, lora_write.save_diffusers):
         f = save(Path(demo_root) / f"last_only_{save.__name__}.safetensors", tree, targets, cfg=dit_cfg)
-        loaded, loaded_targets, _ = lora_io.load_lora(f, cfg=dit_cfg)
+        loaded, loaded_targets, _ = lora_read.load_lora(f, cfg=dit_cfg)
         np.testing.assert_allclose(lora_delta64(loaded, loaded_targets, path), lora_delta64(tree, targets, path),
                                    rtol=1e-6, atol=1e-8)
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from mochi_jax import cli
-from mochi_jax.checkpoints import common, lora_files
+from mochi_jax.checkpoints import files, lora_format, lora_write, orbax_io, safetensors_io
 from mochi_jax.lib import cache as cache_lib
 from mochi_jax.lib.video import write_mp4
 from mochi_jax.models.lora import LoraTarget
@@ -48,12 +48,12 @@ def test_files_get_the_permissions_of_the_umask(tmp_path, umask_002):
     sampling service running as another user could not read our LoRAs and caches. Every file the
     project writes must get what any program's new file gets (0o666 minus the umask)."""
     tree, targets = _tiny_lora()
-    written = [lora_files.save_genmo(tmp_path / "lora.safetensors", tree, targets),
-               lora_files.save_diffusers(tmp_path / "lora_diffusers.safetensors", tree, targets),
+    written = [lora_write.save_genmo(tmp_path / "lora.safetensors", tree, targets),
+               lora_write.save_diffusers(tmp_path / "lora_diffusers.safetensors", tree, targets),
                cache_lib.write_arrays(tmp_path / "cache" / "clips" / "a.safetensors", {"mean": np.ones(3, np.float32)}),
                cache_lib.write_manifest(tmp_path / "cache", {"format": cache_lib.FORMAT}),
                write_mp4(tmp_path / "video.mp4", np.zeros((3, 16, 16, 3), np.uint8))]
-    common.save_model(tmp_path / "ckpt", {"w": {"kernel": np.ones((4, 4), np.float32)}}, "test", {})
+    orbax_io.save_model(tmp_path / "ckpt", {"w": {"kernel": np.ones((4, 4), np.float32)}}, "test", {})
     written += [p for p in (tmp_path / "ckpt").rglob("*") if p.is_file()]
     assert len(written) > 6
     for p in written:
@@ -112,27 +112,27 @@ def test_writers_name_the_real_path_never_a_temporary_file(tmp_path):
     cases = [(tmp_path / "file" / "lora.safetensors", NotADirectoryError, tmp_path / "file"),
              (tmp_path / "folder.safetensors", IsADirectoryError, tmp_path / "folder.safetensors")]
     for path, kind, named in cases:
-        for write in (lambda p: lora_files.save_diffusers(p, tree, targets),
+        for write in (lambda p: lora_write.save_diffusers(p, tree, targets),
                       lambda p: cache_lib.write_arrays(p, {"a": np.ones(2)}),
-                      lambda p: common.write_atomically(p, "text")):
+                      lambda p: files.write_atomically(p, "text")):
             with pytest.raises(kind) as e:
                 write(path)
             assert e.value.filename == str(named) and ".tmp" not in str(e.value)
             assert _message(e.value).startswith(f"{named}: ")
     with pytest.raises(NotADirectoryError) as e:
-        common.save_model(tmp_path / "file", {"w": np.ones(2)}, "test", {})
+        orbax_io.save_model(tmp_path / "file", {"w": np.ones(2)}, "test", {})
     assert e.value.filename == str(tmp_path / "file")
     with pytest.raises(NotADirectoryError) as e:
-        common.writable_dir(tmp_path / "file" / "out")
+        files.writable_dir(tmp_path / "file" / "out")
     assert e.value.filename == str(tmp_path / "file")
 
 
 def test_read_only_and_full_folders_are_named(read_only_dir, tmp_path):
     tree, targets = _tiny_lora()
-    for write in (lambda: lora_files.save_genmo(read_only_dir / "lora.safetensors", tree, targets),
+    for write in (lambda: lora_write.save_genmo(read_only_dir / "lora.safetensors", tree, targets),
                   lambda: cache_lib.write_manifest(read_only_dir, {}),
-                  lambda: common.writable_dir(read_only_dir),
-                  lambda: common.save_model(read_only_dir / "ckpt", {"w": np.ones(2)}, "test", {})):
+                  lambda: files.writable_dir(read_only_dir),
+                  lambda: orbax_io.save_model(read_only_dir / "ckpt", {"w": np.ones(2)}, "test", {})):
         with pytest.raises(OSError) as e:
             write()
         assert e.value.errno in (errno.EROFS, errno.EACCES)
@@ -143,7 +143,7 @@ def test_read_only_and_full_folders_are_named(read_only_dir, tmp_path):
 
 def test_a_full_disk_is_named(full_dir):
     with pytest.raises(OSError) as e:
-        common.write_safetensors(full_dir / "big.safetensors", {"a": np.ones(1 << 16, np.float32)})
+        safetensors_io.write_safetensors(full_dir / "big.safetensors", {"a": np.ones(1 << 16, np.float32)})
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(full_dir / "big.safetensors")
     assert list(full_dir.iterdir()) == []  # the temporary file is gone
     assert _message(e.value) == f"{full_dir / 'big.safetensors'}: No space left on device"
@@ -153,7 +153,7 @@ def test_user_error_or_bug():
     assert cli.user_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y")) == \
         "/x/y: No such file or directory"
     assert cli.user_error(OSError(errno.EROFS, "Read-only file system", "/mnt/ro")) == "/mnt/ro: Read-only file system"
-    assert cli.user_error(lora_files.LoraFormatError("a.safetensors: unknown key")) == "a.safetensors: unknown key"
+    assert cli.user_error(lora_format.LoraFormatError("a.safetensors: unknown key")) == "a.safetensors: unknown key"
     assert cli.user_error(ValueError("num_frames=8 is not 6k+1")) == "num_frames=8 is not 6k+1"
     assert cli.user_error(OSError(errno.EIO, "Input/output error")) is None  # a sick disk: keep the traceback
     assert cli.user_error(KeyError("x")) is None and cli.user_error(TypeError("bug")) is None

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from mochi_jax.checkpoints.common import ConversionError, read_metadata
+from mochi_jax.checkpoints.orbax_io import read_metadata
+from mochi_jax.checkpoints.safetensors_io import ConversionError
 from mochi_jax.checkpoints.vae import convert_vae, load_vae, read_vae
 from mochi_jax.models import vae as V
 from vae_ref import (make_reference, our_config, params_from_state_dict, rel_l2, state_dict_np, write_diffusers,

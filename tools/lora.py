@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from mochi_jax import cli
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_read, lora_write
 from mochi_jax.checkpoints.runs import load_run_lora
 
 NAME = "tools/lora.py"
@@ -51,10 +51,10 @@ def _scale_text(d: dict) -> str:
 def info(path, depth) -> tuple[dict, str]:
     """(load_lora's info, the depth in words) of a LoRA file."""
     try:
-        _, _, about = lora_io.load_lora(path, depth=depth)
+        _, _, about = lora_read.load_lora(path, depth=depth)
         depth_text = f"depth {about['depth']}" + (" (inferred)" if about["depth_inferred"] else "")
-    except lora_io.DepthUnknown as e:  # show the file anyway, with its highest block not taken as the last
-        _, _, about = lora_io.load_lora(path, depth=e.highest + 2)
+    except lora_read.DepthUnknown as e:  # show the file anyway, with its highest block not taken as the last
+        _, _, about = lora_read.load_lora(path, depth=e.highest + 2)
         depth_text = f"depth unknown (blocks up to {e.highest}; pass --depth to read it against a model)"
     return about, depth_text
 
@@ -90,16 +90,16 @@ def main(argv=None):
                 tree, targets = load_run_lora(src)
                 depth, origin, dropped = args.depth, f"training run {src}", []
             else:
-                tree, targets, about = lora_io.load_lora(src, depth=args.depth)
+                tree, targets, about = lora_read.load_lora(src, depth=args.depth)
                 depth, origin, dropped = about["depth"], f"{about['format']} {src}", about["zero_layers"]
-            save = lora_io.save_genmo if args.to == "genmo" else lora_io.save_diffusers
+            save = lora_write.save_genmo if args.to == "genmo" else lora_write.save_diffusers
             out = save(args.out, tree, targets, depth=depth, dtype=args.dtype)
             print(f"wrote {out}: {args.to} LoRA, {len(targets)} layer groups"
                   + (f", depth {depth}" if depth else "") + f" (from {origin})"
                   + (f"; left out all-zero {', '.join(dropped)}" if dropped else ""))
         elif args.cmd == "merge":
-            out, _ = lora_io.merge_checkpoint(args.base_dir, args.lora, args.out, args.strength, args.unmerge,
-                                              overwrite=args.overwrite, format=args.format)
+            out, _ = lora_write.merge_checkpoint(args.base_dir, args.lora, args.out, args.strength, args.unmerge,
+                                                 overwrite=args.overwrite, format=args.format)
             print(f"wrote {out}: {args.base_dir} {'minus' if args.unmerge else 'plus'} "
                   f"{args.strength} x {args.lora} ({args.format} layout)")
         else:

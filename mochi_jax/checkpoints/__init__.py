@@ -3,16 +3,16 @@ converted models (straight into shardings), LoRA files in every format, and trai
 
     convert_dit / convert_t5 / convert_vae / convert_clip   (tools/convert_weights.py)
     load_dit / load_t5 / load_vae / load_clip, dit_config   (config and params of a converted model)
-    lora_files                                              (genmo / ComfyUI / kohya / diffusers LoRAs)
+    lora_read / lora_write                                  (genmo / ComfyUI / kohya / diffusers LoRAs)
     runs                                                    (the LoRA of a training run directory)
 """
 
 from __future__ import annotations
 
 from mochi_jax.checkpoints.clip import convert_clip, load_clip
-from mochi_jax.checkpoints.common import (ConversionError, TensorSource, load_model, load_tree, read_metadata,
-                                          save_model, write)
 from mochi_jax.checkpoints.dit import convert_dit, dit_config, load_dit
+from mochi_jax.checkpoints.orbax_io import load_model, load_tree, read_metadata, save_model, write
+from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource
 from mochi_jax.checkpoints.t5 import convert_t5, load_t5
 from mochi_jax.checkpoints.vae import convert_vae, load_vae
 

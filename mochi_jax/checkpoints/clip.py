@@ -46,8 +46,8 @@ import numpy as np
 from flax import traverse_util
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, json_beside, load_model, need_shape,
-                                         read_metadata, validate, write)
+from mochi_jax.checkpoints.orbax_io import Leaf, load_model, read_metadata, validate, write
+from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource, json_beside, need_shape
 from mochi_jax.models.clip import CLIPConfig, abstract_params
 from mochi_jax.models.layers import stack_layers, unstack_shardings
 

@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import (ConversionError, LazyTensor, Leaf, TensorSource, load_model, read_metadata,
-                                         validate, vote, write, write_safetensors)
+from mochi_jax.checkpoints.orbax_io import Leaf, load_model, read_metadata, validate, write
+from mochi_jax.checkpoints.safetensors_io import ConversionError, LazyTensor, TensorSource, vote, write_safetensors
 from mochi_jax.models import quant
 from mochi_jax.models.dit import DiTConfig
 
@@ -63,7 +63,7 @@ def _genmo_view(src: TensorSource, layout: str, depth: int) -> Callable:
 
 
 def infer_config(src: TensorSource, layout: str) -> DiTConfig:
-    """The architecture, each number read from every tensor that shows it (`common.vote`): one
+    """The architecture, each number read from every tensor that shows it (`safetensors_io.vote`): one
     corrupt tensor cannot change it, so `validate` names that tensor and only it."""
     block_re = re.compile(r"^(transformer_blocks|blocks)\.(\d+)\.")
     depth = 1 + max((int(m.group(2)) for k in src.keys() if (m := block_re.match(k))), default=-1)

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mochi_jax.checkpoints import lora_files
+from mochi_jax.checkpoints import lora_read
 from mochi_jax.configs import lora as lora_config
 from mochi_jax.models import lora as lora_lib
 
@@ -165,11 +165,11 @@ def load_lora_or_run(path, dit_cfg):
     if p.is_dir() or split_variant(p)[1]:
         return load_run_lora(p)
     if p.is_file():
-        return lora_files.load_lora(p, cfg=dit_cfg)[:2]
+        return lora_read.load_lora(p, cfg=dit_cfg)[:2]
     raise FileNotFoundError(f"LoRA {p} does not exist")
 
 
 def load_loras(spec, dit_cfg):
     """(factors, targets) of the combined adapter for 'path[:strength],...', or None for no LoRA."""
     loras = [(*load_lora_or_run(path, dit_cfg), strength) for path, strength in parse_loras(spec)]
-    return lora_files.combine(loras) if loras else None
+    return lora_lib.combine(loras) if loras else None

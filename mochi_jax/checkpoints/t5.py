@@ -31,8 +31,8 @@ import numpy as np
 from safetensors import safe_open
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, json_beside, load_model, need_shape,
-                                         validate, vote, write)
+from mochi_jax.checkpoints.orbax_io import Leaf, load_model, validate, write
+from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource, json_beside, need_shape, vote
 from mochi_jax.models.t5 import T5Config
 
 EMBED, TIED = "shared.weight", "encoder.embed_tokens.weight"

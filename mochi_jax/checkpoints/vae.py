@@ -33,8 +33,8 @@ from typing import Callable
 import numpy as np
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.common import (ConversionError, Leaf, TensorSource, load_model, need_shape, nest, validate,
-                                         write)
+from mochi_jax.checkpoints.orbax_io import Leaf, load_model, nest, validate, write
+from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource, need_shape
 from mochi_jax.models.vae import VAEConfig
 
 

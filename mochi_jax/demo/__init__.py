@@ -15,7 +15,7 @@ from pathlib import Path
 from mochi_jax.demo.clips import make_clips
 from mochi_jax.demo.models import CORPUS, DIT, T5, VAE, random_like, write_demo_clip, write_demo_models
 from mochi_jax.lib import cache as cache_lib
-from mochi_jax.lib import preparation
+from mochi_jax.lib import preparation, sources
 
 __all__ = ["CORPUS", "DIT", "T5", "VAE", "ensure", "make_clips", "random_like", "write_demo_clip", "write_demo_models"]
 
@@ -30,7 +30,7 @@ def ensure(cfg) -> None:
     root = Path(d.root)
     write_demo_models(root / "models")
     clips = root / "clips"
-    if d.clips and not (clips.is_dir() and preparation.find_sources(clips)):
+    if d.clips and not (clips.is_dir() and sources.find_sources(clips)):
         make_clips(clips, n=d.clips, num_frames=d.clip_frames, size=tuple(d.clip_size))
     if d.prepare and not (Path(d.prepare.output_dir) / cache_lib.MANIFEST).is_file():
         print(f"demo: caching the synthetic clips of {d.prepare.input_dir} into {d.prepare.output_dir}", flush=True)

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from mochi_jax.checkpoints.common import write_atomically, write_safetensors
+from mochi_jax.checkpoints.files import write_atomically
+from mochi_jax.checkpoints.safetensors_io import write_safetensors
 
 FORMAT = "mochi_jax.cache/1"
 MANIFEST = "manifest.json"

@@ -121,16 +121,12 @@ def effective(sweep: Sweep, stacked) -> dict:
 
 
 def stack(sweep: Sweep, loras) -> dict:
-    """The K variants' own LoRA trees -> one stacked tree [K, ...], zero-padded to the structure."""
+    """The K variants' own LoRA trees -> one stacked tree [K, ...], zero-padded to the structure
+    (models/lora.py `stack_padded`, as evaluation stacks LoRAs)."""
     out = {}
     for i, path in enumerate(sweep.layers):
-        own = [(k, _get(lo, path)) for k, lo in enumerate(loras) if sweep.ranks[k][i]]
-        a0, b0, rmax = own[0][1]["a"], own[0][1]["b"], sweep.union[i].rank
-        a = jnp.zeros((sweep.size, *a0.shape[:-1], rmax), a0.dtype)
-        b = jnp.zeros((sweep.size, *b0.shape[:-2], rmax, b0.shape[-1]), b0.dtype)
-        for k, node in own:
-            r = sweep.ranks[k][i]
-            a, b = a.at[k, ..., :r].set(node["a"]), b.at[k, ..., :r, :].set(node["b"])
+        own = [(_get(lo, path)["a"], _get(lo, path)["b"]) if sweep.ranks[k][i] else None for k, lo in enumerate(loras)]
+        a, b = lora_lib.stack_padded(own, sweep.union[i].rank)
         _set(out, path, {"a": a, "b": b})
     return out
 

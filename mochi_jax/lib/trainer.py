@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from mochi_jax.checkpoints import dit_config, load_dit, lora_files, runs
+from mochi_jax.checkpoints import dit_config, load_dit, lora_write, runs
 from mochi_jax.configs import lora as lora_config
 from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
@@ -275,7 +275,7 @@ def check_exportable(lora_cfg: dict, targets, layers, who: str = "") -> None:
     for name in sorted(lora_cfg):
         for t in lora_lib.targets_from_config({name: lora_cfg[name]}):
             names.setdefault(t, name)
-    bad = [p for p in layers if not lora_files.writable(p)]
+    bad = [p for p in layers if not lora_write.writable(p)]
     if bad:
         t = lora_lib.find_target(targets, bad[0])
         name = names[t]
@@ -446,8 +446,8 @@ def export(run: Run) -> None:
     if run.main:
         for folder, factors, targets, vcfg in outputs:
             folder.mkdir(parents=True, exist_ok=True)
-            lora_files.save_genmo(folder / "lora.safetensors", factors, targets, cfg=run.dit_cfg)
-            lora_files.save_diffusers(folder / "lora_diffusers.safetensors", factors, targets, cfg=run.dit_cfg)
+            lora_write.save_genmo(folder / "lora.safetensors", factors, targets, cfg=run.dit_cfg)
+            lora_write.save_diffusers(folder / "lora_diffusers.safetensors", factors, targets, cfg=run.dit_cfg)
             if vcfg is not None:
                 _replace_text(folder / "config.json", vcfg.to_json(indent=2))
     where = (f"{run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) and {run.run_dir / 'lora_diffusers.safetensors'} "

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mochi_jax.checkpoints import lora_files
-from mochi_jax.checkpoints.lora_files import LoraFormatError
+from mochi_jax.checkpoints.lora_format import LoraFormatError
 from mochi_jax.checkpoints.runs import load_lora_or_run
 from mochi_jax.lib import sampling
+from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig, abstract_variables
 from mochi_jax.models.lora import LoraTarget, layers_of
 
@@ -63,7 +63,7 @@ def load_variant(path, strength: float, dit_cfg: DiTConfig, shapes) -> Variant:
     p = Path(path)
     tree, targets = load_lora_or_run(p, dit_cfg)
     check_fits(tree, shapes, p)
-    combined, _ = lora_files.combine([(tree, targets, strength)])
+    combined, _ = lora_lib.combine([(tree, targets, strength)])
     name = p.stem if p.is_file() else p.name
     return Variant(name if strength == 1 else f"{name}@{strength:g}", str(p), strength,
                    {path: (node["a"], node["b"]) for path, node in layers_of(combined)})
@@ -72,31 +72,16 @@ def load_variant(path, strength: float, dit_cfg: DiTConfig, shapes) -> Variant:
 def stack_adapters(variants) -> tuple[dict, tuple[LoraTarget, ...]]:
     """All variants as one LoRA tree whose leaves have a leading variant axis K, and its targets
     (per-layer patterns, alpha = rank so the scale is 1). A layer a variant does not adapt, and
-    ranks below the largest, are zeros: every variant computes exactly its own adapter."""
-    k_all = len(variants)
+    ranks below the largest, are zeros: every variant computes exactly its own adapter
+    (models/lora.py `stack_padded`, as a sweep stacks its LoRAs)."""
     paths = sorted({p for v in variants for p in v.layers})
-    tree, targets = {}, []
-    for path in paths:
-        have = [v.layers[path] for v in variants if path in v.layers]
-        rank = max(a.shape[-1] for a, _ in have)
-        a_st = np.zeros((k_all, *have[0][0].shape[:-1], rank), np.float32)
-        b_st = np.zeros((k_all, *have[0][1].shape[:-2], rank, have[0][1].shape[-1]), np.float32)
-        for k, v in enumerate(variants):
-            if path in v.layers:
-                a, b = v.layers[path]
-                a_st[k, ..., :a.shape[-1]] = a
-                b_st[k, ..., :b.shape[-2], :] = b
-        node = tree
-        for key in path:
-            node = node.setdefault(key, {})
-        node.update(a=a_st, b=b_st)
-        targets.append(LoraTarget(f"^{'/'.join(path)}$", rank=rank, alpha=float(rank)))
-    return tree, tuple(targets)
+    return lora_lib.adapter_tree({path: lora_lib.stack_padded([v.layers.get(path) for v in variants])
+                                  for path in paths})
 
 
 def variant_adapter(stacked, k: int):
     """Variant k's adapter out of `stack_adapters`' tree."""
-    return jax.tree_util.tree_map(lambda x: x[k], stacked)
+    return lora_lib.take(stacked, k)
 
 
 # ----------------------------------------------------------------------------- rendering

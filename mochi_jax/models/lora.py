@@ -7,6 +7,12 @@ in the 'lora' collection, at the same path as its `kernel` in 'params'. Stacked 
 blocks carry a leading layer axis on both.
 
     y = x @ W + b + (alpha / r) * dropout(x) @ a @ b
+
+Adapter maths shared by everything that holds several LoRAs: `pad_rank` / `stack_padded` bring
+factors of different ranks to one rank with zeros (exact: a zero column of `a` meets a zero row of
+`b`) and stack them on a leading axis (evaluation's variants, a sweep's stacked structure, a LoRA
+file's blocks); `combine` makes one adapter of several LoRAs with strengths; `adapter_tree` turns
+{layer: (a, b)} with the scales folded in into a tree and its scale-1 targets.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +150,84 @@ def _nested_set(tree: dict, path: Sequence[str], value) -> dict:
     if len(path) == 1:
         return {**tree, path[0]: value}
     return {**tree, path[0]: _nested_set(tree.get(path[0], {}), path[1:], value)}
+
+
+def take(stacked: Mapping, k: int) -> dict:
+    """Adapter k of a tree stacked on a leading axis (`stack_padded`), at the stacked (padded) ranks."""
+    return jax.tree_util.tree_map(lambda x: x[k], stacked)
+
+
+# ----------------------------------------------------------------------------- several adapters
+
+def _array_module(*arrays):
+    """numpy for numpy factors (a LoRA file's, evaluation's), jax.numpy for anything else (a sweep's)."""
+    return np if all(isinstance(x, np.ndarray) for x in arrays) else jnp
+
+
+def pad_rank(a, b, rank: int):
+    """a [.., in, r] and b [.., r, out] zero-padded to `rank` >= r: the same adapter (the zero
+    columns of a meet the zero rows of b). numpy in, numpy out; jax arrays in, jax arrays out."""
+    r = a.shape[-1]
+    if b.shape[-2] != r or rank < r:
+        raise ValueError(f"cannot pad a {tuple(a.shape)} / b {tuple(b.shape)} to rank {rank}")
+    if rank == r:
+        return a, b
+    xp = _array_module(a, b)
+    return (xp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - r)]),
+            xp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, rank - r), (0, 0)]))
+
+
+def stack_padded(pairs: Sequence, rank: int | None = None):
+    """(a [K, .., in, rank], b [K, .., rank, out]): K adapters (a, b) of one layer on a leading axis,
+    each zero-padded to `rank` (default: the largest of them); None for an adapter that is not
+    there (zeros: it adds nothing). In the dtypes of the first adapter given."""
+    have = [p for p in pairs if p is not None]
+    if not have:
+        raise ValueError("stack_padded: no adapter to stack")
+    a0, b0 = have[0]
+    rank = max(a.shape[-1] for a, _ in have) if rank is None else rank
+    xp = _array_module(*(x for p in have for x in p))
+    zeros = (xp.zeros((*a0.shape[:-1], rank), a0.dtype), xp.zeros((*b0.shape[:-2], rank, b0.shape[-1]), b0.dtype))
+    padded = [zeros if p is None else pad_rank(*p, rank) for p in pairs]
+    return (xp.stack([a.astype(a0.dtype) for a, _ in padded]),
+            xp.stack([b.astype(b0.dtype) for _, b in padded]))
+
+
+def adapter_tree(layers: Mapping) -> tuple[dict, tuple[LoraTarget, ...]]:
+    """{layer path: (a, b)} with every scale already folded into b -> (LoRA tree, targets): one exact
+    pattern per layer ('^blocks/attn/qkv_x$') with alpha = rank, so every scale is 1."""
+    tree, targets = {}, []
+    for path, (a, b) in sorted(layers.items()):
+        tree = _nested_set(tree, path, {"a": a, "b": b})
+        rank = a.shape[-1]
+        targets.append(LoraTarget(f"^{'/'.join(path)}$", rank=rank, alpha=float(rank)))
+    return tree, tuple(targets)
+
+
+def combine(loras: Sequence[tuple[Mapping, Sequence[LoraTarget], float]]):
+    """Several (lora_tree, targets, strength) as ONE adapter: (lora_tree, targets).
+
+    Per layer, the factors of every LoRA adapting it are concatenated along the rank axis with
+    strength * alpha / r folded into b (numpy float32); the targets are exact per-layer patterns
+    with alpha = rank. A layer adapted by only some LoRAs carries only their factors (the others
+    add nothing). The result applies all of them in one forward pass (one compiled function).
+    A layer no target of its LoRA matches, or factors of another shape than the other LoRAs' on
+    that layer, raise ValueError."""
+    parts: dict[tuple[str, ...], list] = {}
+    for i, (tree, targets, strength) in enumerate(loras):
+        for path, node in layers_of(tree):
+            target = find_target(targets, "/".join(path))
+            if target is None:
+                raise ValueError(f"LoRA #{i}: layer {'/'.join(path)!r} matches none of its targets")
+            a = np.asarray(node["a"], np.float32)
+            b = np.asarray(node["b"], np.float32) * np.float32(strength * target.scale)
+            prev = parts.setdefault(path, [])
+            if prev and (prev[0][0].shape[:-1] != a.shape[:-1] or prev[0][1].shape[-1] != b.shape[-1]):
+                raise ValueError(f"LoRA #{i}: layer {'/'.join(path)!r} has shape a {a.shape} b {b.shape}, "
+                                 f"other LoRAs a {prev[0][0].shape} b {prev[0][1].shape}")
+            prev.append((a, b))
+    return adapter_tree({path: (np.concatenate([a for a, _ in ab], axis=-1),
+                                np.concatenate([b for _, b in ab], axis=-2)) for path, ab in parts.items()})
 
 
 def count(lora: Mapping) -> int:

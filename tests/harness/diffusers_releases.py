@@ -29,7 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from dit_ref import make_reference, our_config, random_inputs
-from mochi_jax.checkpoints import lora_files
+from mochi_jax.checkpoints import lora_format, lora_write
 from mochi_jax.models.lora import LoraTarget
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ def random_lora(cfg, spec, seed=0):
     tree, targets = {}, []
 
     def add(group, layer, rank, alpha, n, last):
-        d_in, d_out = lora_files._layer_dims(layer, cfg.width, cfg.text_width, last)
+        d_in, d_out = lora_format.layer_dims(layer, cfg.width, cfg.text_width, last)
         lead = (n,) if n else ()
         node = tree.setdefault(group, {})
         for part in layer.split("/"):
@@ -59,7 +59,7 @@ def random_lora(cfg, spec, seed=0):
             add("last_block", layer.split("/", 1)[1], rank, alpha, 0, True)
             continue
         add("blocks", layer, rank, alpha, cfg.depth - 1, False)
-        if lora_files._LAYERS[layer][1]:
+        if lora_format.LAYERS[layer][1]:
             add("last_block", layer, rank, alpha, 0, True)
     return tree, tuple(targets)
 
@@ -92,7 +92,7 @@ def main(pythons: list[str]) -> list[dict]:
                   str(folder / "inputs.safetensors"))
         for name, spec in (("mixed", MIXED), ("one_odd", ONE_ODD)):
             tree, targets = random_lora(cfg, spec)
-            ours = lora_files.save_diffusers(folder / f"lora_{name}_ours.safetensors", tree, targets)
+            ours = lora_write.save_diffusers(folder / f"lora_{name}_ours.safetensors", tree, targets)
             per_rank(ours, folder / f"lora_{name}_per_rank.safetensors")
         results = []
         for python in [sys.executable] + pythons:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mochi_jax.checkpoints import lora_files as lora_io
+from mochi_jax.checkpoints import lora_write
 from mochi_jax.demo import DIT
 from mochi_jax.models.dit import DiTConfig, MochiDiT
 from mochi_jax.models.lora import targets_from_config
@@ -36,7 +36,7 @@ def random_lora(seed: int, cfg: DiTConfig = DEMO_CFG, lora_cfg=None, scale: floa
 
 def genmo_file(path, seed: int, cfg: DiTConfig = DEMO_CFG, lora_cfg=None) -> Path:
     tree, targets = random_lora(seed, cfg, lora_cfg)
-    return lora_io.save_genmo(path, tree, targets, cfg=cfg)
+    return lora_write.save_genmo(path, tree, targets, cfg=cfg)
 
 
 def run_dir(path, seed: int | None, cfg: DiTConfig = DEMO_CFG, lora_cfg=None) -> Path:

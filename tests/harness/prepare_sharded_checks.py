@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mochi_jax.configs import prepare as prepare_configs  # noqa: E402
+from mochi_jax.lib import placement  # noqa: E402
 from mochi_jax.lib import preparation as prepare_lib  # noqa: E402
 from mochi_jax.demo import clips as synthetic  # noqa: E402
 from mochi_jax.lib.cache import Cache  # noqa: E402
@@ -157,6 +158,25 @@ def checks(root: Path):
     out["narrow_input"] = {"spec": str(narrow.sharding.spec),
                            "mesh": {k: int(v) for k, v in narrow.sharding.mesh.shape.items()},
                            "shard": list(narrow.addressable_shards[0].data.shape)}
+
+    # The fit check's programs (placement's builders, given this host's devices) lower to the HLO of
+    # Models' own calls on real arrays: the VAE encode split spatially or tiled, the batch-split T5.
+    tiled_cfg = config(root, clips, "unused", devices=-1)
+    tiled_cfg.tiled = True
+    with contextlib.redirect_stdout(io.StringIO()):
+        tiled = prepare_lib.load_models(tiled_cfg)
+    programs = {}
+    for label, m in (("split", many), ("tiled", tiled)):
+        for size in (WIDE, NARROW):
+            enc, placed = m.encode_call(np.zeros((1, 3, 13, *size), np.float32))
+            program = placement.vae_encode_program(m.vae_cfg, jax.local_devices(), (13, *size), m.tiled)
+            programs[f"vae {label} {size[0]}x{size[1]}"] = (
+                program.fn is enc and program.lower().as_text()
+                == enc.lower(m.vae_params, placed, cfg=m.vae_cfg, tiled=m.tiled).as_text())
+    fn, args = many.text_call(prompts)
+    program = placement.t5_program(many.text.cfg, jax.local_devices(), many.batch, c8.max_length, c8.mesh.to_dict())
+    programs["t5"] = program.fn is fn and program.lower().as_text() == fn.lower(*args).as_text()
+    out["programs"] = programs
     print("RESULT " + json.dumps(out))
 
 

@@ -57,7 +57,7 @@ def params_from_state_dict(cfg: VAEConfig, sd: dict) -> dict:
     """Our params straight from a diffusers state dict (the converter's leaves, no files)."""
     import jax.numpy as jnp
 
-    from mochi_jax.checkpoints.common import nest
+    from mochi_jax.checkpoints.orbax_io import nest
     from mochi_jax.checkpoints.vae import plan
 
     class Source:
