@@ -16,7 +16,7 @@ import ml_collections
 def section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         # TPU slice ('v5e-16', 'v5p-8', 'v6e-8', 'v4-8', or a topology such as 'v5p:2x2x1') or NVIDIA
-        # GPU ('h100', 'h200', 'a100-80gb', 'rtx4090'; '-N' for N of them, e.g. 'h100-8'); see mochi_jax/targets.py
+        # GPU ('h100', 'h200', 'a100-80gb', 'rtx4090'; '-N' for N of them, e.g. 'h100-8'); see mochi_jax/aot/targets.py
         target="",
         # 'train' (lora config), 'sample' (sample config; with the lora config: the validation renders),
         # 'vae_encode' or 't5' (prepare config); '' = the config's own command

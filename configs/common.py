@@ -11,6 +11,12 @@ Config files import this module as `mochi_jax.configs.common`, so a config copie
 import ml_collections
 
 DEMO_ROOT = "runs/demo"
+# the shapes of the demo's tiny random models (mochi_jax/demo writes them; the fit check's aot.model='demo')
+DEMO_DIT = dict(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, in_channels=12, patch_size=2,
+                time_embed_dim=32)
+DEMO_VAE = dict(encoder_channels=(32, 32, 64, 64), decoder_channels=(32, 64, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
+                encoder_attention=(False, False, False, False, True))
+DEMO_T5 = dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=256)
 
 
 def model(root: str = "ckpt") -> ml_collections.ConfigDict:
@@ -26,6 +32,8 @@ def model(root: str = "ckpt") -> ml_collections.ConfigDict:
         weights_on_host=False,
         compute_dtype="bfloat16",  # matmuls; norms, softmax and the loss run in float32
         attention="xla",  # 'cudnn' on NVIDIA GPUs, 'splash' on TPU
+        splash_block=512,  # attention='splash': the kernels' q / kv tile, in tokens (a multiple of 128)
+        scan_layers=True,  # False: the blocks run as an unrolled Python loop (debugging; compiles per block)
     ))
 
 

@@ -6,7 +6,7 @@
 Fields are those of `mochi_jax.models.dit.DiTConfig`: architecture (depth, heads, widths),
 dtypes (frozen weights `param_dtype`, matmul `compute_dtype`; norms, softmax and modulation
 always run in float32), `attention` ('xla' everywhere, 'cudnn' on NVIDIA GPUs, 'splash' on TPU), `remat`
-(a policy of mochi_jax.models.layers.REMAT_POLICIES) and `scan_layers`.
+(a policy of mochi_jax.models.remat.POLICIES) and `scan_layers`.
 """
 
 import ml_collections

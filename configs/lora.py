@@ -11,8 +11,6 @@ Presets:
 Any field is overridable: --config.optim.lr=5e-5 --config.steps=500 --config.run_dir=runs/mine.
 """
 
-import re
-
 import ml_collections
 
 from mochi_jax.configs import aot as aot_config
@@ -32,7 +30,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.batch_size = 1  # per step, over all devices and processes
     c.resume = True  # continue from the latest checkpoint in run_dir/checkpoints
     c.log_every = 10
-    # Device mesh (see mochi_jax/sharding.py): sizes of the data / fsdp / sequence / tensor axes, one
+    # Device mesh (see mochi_jax/models/sharding.py): sizes of the data / fsdp / sequence / tensor axes, one
     # of them -1 for "the rest". The batch is split over data x fsdp; frozen weights, LoRA factors
     # and optimizer state over fsdp; visual tokens over sequence; heads and MLP columns over tensor.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
@@ -44,7 +42,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # activation checkpointing of the DiT's blocks.
     c.model = common.model()
     # none | full | dots | dots_no_batch | offload_dots | save:<names> | offload:<names> | auto (the least
-    # recomputation whose compiled memory fits memory_budget_gb; mochi_jax/fit.py choose_remat)
+    # recomputation whose compiled memory fits memory_budget_gb; mochi_jax/models/remat.py)
     c.model.remat = "full"
     c.model.memory_budget_gb = 0.0  # remat='auto': per device; 0 = what the device reports it can hold
     c.model.remat_groups = ""  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = `remat` everywhere
@@ -83,7 +81,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         clip=common.clip(checkpoint="", tokenizer=""),
     ))
     # Several LoRAs trained together on the one frozen base (README "A LoRA search in one run"); each
-    # variant is this config with its own `lora`, `optim` and `seed` (see `sweep_variants`). Either a grid,
+    # variant is this config with its own `lora`, `optim` and `seed` (mochi_jax/checkpoints/runs.py
+    # `sweep_variants`). Either a grid,
     # every combination of the non-empty lists:
     #   rank  "4,8": every LoRA target of rank > 0 at each rank, alpha scaled with it (alpha / rank kept)
     #   lr    "1e-4,3e-5,1e-5": optim.lr
@@ -100,79 +99,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                             "r4": {}, "r4_lr1e-3": {"optim": {"lr": 1e-3}}}
         return c
     return demo(c) if arg == "demo" else c
-
-
-# the fields a sweep variant may set; everything else (data, batch, model, noise, schedule of the run) is shared
-VARIANT_FIELDS = ("lora", "optim", "seed")
-
-
-def _numbers(text: str, kind, flag: str) -> list:
-    try:
-        return [kind(x) for x in str(text).replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"--config.{flag}={text!r}: expected comma-separated numbers, e.g. "
-                         f"{'4,8' if kind is int else '1e-4,3e-5'}") from None
-
-
-def _merge(node: ml_collections.ConfigDict, overrides: dict, where: str, name: str) -> None:
-    for key, value in overrides.items():
-        path = f"{where}.{key}"
-        if isinstance(value, dict):
-            if key not in node:
-                if where != "lora":  # a new LoRA target may be added; nothing else is new
-                    raise ValueError(f"sweep.variants.{name}: {path} is not a field of the training config")
-                node[key] = ml_collections.ConfigDict(value)
-                continue
-            _merge(node[key], dict(value), path, name)
-        elif key not in node:
-            raise ValueError(f"sweep.variants.{name}: {path} is not a field of the training config")
-        else:
-            node[key] = value
-
-
-def sweep_variants(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
-    """[(name, the variant's own training config)] of the sweep in `cfg.sweep` (a grid in the order of
-    its lists, explicit variants in name order); [] when the
-    config trains one LoRA. A variant's config is `cfg` with its overrides and no sweep: the config a
-    run of that LoRA alone would have (its run folder's config.json)."""
-    sw = cfg.get("sweep")
-    if sw is None:
-        return []
-    ranks, lrs = _numbers(sw.rank, int, "sweep.rank"), _numbers(sw.lr, float, "sweep.lr")
-    explicit = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in dict(sw.variants).items()}
-    if explicit and (ranks or lrs):
-        raise ValueError("sweep: give either sweep.rank / sweep.lr (a grid) or sweep.variants, not both")
-    if ranks or lrs:
-        for r, lr in [(r, lr) for r in (ranks or [None]) for lr in (lrs or [None])]:
-            name, over = [], {}
-            if r is not None:
-                if r < 1:
-                    raise ValueError(f"--config.sweep.rank: ranks must be >= 1, got {r}")
-                over["lora"] = {k: {"rank": r, "alpha": float(t.alpha) * r / t.rank}
-                                for k, t in cfg.lora.items() if t.rank > 0}
-                name.append(f"r{r}")
-            if lr is not None:
-                over["optim"] = {"lr": lr}
-                name.append(f"lr{lr:.0e}")
-            explicit["_".join(name)] = over
-    out = []
-    for name, over in explicit.items():
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
-            raise ValueError(f"sweep.variants: {name!r} is not a usable variant name (letters, digits, _ . + -; "
-                             f"it names the variant's folder and metrics)")
-        bad = sorted(set(over) - set(VARIANT_FIELDS))
-        if bad:
-            raise ValueError(f"sweep.variants.{name} sets {', '.join(bad)}; a variant may set only "
-                             f"{', '.join(VARIANT_FIELDS)} (the rest of the run is shared)")
-        v = ml_collections.ConfigDict(cfg.to_dict())
-        v.sweep = ml_collections.ConfigDict(dict(rank="", lr="", variants={}))
-        for key, value in over.items():
-            if isinstance(value, dict):
-                _merge(v[key], value, key, name)
-            else:
-                v[key] = value
-        out.append((name, v))
-    return out
 
 
 def demo(c: ml_collections.ConfigDict, root: str = common.DEMO_ROOT) -> ml_collections.ConfigDict:

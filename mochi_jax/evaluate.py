@@ -136,8 +136,7 @@ def check_inputs(cfg) -> Inputs:
     text_emb = scorer.text(prompts + ([cfg.style_prompt] if cfg.style_prompt else []))
     style_emb = text_emb[-1] if cfg.style_prompt else None
 
-    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
-                         remat="none")
+    dit_cfg = dit_config(m, remat="none", remat_groups="")
     shapes = param_shapes(dit_cfg)
     variants = [Variant("base")] + [load_variant(path, st, dit_cfg, shapes)
                                     for path, st in expand_sweeps(parse_loras(cfg.loras))]
@@ -159,8 +158,8 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
     text = TextEncoder.load(m.t5, m.tokenizer)
     feats, mask = (np.asarray(x) for x in text(inp.prompts + [s.negative_prompt], zero_empty=s.zero_empty_negative))
     del text  # T5 is freed before the DiT is loaded
-    dit_cfg, params = load_dit(m.dit, dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention=m.attention,
-                               remat="none")
+    dit_cfg = inp.dit_cfg
+    _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, **dit_cfg.settings())
     vae_cfg, vae_params = load_vae(m.vae, compute_dtype=m.compute_dtype)
     print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
           f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}, "

@@ -35,14 +35,13 @@ def render(cfg):
     t0 = time.time()
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)  # validate before loading anything
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat="none")
-    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
+    dit_cfg = dit_config(m, remat="none", remat_groups="")
     lora = load_loras(cfg.loras, dit_cfg)  # a bad LoRA file fails here, before any heavy work
     text = TextEncoder.load(m.t5, m.tokenizer)
     feats, mask = text([cfg.prompt, s.negative_prompt], zero_empty=s.zero_empty_negative)
     feats, mask = np.asarray(feats), np.asarray(mask)
     del text  # T5 is freed before the DiT is loaded
-    _, params = load_dit(m.dit, dtype=m.param_dtype, **overrides)
+    _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, **dit_cfg.settings())
     vae_cfg, vae_params = load_vae(m.vae, compute_dtype=m.compute_dtype)
     print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of {s.num_frames} "
           f"frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mochi_jax import fit, targets
+from mochi_jax.aot import fit, report, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -105,9 +105,9 @@ def test_tiny_train_step_compiles_for_an_h100(tmp_path):
 
 RERUNS_SCRIPT = """
 import json, sys
-from mochi_jax import targets
+from mochi_jax.aot import targets
 targets.compile_only_environment()
-from mochi_jax import fit
+from mochi_jax.aot import fit
 from mochi_jax.configs import lora
 out = {}
 for policy in ("full", "save:attn", "dots"):
@@ -186,13 +186,13 @@ def test_a_target_config_file(tmp_path):
 
 
 def test_compiler_refusals_are_read():
-    assert fit.parse_out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+    assert report.parse_out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
                                    "HLO temporaries (75.13G) exceeds available HBM (15.75G).") == (
         int(75.13 * GIB), int(15.75 * GIB))
-    assert fit.parse_out_of_memory("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+    assert report.parse_out_of_memory("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
                                    "Used 47.52G of 15.75G hbm. Exceeded hbm capacity by 31.77G.") == (
         int(47.52 * GIB), int(15.75 * GIB))
-    assert fit.parse_out_of_memory("INTERNAL: something else") is None
+    assert report.parse_out_of_memory("INTERNAL: something else") is None
 
 
 def test_missing_compiler_says_how_to_install(monkeypatch):

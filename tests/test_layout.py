@@ -1,6 +1,8 @@
-"""The package's shape: imports run one way (models < configs < checkpoints < lib < demo < command
-support (cli, fit, targets) < commands),
-no import cycles, commands run from any directory, and every sharded parameter has axis names."""
+"""The package's shape: imports run one way (models < configs < checkpoints < lib < demo < cli <
+commands; the fit check's package mochi_jax.aot is a command), no import cycles, imports of the
+project at the top of a module (the commands' entry points excepted), no private names across
+modules, configs that are settings, one way from a command's `model` block to the DiT's config,
+commands that run from any directory, and every sharded parameter with axis names."""
 
 import ast
 import os
@@ -24,26 +26,32 @@ def layer_of(module: str) -> str:
     part = module.split(".")[1] if "." in module else ""
     if part in COMMANDS:
         return "commands"
-    return part if part in LAYERS else "cli"  # cli.py, fit.py, targets.py (the commands' support), __init__
+    return part if part in LAYERS else "cli"  # cli.py (the commands' support), __init__
+
+
+def sources() -> dict[str, Path]:
+    """{module name: its file}; configs/ counts as the package mochi_jax.configs it is installed as."""
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        rel = f.relative_to(PACKAGE.parent).with_suffix("")
+        out[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = f
+    for f in CONFIGS.glob("*.py"):
+        out["mochi_jax.configs" + ("" if f.stem == "__init__" else f".{f.stem}")] = f
+    return out
 
 
 def imports() -> dict[str, set[str]]:
     """{module: the mochi_jax modules it imports}, from the source (every import statement, also
-    inside functions). configs/ counts as the package mochi_jax.configs it is installed as."""
-    sources = {}
-    for f in PACKAGE.rglob("*.py"):
-        rel = f.relative_to(PACKAGE.parent).with_suffix("")
-        sources[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = f
-    for f in CONFIGS.glob("*.py"):
-        sources["mochi_jax.configs" + ("" if f.stem == "__init__" else f".{f.stem}")] = f
+    inside functions)."""
+    files = sources()
     out = {}
-    for name, f in sources.items():
+    for name, f in files.items():
         found = set()
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mochi_jax"):
                 for a in node.names:  # `from mochi_jax.lib import sampling` imports mochi_jax.lib.sampling
                     sub = f"{node.module}.{a.name}"
-                    found.add(sub if sub in sources else node.module)
+                    found.add(sub if sub in files else node.module)
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.startswith("mochi_jax")}
         out[name] = found - {name}
@@ -55,7 +63,8 @@ def test_imports_run_one_way_and_have_no_cycles():
     assert {"mochi_jax.models.dit", "mochi_jax.lib.trainer", "mochi_jax.train"} <= set(graph)
     upward = [f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})" for m, deps in graph.items() for d in deps
               if LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))
-              or (layer_of(m) == layer_of(d) == "commands" and d.split(".")[1] in COMMANDS)]
+              or (layer_of(m) == layer_of(d) == "commands" and d.split(".")[1] in COMMANDS
+                  and d.split(".")[1] != m.split(".")[1])]  # a command's own package (aot) excepted
     assert not upward, "\n".join(upward)
     # cycles (packages count as importing what their __init__ imports)
     state, cycles = {}, []
@@ -82,6 +91,57 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "imports", lambda: graph)
     with pytest.raises(AssertionError, match="mochi_jax.models.dit .models. imports mochi_jax.lib.training"):
         test_imports_run_one_way_and_have_no_cycles()
+
+
+ENTRY_POINTS = {"mochi_jax.aot.__main__"}  # may import after setting the environment jax reads at import
+
+
+def project_imports(node) -> list:
+    """The import statements of the project's own modules directly in `node`'s body and below it."""
+    return [n for n in ast.walk(node) if (isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mochi_jax"))
+            or (isinstance(n, ast.Import) and any(a.name.startswith("mochi_jax") for a in n.names))]
+
+
+def test_project_imports_are_at_the_top_and_public():
+    """No module imports the project inside a function (the commands' entry points excepted: they
+    set the environment jax reads first), and none imports another module's private (_name) names."""
+    local, private = [], []
+    for name, f in sources().items():
+        tree = ast.parse(f.read_text())
+        if name not in ENTRY_POINTS:
+            for fn in ast.walk(tree):
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    local += [f"{name}:{n.lineno} (in {fn.name})" for n in project_imports(fn)]
+        for n in project_imports(tree):
+            if isinstance(n, ast.ImportFrom):
+                private += [f"{name}:{n.lineno} imports {n.module}.{a.name}" for a in n.names
+                            if a.name.startswith("_")]
+    assert not sorted(set(local)), "function-local imports of the project:\n" + "\n".join(sorted(set(local)))
+    assert not private, "private names imported across modules:\n" + "\n".join(private)
+
+
+def test_configs_are_settings():
+    """configs/ imports nothing of the project above configs/ (its own files and constants of the
+    models below it), so the library never needs a config file's code."""
+    graph = imports()
+    bad = [f"{m} imports {d}" for m, deps in graph.items() if m.startswith("mochi_jax.configs") for d in deps
+           if not (d.startswith("mochi_jax.configs") or d.startswith("mochi_jax.models"))]
+    assert not bad, "\n".join(bad)
+    above = [f"{m} imports {d}" for m, deps in graph.items() for d in deps
+             if d.startswith("mochi_jax.configs") and layer_of(m) in ("models",)]
+    assert not above, "\n".join(above)
+
+
+def test_the_checkers_see_a_local_and_a_private_import(tmp_path, monkeypatch):
+    """The import-style test can fail: a function-local project import and a private name are caught."""
+    f = tmp_path / "bad.py"
+    f.write_text("def f():\n    from mochi_jax.lib import sampling\n\nfrom mochi_jax.aot.fit import _arch\n")
+    monkeypatch.setattr(sys.modules[__name__], "sources", lambda: {"mochi_jax.lib.bad": f})
+    with pytest.raises(AssertionError, match=r"mochi_jax.lib.bad:2 \(in f\)"):
+        test_project_imports_are_at_the_top_and_public()
+    f.write_text("from mochi_jax.aot.fit import _arch\n")
+    with pytest.raises(AssertionError, match=r"imports mochi_jax.aot.fit._arch"):
+        test_project_imports_are_at_the_top_and_public()
 
 
 def test_a_layer_without_axis_names_fails_loudly(monkeypatch):

@@ -279,10 +279,10 @@ def test_quantized_checkpoints_round_trip(source, fmt):
 
 GPU_MEMORY_SCRIPT = """
 import json, sys
-from mochi_jax import targets
+from mochi_jax.aot import targets
 targets.compile_only_environment()
 from mochi_jax.configs import lora
-from mochi_jax import fit
+from mochi_jax.aot import fit
 out = {}
 for name, dtype, host in (("bf16", "bfloat16", False), ("int8", "int8", False), ("bf16+host", "bfloat16", True)):
     cfg = lora.get_config()
@@ -295,7 +295,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(not __import__("mochi_jax.targets").targets.have_compiler("cuda"),
+@pytest.mark.skipif(not __import__("mochi_jax.aot.targets").aot.targets.have_compiler("cuda"),
                     reason="the CUDA compiler plugin is not installed (pip install -e '.[cuda]', several GB)")
 def test_gpu_compile_needs_less_device_memory_for_int8_and_host_weights():
     """The tiny train step compiled for an H100 (on this CPU): an int8 base's weights take about half

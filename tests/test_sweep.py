@@ -99,12 +99,12 @@ def test_each_variant_equals_its_config_trained_alone():
 def test_sweep_config():
     cfg = lora_config.get_config()
     cfg.sweep.rank, cfg.sweep.lr = "4,8", "1e-4, 1e-5"
-    variants = lora_config.sweep_variants(cfg)
+    variants = runs.sweep_variants(cfg)
     assert [n for n, _ in variants] == ["r4_lr1e-04", "r4_lr1e-05", "r8_lr1e-04", "r8_lr1e-05"]
     v = dict(variants)["r8_lr1e-05"]
     assert (v.lora.qkv.rank, v.lora.qkv.alpha, v.lora.out.rank, v.optim.lr) == (8, 8.0, 8, 1e-5)  # alpha/rank kept
-    assert not lora_config.sweep_variants(v) and v.batch_size == cfg.batch_size
-    assert lora_config.sweep_variants(lora_config.get_config()) == []
+    assert not runs.sweep_variants(v) and v.batch_size == cfg.batch_size
+    assert runs.sweep_variants(lora_config.get_config()) == []
 
     def refused(match, **sweep):
         c = lora_config.get_config()

@@ -20,6 +20,7 @@ from mochi_jax.checkpoints.orbax_io import Leaf, load_model, read_metadata, vali
 from mochi_jax.checkpoints.safetensors_io import ConversionError, LazyTensor, TensorSource, vote, write_safetensors
 from mochi_jax.models import quant
 from mochi_jax.models.dit import DiTConfig
+from mochi_jax.models.layers import stack_layers, unstack_shardings
 
 GENMO_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -350,13 +351,22 @@ def save_genmo_dit(path, cfg: DiTConfig, params, dtype=None) -> Path:
     return write_safetensors(path, tensors, {"format": "pt"})
 
 
-def dit_config(path, **overrides) -> DiTConfig:
-    """The DiTConfig of a converted checkpoint, from its metadata (no weights are read), plus `overrides`."""
-    try:
-        arch = read_metadata(path)["config"]
-    except Exception as e:
-        raise ValueError(f"dit: {path} is not a converted DiT checkpoint ({type(e).__name__}: {e})") from e
-    return DiTConfig.from_dict({**arch, **overrides})
+def dit_config(model, arch: dict | None = None, **fixed) -> DiTConfig:
+    """The DiTConfig a command runs, from its `model` block (configs/common.py `model`): the architecture
+    of the converted checkpoint at `model.dit` (its metadata; no weight is read) or `arch` when given,
+    every setting field the block holds (DiTConfig.SETTING_FIELDS: param_dtype, compute_dtype, attention,
+    splash_block, remat, remat_groups, scan_layers, weights_on_host), then `fixed` (e.g. remat='none'
+    where nothing is differentiated). Every command builds its DiTConfig here, so every setting of the
+    block reaches the model. `model` may also be a checkpoint path: its architecture, then `fixed`."""
+    block = model if hasattr(model, "keys") else {"dit": model}
+    if arch is None:
+        path = block["dit"]
+        try:
+            arch = read_metadata(path)["config"]
+        except Exception as e:
+            raise ValueError(f"dit: {path} is not a converted DiT checkpoint ({type(e).__name__}: {e})") from e
+    settings = {k: block[k] for k in DiTConfig.SETTING_FIELDS if k in block}
+    return DiTConfig.from_dict({**arch, **settings, **fixed})
 
 
 def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:
@@ -390,8 +400,6 @@ def _load_converting(path, meta, stored: str, want: str, shardings=None) -> dict
     import jax
     import orbax.checkpoint.experimental.v1 as ocp
     from flax import traverse_util
-
-    from mochi_jax.models.layers import stack_layers, unstack_shardings
 
     n = int(meta["config"]["depth"]) - 1
     disk = unstack_shardings(shardings, "blocks", n) if shardings is not None else None

@@ -9,7 +9,8 @@ orbax's temporary folders are passed over, so readers always take the newest com
     factors, targets = load_run_lora("runs/mine")                 # the newest complete checkpoint
     lora = load_loras("style.safetensors:0.8,runs/mine", dit_cfg)  # one combined adapter, or None
 
-A sweep's run directory (several LoRAs trained together, configs/lora.py `sweep`) holds one stacked
+A sweep (several LoRAs trained together, configs/lora.py `sweep`; `sweep_variants` expands it into
+each variant's own config) keeps in its run directory one stacked
 train state; `runs/search/variants/<name>` names one of its LoRAs (the folder need not exist yet:
 the newest checkpoint is read), and `expand_sweeps` turns the run directory into all of them.
 
@@ -29,7 +30,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mochi_jax.checkpoints import lora_read
-from mochi_jax.configs import lora as lora_config
 from mochi_jax.models import lora as lora_lib
 
 COMPLETE_MARKER = "_CHECKPOINT_METADATA"  # orbax writes it last, when a step's checkpoint is whole
@@ -85,9 +85,84 @@ def run_config(run_dir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(config.read_text()))
 
 
+# ----------------------------------------------------------------------------- a sweep's variants
+
+# the fields a sweep variant may set; everything else (data, batch, model, noise, schedule of the run) is shared
+VARIANT_FIELDS = ("lora", "optim", "seed")
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--config.{flag}={text!r}: expected comma-separated numbers, e.g. "
+                         f"{'4,8' if kind is int else '1e-4,3e-5'}") from None
+
+
+def _merge(node: ml_collections.ConfigDict, overrides: dict, where: str, name: str) -> None:
+    for key, value in overrides.items():
+        path = f"{where}.{key}"
+        if isinstance(value, dict):
+            if key not in node:
+                if where != "lora":  # a new LoRA target may be added; nothing else is new
+                    raise ValueError(f"sweep.variants.{name}: {path} is not a field of the training config")
+                node[key] = ml_collections.ConfigDict(value)
+                continue
+            _merge(node[key], dict(value), path, name)
+        elif key not in node:
+            raise ValueError(f"sweep.variants.{name}: {path} is not a field of the training config")
+        else:
+            node[key] = value
+
+
+def sweep_variants(cfg) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """[(name, the variant's own training config)] of the sweep in `cfg.sweep` (a grid in the order of
+    its lists, explicit variants in name order); [] when the
+    config trains one LoRA. A variant's config is `cfg` with its overrides and no sweep: the config a
+    run of that LoRA alone would have (its run folder's config.json)."""
+    sw = cfg.get("sweep")
+    if sw is None:
+        return []
+    ranks, lrs = _numbers(sw.rank, int, "sweep.rank"), _numbers(sw.lr, float, "sweep.lr")
+    explicit = {k: (v.to_dict() if hasattr(v, "to_dict") else dict(v)) for k, v in dict(sw.variants).items()}
+    if explicit and (ranks or lrs):
+        raise ValueError("sweep: give either sweep.rank / sweep.lr (a grid) or sweep.variants, not both")
+    if ranks or lrs:
+        for r, lr in [(r, lr) for r in (ranks or [None]) for lr in (lrs or [None])]:
+            name, over = [], {}
+            if r is not None:
+                if r < 1:
+                    raise ValueError(f"--config.sweep.rank: ranks must be >= 1, got {r}")
+                over["lora"] = {k: {"rank": r, "alpha": float(t.alpha) * r / t.rank}
+                                for k, t in cfg.lora.items() if t.rank > 0}
+                name.append(f"r{r}")
+            if lr is not None:
+                over["optim"] = {"lr": lr}
+                name.append(f"lr{lr:.0e}")
+            explicit["_".join(name)] = over
+    out = []
+    for name, over in explicit.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ValueError(f"sweep.variants: {name!r} is not a usable variant name (letters, digits, _ . + -; "
+                             f"it names the variant's folder and metrics)")
+        bad = sorted(set(over) - set(VARIANT_FIELDS))
+        if bad:
+            raise ValueError(f"sweep.variants.{name} sets {', '.join(bad)}; a variant may set only "
+                             f"{', '.join(VARIANT_FIELDS)} (the rest of the run is shared)")
+        v = ml_collections.ConfigDict(cfg.to_dict())
+        v.sweep = ml_collections.ConfigDict(dict(rank="", lr="", variants={}))
+        for key, value in over.items():
+            if isinstance(value, dict):
+                _merge(v[key], value, key, name)
+            else:
+                v[key] = value
+        out.append((name, v))
+    return out
+
+
 def sweep_names(run_dir) -> list[str]:
     """The names of the LoRAs a sweep's run directory trains; [] for a run of one LoRA."""
-    return [name for name, _ in lora_config.sweep_variants(run_config(run_dir))]
+    return [name for name, _ in sweep_variants(run_config(run_dir))]
 
 
 def split_variant(path) -> tuple[Path, str | None]:
@@ -117,7 +192,7 @@ def load_run_lora(run_dir, step: int | None = None):
     <run>/variants/<name>: that variant's LoRA."""
     run_dir, variant = split_variant(Path(run_dir).absolute())
     cfg = run_config(run_dir)
-    variants = dict(lora_config.sweep_variants(cfg))
+    variants = dict(sweep_variants(cfg))
     if variants and variant is None:
         raise ValueError(f"{run_dir} trains a sweep of {len(variants)} LoRAs; name one as {run_dir}/variants/<name> "
                          f"(<name>: {', '.join(variants)})")

@@ -23,17 +23,14 @@ import sentencepiece as spm
 from flax import traverse_util
 
 from mochi_jax.checkpoints import save_model
+from mochi_jax.configs import common
 from mochi_jax.lib.clip import BOS, EOS, bytes_to_unicode
 from mochi_jax.models import clip as clip_lib
 from mochi_jax.models import vae as vae_lib
 from mochi_jax.models.dit import DiTConfig, abstract_variables
 from mochi_jax.models.t5 import T5Config, init_params
 
-DIT = dict(depth=3, num_heads=2, head_dim=16, text_width=32, t5_dim=32, in_channels=12, patch_size=2,
-           time_embed_dim=32)
-VAE = dict(encoder_channels=(32, 32, 64, 64), decoder_channels=(32, 64, 64, 64), layers_per_block=(1, 1, 1, 1, 1),
-           encoder_attention=(False, False, False, False, True))
-T5 = dict(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=256)
+DIT, VAE, T5 = common.DEMO_DIT, common.DEMO_VAE, common.DEMO_T5
 
 CORPUS = [
     "a red ball bounces across a white floor",

@@ -10,8 +10,8 @@ peak. The formula is in `flop_breakdown`'s docstring; tests/test_gpu_step.py che
 
 from __future__ import annotations
 
-from mochi_jax.models import layers
-from mochi_jax.models.dit import DiTConfig, is_remat_groups, parse_remat_groups
+from mochi_jax.models.dit import DiTConfig
+from mochi_jax.models.remat import is_remat_groups, parse_remat_groups, remat_policy
 from mochi_jax.models.lora import LoraTarget, REFERENCE_TARGETS, find_target, targets_from_config
 
 TEXT_TOKENS = 256  # T5 tokens per caption (Mochi pads or truncates to 256)
@@ -35,13 +35,13 @@ def _recompute_share(policy: str, attention: str) -> tuple[bool, float]:
     remat policy.
 
     'full' recomputes the whole block forward. 'dots' keeps every matmul output and the attention
-    (on the fused kernels, cuDNN and splash, their output and softmax statistics: layers.remat_policy);
+    (on the fused kernels, cuDNN and splash, their output and softmax statistics: remat.remat_policy);
     'dots_no_batch' / 'offload_dots' keep only dots without batch dimensions (the weight matmuls, LoRA
     included), so the attention is recomputed. Name-based policies are counted coarsely: the matmuls
     are recomputed unless all four named matmul outputs are kept, the attention unless 'attn' is; on
     'xla' keeping 'attn' keeps its output only, and the backward recomputes QK^T (half its forward)
     for the softmax probabilities."""
-    layers.remat_policy(policy)  # raises for an unknown policy
+    remat_policy(policy)  # raises for an unknown policy
     if ":" in policy:  # save:<names> / offload:<names>: the named activations are kept, the rest recomputed
         kept = set(policy.partition(":")[2].split("+"))
         attn = 1.0 if "attn" not in kept else (0.5 if attention == "xla" else 0.0)

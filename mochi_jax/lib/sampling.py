@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from mochi_jax.lib.program import Program, abstract
 from mochi_jax.models import vae as vae_lib
-from mochi_jax.models.dit import DiTConfig, MochiDiT
+from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables
 from mochi_jax.models.lora import LoraTarget
 from mochi_jax.models.sharding import replicated_like
 
@@ -90,6 +91,27 @@ def jitted_step(params, lora, z, feats, mask, sigma, sigma_next, guidance, *, cf
                 targets: tuple[LoraTarget, ...], guided: bool):
     """`euler_step` compiled once per (cfg, targets, guided) and input shapes (jax.jit's own cache)."""
     return euler_step(cfg, targets, guided)(params, lora, z, feats, mask, sigma, sigma_next, guidance)
+
+
+def sampler_program(cfg: DiTConfig, targets: Sequence[LoraTarget], batch: int, latent: Sequence[int], text_tokens: int,
+                    guided: bool, param_shardings, lora_shardings, replicated) -> Program:
+    """One step of `denoise` (`jitted_step`, the function it calls per step) as a Program
+    (lib/program.py) for `batch` videos of latent shape `latent` [12, t, h, w] and `text_tokens` T5
+    tokens; with `guided` both branches run in one DiT batch of 2 x batch. The weights and LoRA
+    factors in their shardings (one sharding or a tree each), latents and text in `replicated`."""
+    targets = tuple(targets)
+    variables = abstract_variables(cfg, targets)
+    params = abstract(variables["params"], param_shardings)
+    lora = abstract(variables["lora"], lora_shardings) if targets else {}
+    rows = 2 * batch if guided else batch
+    f32 = jnp.float32
+    z = jax.ShapeDtypeStruct((batch, *latent), f32, sharding=replicated)
+    feats = jax.ShapeDtypeStruct((rows, text_tokens, cfg.t5_dim), f32, sharding=replicated)
+    mask = jax.ShapeDtypeStruct((rows, text_tokens), jnp.bool_, sharding=replicated)
+    scalar = jax.ShapeDtypeStruct((), f32, sharding=replicated)
+    return Program("sampler step", jitted_step, (params, lora, z, feats, mask, scalar, scalar, scalar),
+                   {"weights": params, "LoRA": lora, "latents and text": (z, feats, mask)},
+                   kwargs=dict(cfg=cfg, targets=targets, guided=guided))
 
 
 def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guidance: float = 6.0,

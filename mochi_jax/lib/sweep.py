@@ -1,7 +1,7 @@
 """Several LoRAs trained together on one frozen base: the `sweep` block of configs/lora.py.
 
 Each variant is the run's config with its own `lora` (targets, ranks, alpha, dropout), `optim` and
-`seed` (configs/lora.py `sweep_variants`). Their LoRAs share one stacked structure with a leading
+`seed` (checkpoints/runs.py `sweep_variants`). Their LoRAs share one stacked structure with a leading
 variant axis K: the union of the layers any variant adapts, each at the largest rank among the
 variants adapting it, zero-padded (exact: a zero column of `a` and the matching zero row of `b`
 have zero gradients, so AdamW and its weight decay leave them zero), as evaluation stacks LoRAs
@@ -33,8 +33,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mochi_jax.configs import lora as lora_config
+from mochi_jax.checkpoints.runs import sweep_variants
 from mochi_jax.lib import training
+from mochi_jax.lib.program import Program, abstract, mesh_layout
 from mochi_jax.lib.variants import per_variant_mask
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import sharding as sharding_lib
@@ -61,7 +62,7 @@ class Sweep:
 
 def from_config(cfg, dit_cfg: DiTConfig) -> Sweep | None:
     """The sweep of training config `cfg` on a DiT of `dit_cfg`, or None when it trains one LoRA."""
-    variants = lora_config.sweep_variants(cfg)
+    variants = sweep_variants(cfg)
     if not variants:
         return None
     names = tuple(n for n, _ in variants)
@@ -252,6 +253,7 @@ class Parts:
     optimizer: object  # an optax optimizer; a sweep's: one per variant
     shardings: dict  # training.train_shardings' layout
     step: object  # step(state, params, batch) -> (state, metrics), `.jitted` on a mesh
+    mesh: object = None
 
     def abstract_state(self) -> dict:
         """The train state as ShapeDtypeStructs (nothing allocated)."""
@@ -260,6 +262,22 @@ class Parts:
         lora = abstract_variables(self.model.cfg, self.targets)["lora"]
         return {"step": jax.ShapeDtypeStruct((), jnp.int32), "lora": lora,
                 "opt": jax.eval_shape(self.optimizer.init, lora), "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0))}
+
+    def program(self, batch_size: int, latent, text_tokens: int) -> Program:
+        """The training step as the trainer runs it (lib/program.py): the jitted step on the train
+        state (donated), the frozen weights and a batch of `batch_size` cached clips of latent shape
+        `latent` [12, t, h, w] with `text_tokens` T5 tokens, each in the trainer's shardings."""
+        cfg, sh, f32 = self.model.cfg, self.shardings, jnp.float32
+        state = abstract(self.abstract_state(), sh["state"])
+        params = abstract(abstract_variables(cfg, self.targets)["params"], sh["params"])
+        b = batch_size
+        batch = abstract({"mean": jax.ShapeDtypeStruct((b, *latent), f32),
+                          "logvar": jax.ShapeDtypeStruct((b, *latent), f32),
+                          "t5_feats": jax.ShapeDtypeStruct((b, text_tokens, cfg.t5_dim), f32),
+                          "t5_mask": jax.ShapeDtypeStruct((b, text_tokens), jnp.bool_)}, sh["batch"])
+        return Program("train step", self.step.jitted, (state, params, batch),
+                       {"frozen weights": params, "train state (donated)": state, "batch": batch},
+                       mesh=self.mesh, layout=mesh_layout(self.mesh), remat=cfg.remat_groups or cfg.remat)
 
 
 def training_parts(cfg, dit_cfg: DiTConfig, mesh) -> Parts:
@@ -277,4 +295,4 @@ def training_parts(cfg, dit_cfg: DiTConfig, mesh) -> Parts:
         targets, model, optimizer = sweep.union, model_of(sweep, dit_cfg), optimizers(sweep)
         sh = shardings(sweep, model, optimizer, mesh)
         step = make_step(sweep, model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh)
-    return Parts(sweep, targets, model, optimizer, sh, step)
+    return Parts(sweep, targets, model, optimizer, sh, step, mesh)

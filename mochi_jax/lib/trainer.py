@@ -39,13 +39,14 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from mochi_jax.checkpoints import dit_config, load_dit, lora_write, runs
-from mochi_jax.configs import lora as lora_config
+from mochi_jax.lib import program as program_lib
 from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
 from mochi_jax.lib.cache import Cache
 from mochi_jax.lib.data import make_loader
 from mochi_jax.lib.validation import Validator, is_validation_row
 from mochi_jax.models import lora as lora_lib
+from mochi_jax.models import remat as remat_lib
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models.dit import MochiDiT
 
@@ -208,10 +209,8 @@ def setup(cfg) -> Run:
     heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups,
-                     weights_on_host=bool(m.get("weights_on_host", False)))
     # the config first (from the checkpoint's metadata), so the weights load straight into their shards
-    dit_cfg = dit_config(m.dit, param_dtype=m.param_dtype, **overrides)
+    dit_cfg = dit_config(m)
     parts = sweep_lib.training_parts(cfg, dit_cfg, mesh)
     sweep, targets, model, optimizer, shardings = (parts.sweep, parts.targets, parts.model, parts.optimizer,
                                                    parts.shardings)
@@ -240,9 +239,61 @@ def setup(cfg) -> Run:
                removed=broken, sweep=sweep)
 
 
+REMAT_RECORD = "remat_auto.json"  # remat='auto''s pick, beside config.json, with what it was picked for
+
+
+def largest_latent(cache: Cache) -> tuple[tuple[int, ...], int]:
+    """(the largest latent shape [12, t, h, w] of the cache's clips, the T5 tokens of a caption)."""
+    return (max(cache.latent_shapes(), key=lambda s: s[1] * s[2] * s[3]), int(cache[0]["t5_feats"].shape[0]))
+
+
+def resolve_auto_remat(cfg, latent, tokens: int) -> remat_lib.Choice:
+    """remat='auto' on the devices at hand: the least recomputation (models/remat.py `choose`) whose
+    compiled train step (`training_parts(...).program`, for clips of latent shape `latent` and captions
+    of `tokens` T5 tokens: the cache's largest, `largest_latent`) fits
+    cfg.model.memory_budget_gb (0: what the first device reports it can hold). The pick is recorded in
+    the run directory (REMAT_RECORD) with what it was picked for: the training settings, the shapes,
+    the devices, the budget and the jax version; a run started again with the same ones (a resume)
+    takes it from there without compiling anything."""
+    m = cfg.model
+    latent = tuple(int(x) for x in latent)
+    devices = jax.devices()
+    budget = int(m.memory_budget_gb * remat_lib.GIB)
+    if budget <= 0:
+        budget = int((devices[0].memory_stats() or {}).get("bytes_limit", 0))
+    if budget <= 0:
+        raise ValueError(f"remat='auto': {devices[0].platform} reports no memory limit; set "
+                         "--config.model.memory_budget_gb")
+    settings = {k: v for k, v in cfg.to_dict().items() if k in ("batch_size", "mesh", "lora", "sweep", "optim", "loss")}
+    settings["model"] = {k: v for k, v in m.to_dict().items() if k not in ("remat", "remat_groups", "memory_budget_gb")}
+    key = json.loads(json.dumps({"settings": settings, "latent": list(latent), "text_tokens": tokens,
+                                 "devices": f"{len(devices)} x {devices[0].device_kind}",
+                                 "processes": jax.process_count(), "budget_bytes": budget, "jax": jax.__version__}))
+    record = Path(cfg.run_dir) / REMAT_RECORD
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except ValueError:
+            old = {}
+        if old.get("for") == key:
+            return remat_lib.Choice(old["remat"], old["groups"], old["bytes"], budget, [])
+    dit_cfg = dit_config(m, remat="full", remat_groups="")
+    mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
+
+    def memory_of(remat: str, groups: str) -> int:
+        parts = sweep_lib.training_parts(cfg, dataclasses.replace(dit_cfg, remat=remat, remat_groups=groups), mesh)
+        return program_lib.memory(parts.program(cfg.batch_size, latent, tokens).lower().compile())["total"]
+
+    choice = remat_lib.choose(dit_cfg.depth - 1, memory_of, budget, dit_cfg.attention)
+    if jax.process_index() == 0:
+        _replace_text(record, json.dumps({"remat": choice.remat, "groups": choice.groups, "bytes": choice.bytes,
+                                          "for": key}, indent=1) + "\n")
+    return choice
+
+
 def lora_structure(cfg) -> dict:
     """What fixes the shapes of a run's train state: the LoRA targets, per variant for a sweep."""
-    variants = lora_config.sweep_variants(cfg)
+    variants = runs.sweep_variants(cfg)
     lora = {name: v.lora.to_dict() for name, v in variants} if variants else {"": cfg.lora.to_dict()}
     return json.loads(json.dumps(lora))  # as config.json holds it
 
@@ -289,9 +340,8 @@ def check_exportable(lora_cfg: dict, targets, layers, who: str = "") -> None:
 def load_state(run: Run) -> None:
     """The frozen base into its shardings, and the train state: fresh, or the newest checkpoint's."""
     cfg, m = run.cfg, run.cfg.model
-    overrides = dict(compute_dtype=m.compute_dtype, attention=m.attention, remat=m.remat, remat_groups=m.remat_groups,
-                     weights_on_host=bool(m.get("weights_on_host", False)))
-    _, run.params = load_dit(m.dit, dtype=m.param_dtype, shardings=run.shardings["params"], **overrides)
+    _, run.params = load_dit(m.dit, dtype=run.dit_cfg.param_dtype, shardings=run.shardings["params"],
+                             **run.dit_cfg.settings())
     base = (f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "
             f"base: {m.dit} (depth {run.dit_cfg.depth}, width {run.dit_cfg.width}, {m.param_dtype})")
     sw = run.sweep

@@ -6,7 +6,7 @@ on a leading layer axis under 'blocks' (one nn.scan); the last block is 'last_bl
 
 Every Dense declares the logical names of its kernel's dimensions where it is created
 (`logical_axes` collects them for sharding), and the block's main activations carry checkpoint
-names for name-based remat policies (layers.remat_policy): 'qkv' (q/k/v projections), 'attn'
+names for name-based remat policies (models/remat.py): 'qkv' (q/k/v projections), 'attn'
 (the attention: its output, or a fused kernel's output and softmax statistics), 'proj' (output
 projections), 'mlp_in' / 'mlp_out' (the SwiGLU's matmuls).
 
@@ -31,6 +31,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from mochi_jax.models import layers, quant
+from mochi_jax.models import remat as remat_lib
 from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, rms_norm
 from mochi_jax.models.lora import LoraTarget
 from mochi_jax.models.sharding import constrain
@@ -63,7 +64,7 @@ class DiTConfig:
     # attention='splash': q and kv tile (tokens, a multiple of 128) of the forward and backward
     # kernels; 512 as in MaxText, which pads Mochi's 11k-45k joint tokens by at most 511 (< 5 %).
     splash_block: int = 512
-    remat: str = "full"  # a key of layers.REMAT_POLICIES, or save:<names> / offload:<names> (layers.remat_policy)
+    remat: str = "full"  # a key of remat.POLICIES, or save:<names> / offload:<names> (models/remat.py)
     scan_layers: bool = True  # False: an unrolled Python loop (for tests and debugging)
     # A remat policy per consecutive group of the depth-1 stacked blocks, e.g. "dots:16,full:31"
     # (counts sum to depth-1); '' = `remat` for every block. Needs scan_layers.
@@ -107,6 +108,14 @@ class DiTConfig:
     def arch(self) -> dict:
         """The architecture fields (what a converted checkpoint fixes)."""
         return {k: getattr(self, k) for k in self.ARCH_FIELDS}
+
+    # how the model runs: what a command's `model` block sets (checkpoints.dit_config), not the checkpoint
+    SETTING_FIELDS = ("param_dtype", "compute_dtype", "attention", "splash_block", "remat", "remat_groups",
+                      "scan_layers", "weights_on_host")
+
+    def settings(self) -> dict:
+        """The setting fields (SETTING_FIELDS) and their values."""
+        return {k: getattr(self, k) for k in self.SETTING_FIELDS}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -252,7 +261,7 @@ class JointAttention(_Base):
         v = constrain(jnp.concatenate([vx, vy], axis=1).astype(cdt), heads_split)
         key_mask = jnp.concatenate([jnp.ones((b, n), bool), y_mask], axis=1)
         out = layers.attention(q, k, v, key_mask, impl=cfg.attention, splash_block=cfg.splash_block,
-                               name=layers.ATTENTION_NAME)
+                               name=remat_lib.ATTENTION_NAME)
         out = constrain(out, heads_split)
         out = out.reshape(b, -1, h * hd)
         out_x = checkpoint_name(constrain(self.dense(cfg.width, "proj_x", ("heads", "embed"))(out[:, :n]), TOKENS),
@@ -348,16 +357,16 @@ class MochiDiT(_Base):
         if cfg.scan_layers and (cfg.remat_groups or cfg.weights_on_host) and not self.is_initializing():
             x, y = self._grouped_blocks((x, y), block_args)
         elif cfg.scan_layers:
-            block = layers.remat(Block, cfg.remat)
+            block = remat_lib.remat(Block, cfg.remat)
             scanned = nn.scan(block, variable_axes={"params": 0, "lora": 0},
                               split_rngs={"params": True, "dropout": True},
                               in_axes=(nn.broadcast,) * len(block_args), length=n_sym)
             (x, y), _ = scanned(cfg, self.lora_targets, name="blocks")((x, y), *block_args)
         else:
-            block = layers.remat(Block, cfg.remat)
+            block = remat_lib.remat(Block, cfg.remat)
             for i in range(n_sym):
                 (x, y), _ = block(cfg, self.lora_targets, name=f"blocks_{i}")((x, y), *block_args)
-        (x, _), _ = layers.remat(Block, cfg.remat)(cfg, self.lora_targets, last=True, name="last_block")(
+        (x, _), _ = remat_lib.remat(Block, cfg.remat)(cfg, self.lora_targets, last=True, name="last_block")(
             (x, y), *block_args)
 
         out = FinalLayer(cfg, self.lora_targets, name="final_layer")(x, c)
@@ -385,9 +394,10 @@ class MochiDiT(_Base):
             return block.apply(variables, carry, *block_args, rngs=rngs)[0]
 
         start = 0
-        groups = parse_remat_groups(cfg.remat_groups, cfg.depth - 1) if cfg.remat_groups else [(cfg.remat, cfg.depth - 1)]
+        groups = (remat_lib.parse_remat_groups(cfg.remat_groups, cfg.depth - 1) if cfg.remat_groups
+                  else [(cfg.remat, cfg.depth - 1)])
         for policy, n in groups:
-            body = run if policy == "none" else jax.checkpoint(run, policy=layers.remat_policy(policy),
+            body = run if policy == "none" else jax.checkpoint(run, policy=remat_lib.remat_policy(policy),
                                                                prevent_cse=False)
             lo = jax.tree_util.tree_map(lambda a: a[start:start + n], lora)  # small, and differentiated: sliced
             carry, _ = jax.lax.scan(lambda c, x: (body(c, params, *x), None), carry,
@@ -400,30 +410,6 @@ def stack_unrolled(params: dict, depth: int, shardings=None) -> dict:
     """Turn an unrolled tree (blocks_0 .. blocks_{depth-2}) into the scanned layout ('blocks');
     `shardings` (for the scanned layout) places each stacked leaf directly."""
     return layers.stack_layers(params, "blocks", depth - 1, shardings)
-
-
-def is_remat_groups(spec: str) -> bool:
-    """Whether a remat setting is a groups string ('dots:16,full:31', each item policy:count) rather than
-    one policy ('full', 'save:qkv+attn')."""
-    items = [x.strip() for x in spec.split(",") if x.strip()]
-    return bool(items) and all(x.rpartition(":")[2].isdigit() for x in items)
-
-
-def parse_remat_groups(spec: str, n: int) -> list[tuple[str, int]]:
-    """'dots:16,save:qkv+proj:31' -> [('dots', 16), ('save:qkv+proj', 31)], checked: known policies,
-    counts sum to n."""
-    groups = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        policy, _, count = item.rpartition(":")
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"remat_groups {spec!r}: each group is policy:count (a policy of "
-                             f"{sorted(layers.REMAT_POLICIES)} or save:<names> / offload:<names>), got {item!r}")
-        layers.remat_policy(policy)  # raises naming the choices
-        groups.append((policy, int(count)))
-    if sum(c for _, c in groups) != n:
-        raise ValueError(f"remat_groups {spec!r}: counts sum to {sum(c for _, c in groups)}, the model has {n} "
-                         f"stacked blocks")
-    return groups
 
 
 def dummy_inputs(cfg: DiTConfig, t5_len: int = 1):

@@ -1,5 +1,5 @@
 """Layers shared by the Mochi models: a Dense that can carry LoRA, RMS norms,
-one attention function with several backends, and named remat policies."""
+one attention function with several backends, and stacks of layers (remat: mochi_jax/models/remat.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from flax import traverse_util
 from jax.ad_checkpoint import checkpoint_name
 
 from mochi_jax.models import quant as quant_lib
+from mochi_jax.models import remat as remat_lib
 from mochi_jax.models import splash
 from mochi_jax.models.lora import LoraTarget, find_target
 
@@ -177,7 +178,7 @@ def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | Non
     run it), with q/kv tiles of `splash_block` tokens (None: that module's default).
 
     name: ATTENTION_NAME (or '' for none) marks what the backward pass needs from the attention, so
-    that a remat policy keeping it (remat_policy) skips the attention's forward in the backward pass:
+    that a remat policy keeping it (remat.remat_policy) skips the attention's forward in the backward pass:
     the output on 'xla'; on the fused kernels their residuals, the output and the softmax statistics
     (naming only their output would keep it and still rerun the kernel for the statistics).
     """
@@ -189,11 +190,11 @@ def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | Non
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return checkpoint_name(out, name) if name else out
-    if impl == "cudnn":  # its forward is recognised by the policies (_is_fused_attention_residual), not named
+    if impl == "cudnn":  # its forward is recognised by the policies (remat.py matches it), not named
         return fused_attention(q, k, v, key_mask, "cudnn")
     if impl == "splash":
         return splash.splash_attention(q, k, v, key_mask, block=splash_block or splash.DEFAULT_BLOCK,
-                                       residual_name=name and kernel_residual_name(name))
+                                       residual_name=name and remat_lib.kernel_residual_name(name))
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
@@ -267,80 +268,3 @@ def unstack_shardings(shardings: dict, name: str, n: int) -> dict:
     per_layer = jax.tree_util.tree_map(drop_layer_axis, shardings[name])
     out.update({f"{name}_{i}": per_layer for i in range(n)})
     return out
-
-
-# ----------------------------------------------------------------------------- remat
-
-REMAT_POLICIES = {
-    "none": None,  # no rematerialisation: every activation is kept
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
-    "dots": jax.checkpoint_policies.dots_saveable,  # keep every matmul output, attention's included
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls only
-    # weight-matmul outputs are saved in host memory (pinned) instead of the accelerator's, and
-    # brought back for the backward pass: dots_no_batch's recompute savings at 'full''s device memory
-    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
-}
-
-
-CHECKPOINT_NAMES = ("qkv", "attn", "proj", "mlp_in", "mlp_out")  # what the DiT's blocks name (models/dit.py)
-ATTENTION_NAME = "attn"  # the DiT's attention (`attention(..., name=ATTENTION_NAME)`)
-
-# jax's checkpoint-name primitive, which name-based policies are asked about
-_NAME_PRIMITIVE = jax.make_jaxpr(lambda x: checkpoint_name(x, ATTENTION_NAME))(0.0).eqns[0].primitive
-
-
-def kernel_residual_name(name: str) -> str:
-    """The checkpoint name a fused attention kernel gives its residuals when the attention is `name`."""
-    return f"{name}/kernel"
-
-
-def _is_fused_attention_residual(prim, params) -> bool:
-    """The residuals of a fused kernel's forward: splash's (named) or the outputs of cuDNN's forward
-    (output and softmax statistics; jax's cuDNN attention names nothing, so its primitive is matched)."""
-    if prim is _NAME_PRIMITIVE:
-        return params.get("name") == kernel_residual_name(ATTENTION_NAME)
-    return getattr(prim, "name", "").startswith("dot_product_attention_fwd")
-
-
-def _with_fused_attention(policy, keep):
-    """`policy`, with the fused attention kernels' residuals decided by keep(*avals) (what the
-    policy does with the attention's output)."""
-    def extended(prim, *args, **params):
-        if _is_fused_attention_residual(prim, params):
-            return keep(*args)
-        return policy(prim, *args, **params)
-    return extended
-
-
-def remat_policy(name: str):
-    """The jax.checkpoint policy of a remat setting: a key of REMAT_POLICIES, or name-based
-    'save:<names>' (keep only these named activations, recompute the rest) or 'offload:<names>'
-    (keep them in pinned host memory), <names> joined by '+' from CHECKPOINT_NAMES, e.g.
-    'save:qkv+proj'.
-
-    Keeping the attention ('dots', or 'attn' among the names) keeps what its backward needs on every
-    backend, so the backward pass never reruns the attention forward: on 'xla' its matmul outputs, on
-    the fused kernels (cuDNN, splash) their output and softmax statistics."""
-    if name in REMAT_POLICIES:
-        policy = REMAT_POLICIES[name]
-        return _with_fused_attention(policy, lambda *_: True) if name == "dots" else policy
-    kind, _, names = name.partition(":")
-    chosen = tuple(n for n in names.split("+") if n)
-    if kind in ("save", "offload") and chosen and set(chosen) <= set(CHECKPOINT_NAMES):
-        if kind == "save":
-            policy = jax.checkpoint_policies.save_only_these_names(*chosen)
-        else:
-            policy = jax.checkpoint_policies.save_and_offload_only_these_names(
-                names_which_can_be_saved=(), names_which_can_be_offloaded=chosen, offload_src="device",
-                offload_dst="pinned_host")
-        return _with_fused_attention(policy, lambda *a: policy(_NAME_PRIMITIVE, *a, name=ATTENTION_NAME))
-    raise ValueError(f"unknown remat policy {name!r}; choose one of {sorted(REMAT_POLICIES)}, or save:<names> / "
-                     f"offload:<names> with names joined by '+' from {CHECKPOINT_NAMES}")
-
-
-def remat(module_cls, policy: str, static_argnums=()):
-    """Wrap a Linen module class in nn.remat under a named policy ('none' returns it as is)."""
-    fn = remat_policy(policy)
-    if policy == "none":
-        return module_cls
-    return nn.remat(module_cls, policy=fn, prevent_cse=False, static_argnums=static_argnums)

@@ -14,31 +14,26 @@ from __future__ import annotations
 
 import sys
 
+from mochi_jax.aot import targets
+
 PREFIX = "mochi_jax.aot"
 
 
-def run(cfg) -> int:
-    from mochi_jax import fit, targets
-
-    try:
-        report = fit.check(cfg)
-    except (ValueError, targets.MissingCompiler) as e:  # BadInput, TargetError and the config checks are ValueErrors
-        print(f"{PREFIX}: {e}", file=sys.stderr, flush=True)
-        return 2
-    print(report.format(), flush=True)
-    if cfg.aot.json:
-        print(f"wrote {fit.write_json(report, cfg.aot.json)}")
-    return 0 if report.fits else 1
-
-
 def main():
-    from mochi_jax import targets
-
-    targets.compile_only_environment()  # before jax is imported
-    from mochi_jax import cli
+    targets.compile_only_environment()  # before jax is imported: the imports below load it
+    from mochi_jax import cli  # noqa: E402 - after the environment is set
+    from mochi_jax.aot import fit, report  # noqa: E402
 
     def command(cfg):
-        sys.exit(run(cfg))  # 0 fits, 1 does not, 2 bad input
+        try:
+            r = fit.check(cfg)
+        except (ValueError, targets.MissingCompiler) as e:  # BadInput, TargetError and the config checks
+            print(f"{PREFIX}: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        print(r.format(), flush=True)
+        if cfg.aot.json:
+            print(f"wrote {report.write_json(r, cfg.aot.json)}")
+        sys.exit(0 if r.fits else 1)  # 0 fits, 1 does not, 2 bad input
 
     cli.run("configs/lora.py", command, "a configs/lora.py, sample.py or prepare.py config with an aot block",
             command=PREFIX)  # flags it cannot take and user errors: one line, exit status 2

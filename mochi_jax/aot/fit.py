@@ -1,0 +1,343 @@
+"""Memory before a run: compile a command's exact program ahead of time for a TPU slice or NVIDIA
+GPUs on a CPU host (no accelerator, no weights) and read the compiler's per-device memory.
+
+    from mochi_jax.aot import targets
+    targets.compile_only_environment()              # before jax is imported
+    from mochi_jax.aot import fit
+    report = fit.check(config)                      # config: configs/lora.py, sample.py or prepare.py
+    print(report.format()); report.fits             # arguments, temporaries, outputs, total vs HBM
+
+This module only reads the config and picks the program; each program comes from the library module
+that runs it for real (mochi_jax/lib/program.py lists them), with the abstract inputs and shardings
+the command gives it: the training step (`sweep.training_parts(...).program`), the sampler step
+(`sampling.sampler_program`), prepare's VAE encode and T5 batch (`placement.vae_encode_program`,
+`placement.t5_program`). Model shapes come from a converted checkpoint's metadata, or a preset when
+there is none. `mochi_jax/aot/report.py` compiles and measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint.experimental.v1 as ocp
+from jax.sharding import SingleDeviceSharding
+
+from mochi_jax.aot import targets as targets_lib
+from mochi_jax.aot.report import BadInput, Report, measure
+from mochi_jax.checkpoints import dit_config, read_metadata
+from mochi_jax.checkpoints.runs import load_loras
+from mochi_jax.configs import common as common_config
+from mochi_jax.configs import dit as dit_presets
+from mochi_jax.configs import prepare as prepare_config
+from mochi_jax.lib import placement, sampling, training
+from mochi_jax.lib import sweep as sweep_lib
+from mochi_jax.lib.program import Program, mesh_layout
+from mochi_jax.models import lora as lora_lib
+from mochi_jax.models import remat as remat_lib
+from mochi_jax.models import sharding as sharding_lib
+from mochi_jax.models.dit import MochiDiT
+from mochi_jax.models.t5 import T5Config
+from mochi_jax.models.vae import VAEConfig
+
+GIB = targets_lib.GIB
+WHAT = ("train", "sample", "vae_encode", "t5")
+
+
+def check(cfg, what: str = "") -> Report:
+    """Compile the program `what` (default cfg.aot.what, else the config's own command) of a
+    configs/lora.py, sample.py or prepare.py config for cfg.aot.target and measure it."""
+    aot = cfg.aot
+    kind = config_kind(cfg)
+    what = what or aot.what or {"lora": "train", "sample": "sample", "prepare": "vae_encode"}[kind]
+    allowed = {"lora": ("train", "sample"), "sample": ("sample",), "prepare": ("vae_encode", "t5")}[kind]
+    if what not in WHAT:
+        raise BadInput(f"aot.what={what!r}: choose one of {', '.join(WHAT)}")
+    if what not in allowed:
+        raise BadInput(f"aot.what={what!r} needs " + ("a prepare config (configs/prepare.py)" if what in
+                       ("vae_encode", "t5") else "a lora or sample config") + f"; this {kind} config offers "
+                       + ", ".join(allowed))
+    target = targets_lib.parse_target(aot.target, aot.gpus_per_host, aot.target_config)
+    found = []
+
+    def devices():  # made only once the config is checked: a bad clip is bad input with or without a compiler
+        if not found:
+            found.extend(targets_lib.compile_devices(target))
+        return found
+
+    build = {"lora": _lora_program, "sample": _sample_config_program, "prepare": _prepare_program}[kind]
+    program = build(cfg, what, target, devices)
+    if target.platform == "cuda":
+        program.details.append("GPU      compiled with autotuning off (no GPU here): the kernels, not the memory, "
+                               "may differ on the card")
+    limit, source = memory_limit(aot, target, devices)
+    return measure(program, target, limit, source)
+
+
+def config_kind(cfg) -> str:
+    """'lora', 'sample' or 'prepare': which command's config this is."""
+    keys = set(cfg.keys())
+    if {"optim", "lora", "mesh"} <= keys:
+        return "lora"
+    if {"sampling", "prompt", "model"} <= keys:
+        return "sample"
+    if {"buckets", "text_batch_size", "vae"} <= keys:
+        return "prepare"
+    raise BadInput("the config is none of configs/lora.py, configs/sample.py, configs/prepare.py")
+
+
+def memory_limit(aot, target, devices) -> tuple[int, str]:
+    """(bytes per device, where the figure comes from): --config.aot.memory_gib, else the target's."""
+    if aot.memory_gib > 0:
+        return int(aot.memory_gib * GIB), "--config.aot.memory_gib"
+    return targets_lib.memory_limit(target, devices(), aot.gpu_memory_fraction)
+
+
+# ----------------------------------------------------------------------------- model shapes and clips
+
+
+def _metadata(path):
+    """The converted checkpoint's custom metadata, or None when `path` holds none."""
+    if not path or not Path(path).is_dir():
+        return None
+    try:
+        return read_metadata(path)
+    except Exception:  # noqa: BLE001 - not a checkpoint
+        return None
+
+
+DEMO_ARCH = {"dit": common_config.DEMO_DIT, "vae": common_config.DEMO_VAE, "t5": common_config.DEMO_T5}
+
+
+def _arch(kind: str, spec: str, path: str, demo: bool) -> tuple[dict, str, str]:
+    """(architecture fields, where they come from, the checkpoint path or '') of the 'dit', 'vae' or
+    't5' model. `spec`: '' (the checkpoint at `path` if there is one, else the demo's tiny model for
+    a demo config, else the released model), 'mochi' (the released model), 'demo', a configs/dit.py
+    preset, or a checkpoint path."""
+    name = {"dit": "mochi_dit", "vae": "mochi_vae", "t5": "t5_encoder"}[kind]
+    why = ""
+    if not spec:
+        meta = _metadata(path)
+        if meta is not None and meta.get("model") == name:
+            return dict(meta["config"]), f"the checkpoint {path}", path
+        if demo:
+            return dict(DEMO_ARCH[kind]), f"the demo's tiny model ({path} not made yet)", ""
+        spec, why = "mochi", f" ({path} holds no converted checkpoint)"
+    if spec == "mochi":
+        if kind == "dit":
+            return dict(dit_presets.PRESETS["mochi"]), "the released model's shapes (configs/dit.py 'mochi')" + why, ""
+        return {}, "the released model's shapes" + why, ""
+    if spec == "demo":
+        return dict(DEMO_ARCH[kind]), "the demo's tiny model", ""
+    if kind == "dit" and spec in dit_presets.PRESETS:
+        return dict(dit_presets.PRESETS[spec]), f"configs/dit.py preset {spec!r}", ""
+    meta = _metadata(spec)
+    if meta is None or meta.get("model") != name:
+        presets = "'mochi', 'small', 'tiny', 'demo'" if kind == "dit" else "'mochi', 'demo'"
+        raise BadInput(f"aot.model={spec!r} is neither a converted {kind} checkpoint nor a preset ({presets})")
+    return dict(meta["config"]), f"the checkpoint {spec}", spec
+
+
+def _clip(aot, frames: int, height: int, width: int, source: str) -> tuple[tuple[int, int, int], str]:
+    clip = (aot.num_frames or frames, aot.height or height, aot.width or width)
+    given = (aot.num_frames, aot.height, aot.width) != (0, 0, 0)
+    try:
+        sampling.latent_shape(*clip)
+    except ValueError as e:
+        raise BadInput(f"clip {clip[0]} frames {clip[1]}x{clip[2]}: {e}") from e
+    return clip, "--config.aot" if given else source
+
+
+def _longest(num_frames) -> int:
+    """A prepare config's frame count, or the longest of its frame buckets (the most memory)."""
+    return int(num_frames) if isinstance(num_frames, int) else max(int(n) for n in num_frames)
+
+
+def _largest_bucket(buckets) -> tuple[int, int]:
+    return tuple(max((tuple(b) for b in buckets), key=lambda b: b[0] * b[1]))
+
+
+def _prepare_clip_defaults(cfg) -> tuple[int, int, int, str]:
+    """The clip a lora config trains on when the aot block does not say: its demo prepare settings,
+    or configs/prepare.py's defaults (what `mochi_jax.prepare` caches)."""
+    p = cfg.demo.get("prepare") if cfg.get("demo") else None
+    if p is not None and "num_frames" in p:
+        return (_longest(p.num_frames), *_largest_bucket(p.buckets), "the config's prepare settings")
+    d = prepare_config.get_config()
+    return (_longest(d.num_frames), *_largest_bucket(d.buckets), "configs/prepare.py defaults")
+
+
+def _clip_line(batch: int, frames: int, height: int, width: int, latent) -> str:
+    return (f"clip     {batch} x {frames} frames {height}x{width} -> latents [{batch}, "
+            + ", ".join(map(str, latent)) + "]")
+
+
+def _is_demo(cfg) -> bool:
+    return bool(cfg.get("demo"))  # only the :demo presets carry a demo block
+
+
+# ----------------------------------------------------------------------------- the programs
+
+
+def train_program(cfg, dit_cfg, devices, clip, text_tokens: int, num_hosts: int = 1) -> Program:
+    """The trainer's step (`sweep.training_parts`) of a configs/lora.py config for `dit_cfg`, over the
+    mesh of cfg.mesh built from `devices`, on a batch of cfg.batch_size clips of `clip` = (frames,
+    height, width)."""
+    mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices)
+    n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch or cfg.batch_size % num_hosts:
+        raise BadInput(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
+                       f"{mesh_layout(mesh)}) and by the {num_hosts} hosts; change --config.batch_size or "
+                       "--config.mesh.*")
+    try:
+        parts = sweep_lib.training_parts(cfg, dit_cfg, mesh)
+    except ValueError as e:  # the config's LoRA targets or sweep
+        raise BadInput(str(e)) from e
+    latent = sampling.latent_shape(*clip)
+    program = parts.program(cfg.batch_size, latent, text_tokens)
+    accum = f", {cfg.optim.grad_accum} micro-batches per update" if cfg.optim.grad_accum > 1 else ""
+    lora = program.args[0]["lora"]
+    if parts.sweep is None:
+        lora_line = (f"LoRA     {lora_lib.count(lora):,} float32 parameters ("
+                     + ", ".join(f"{t.pattern} r{t.rank}" for t in parts.targets) + f") and their AdamW moments{accum}")
+    else:
+        n = sum(int(math.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
+        lora_line = (f"LoRA     a sweep of {parts.sweep.size} LoRAs trained together ({', '.join(parts.sweep.names)}): "
+                     f"{n:,} stacked float32 parameters and their AdamW moments{accum}")
+    program.details += [lora_line, _clip_line(cfg.batch_size, *clip, latent)]
+    return program
+
+
+def _sampler_line(batch: int, clip, guidance: float) -> str:
+    latent = sampling.latent_shape(*clip)
+    return _clip_line(batch, *clip, latent) + (f", guidance {guidance:g}: both branches, DiT batch {2 * batch}"
+                                               if guidance > 1.0 else ", no guidance")
+
+
+def _lora_program(cfg, what, target, devices) -> Program:
+    """configs/lora.py: the training step, or (what='sample') a validation video's sampler step with
+    the weights sharded as in training."""
+    aot, m = cfg.aot, cfg.model
+    arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
+    auto = m.remat == "auto"
+    dit_cfg = dit_config(m, arch, **({"remat": "full", "remat_groups": ""} if auto else {}))
+    picked = ""
+    if what == "train":
+        f, h, w, src = _prepare_clip_defaults(cfg)
+        clip, src = _clip(aot, f, h, w, src)
+        if auto:
+            limit, _ = memory_limit(aot, target, devices)
+            budget = int(m.memory_budget_gb * GIB) if m.memory_budget_gb > 0 else limit
+
+            def memory_of(remat: str, groups: str) -> int:
+                c = dataclasses.replace(dit_cfg, remat=remat, remat_groups=groups)
+                return measure(train_program(cfg, c, devices(), clip, aot.text_tokens, target.num_hosts), target,
+                               limit, "").total_bytes
+
+            try:
+                choice = remat_lib.choose(dit_cfg.depth - 1, memory_of, budget, dit_cfg.attention)
+            except ValueError as e:
+                raise BadInput(str(e)) from e
+            dit_cfg = dataclasses.replace(dit_cfg, remat=choice.remat, remat_groups=choice.groups)
+            picked = f"remat    auto -> {choice.describe()}"
+        program = train_program(cfg, dit_cfg, devices(), clip, aot.text_tokens, target.num_hosts)
+    else:
+        v, s = cfg.validation, cfg.validation.sampling
+        dit_cfg = dataclasses.replace(dit_cfg, remat="none", remat_groups="")  # sampling keeps nothing for a backward
+        clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
+        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+        mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices())
+        sh = training.train_shardings(MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim), mesh)
+        batch = max(1, len(v.prompts))
+        program = sampling.sampler_program(dit_cfg, targets, batch, sampling.latent_shape(*clip), aot.text_tokens,
+                                           s.guidance > 1.0, sh["params"], sh["state"]["lora"], sh["replicated"])
+        program.layout = mesh_layout(mesh)
+        program.details += [_sampler_line(batch, clip, s.guidance),
+                            "         (the train state, resident meanwhile, is not counted)"]
+    program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} "
+                              f"weights" + (" (blocks in pinned host memory)" if dit_cfg.weights_on_host else "")
+                              + f", attention {m.attention}, remat {m.remat}"
+                           + (f" ({m.remat_groups})" if m.remat_groups else ""))
+    program.details.append(f"         (clip size from {src})")
+    if picked:
+        program.details.insert(1, picked)
+    return program
+
+
+def _sample_config_program(cfg, what, target, devices) -> Program:
+    """configs/sample.py: one sampler step on one device (the sampler does not shard its weights)."""
+    aot, m, s = cfg.aot, cfg.model, cfg.sampling
+    arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
+    dit_cfg = dit_config(m, arch, remat="none", remat_groups="")
+    targets = _sample_lora_targets(cfg, dit_cfg)
+    clip, _ = _clip(aot, s.num_frames, s.height, s.width, "the config")
+    one = SingleDeviceSharding(devices()[0])
+    program = sampling.sampler_program(dit_cfg, targets, cfg.batch_size, sampling.latent_shape(*clip),
+                                       aot.text_tokens, s.guidance > 1.0, one, one, one)
+    program.details += [_sampler_line(cfg.batch_size, clip, s.guidance)]
+    program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, "
+                              f"{m.param_dtype} weights, attention {m.attention}"
+                           + (f"; LoRAs {cfg.loras}" if targets else ""))
+    if target.num_devices > 1:
+        program.details.append(f"devices  1 of {target.num_devices} (the sampler runs on one device)")
+    return program
+
+
+def _prepare_program(cfg, what, target, devices) -> Program:
+    """configs/prepare.py: the VAE encode of one clip of the largest bucket, or one T5 batch, on one
+    host's devices (prepare runs on each host alone)."""
+    aot = cfg.aot
+    demo = _is_demo(cfg)
+
+    def local_devices():
+        every = devices()
+        local = [d for d in every if d.process_index == every[0].process_index]
+        n = int(cfg.get("devices", -1))
+        if n == 0 or n < -1 or n > len(local):
+            raise BadInput(f"devices={n}: choose -1 (all {len(local)} of a host) or 1..{len(local)}")
+        return local if n == -1 else local[:n]
+
+    if what == "vae_encode":
+        arch, arch_src, ckpt = _arch("vae", aot.model, cfg.vae, demo)
+        dtype = cfg.vae_dtype or (_stored_dtype(ckpt) if ckpt else VAEConfig.param_dtype)
+        vae_cfg = VAEConfig.from_dict({**arch, "param_dtype": dtype, "tile_size": tuple(cfg.tile_size),
+                                       "tile_overlap": tuple(cfg.tile_overlap)})
+        h, w = _largest_bucket(cfg.buckets)
+        clip, _ = _clip(aot, _longest(cfg.num_frames), h, w, "the config")
+        program = placement.vae_encode_program(vae_cfg, local_devices(), clip, bool(cfg.tiled))
+        program.details.insert(0, f"model    {arch_src}: VAE, {dtype} weights")
+    else:
+        arch, arch_src, ckpt = _arch("t5", aot.model, cfg.t5, demo)
+        dtype = cfg.t5_dtype or (_stored_dtype(ckpt) if ckpt else T5Config.param_dtype)
+        t5_cfg = T5Config.from_dict({**arch, "param_dtype": dtype})
+        sizes = cfg.get("mesh", None)
+        sizes = dict(sizes.to_dict() if hasattr(sizes, "to_dict") else sizes or {"fsdp": -1})
+        program = placement.t5_program(t5_cfg, local_devices(), int(cfg.text_batch_size), int(cfg.max_length), sizes)
+        program.details.insert(0, f"model    {arch_src}: T5 encoder, {dtype} weights")
+    if len(local_devices()) < target.num_devices:
+        program.details.append(f"devices  {len(local_devices())} of {target.num_devices}: one host's (prepare runs "
+                               "on each host alone)")
+    return program
+
+
+def _stored_dtype(path) -> str:
+    """The dtype of a converted checkpoint's weights (its first floating leaf)."""
+    meta = ocp.metadata(Path(path).absolute()).metadata
+    for leaf in jax.tree_util.tree_leaves(meta):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.dtype(leaf.dtype).name
+    return "bfloat16"
+
+
+def _sample_lora_targets(cfg, dit_cfg):
+    """The combined adapter's targets of a sample config's LoRAs (the files are read: they are small)."""
+    if not cfg.loras:
+        return ()
+    try:
+        _, targets = load_loras(cfg.loras, dit_cfg)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"loras={cfg.loras!r}: {e}") from e
+    return tuple(targets)
