@@ -5,7 +5,13 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
     python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
     python benchmarks/aot_tables.py quant   # per GPU and base-weight setting (bf16, fp8, int8, host-streamed)
     python benchmarks/aot_tables.py remat   # one H100: memory, attention reruns and FLOPs per remat policy, remat=auto
-    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant}.json
+    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant,remat}.json
+    python benchmarks/aot_tables.py tpu --smoke --results /tmp/aot   # one cell, a tiny model (the test)
+
+--results DIR: where the JSON files are read and written (default benchmarks/results/). --model: the DiT's
+shapes for every cell (aot.model: default 'mochi', the released model; a configs/dit.py preset such as 'tiny').
+--smoke: the first cell of the table alone (the first GPU or slice, policy or setting, 7 frames) for the
+'tiny' preset, into a temporary folder unless --results is given, to check that the script runs.
 
 GPU: H100 80 GB, H200 141 GB, A100 80 GB and RTX 4090 (24 GB), one GPU, batch 1, cuDNN attention;
 for each remat policy the clips 37, 61, 85, 163 frames are compiled in order until one exceeds the
@@ -43,6 +49,7 @@ import json
 import math
 import multiprocessing
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,17 +128,26 @@ def device_bytes(gpu: str) -> int:
 # ----------------------------------------------------------------------------- GPU
 
 
+def model_overrides(args) -> dict:
+    """--model other than the released model's shapes: recorded in every cell's overrides."""
+    return {} if args.model == "mochi" else {"aot.model": args.model}
+
+
+def setup(text: str, args) -> str:
+    return text if args.model == "mochi" else f"{text}; DiT shapes: aot.model={args.model!r} (not the 10 B base)"
+
+
 def run_gpu(args):
-    path = RESULTS / "aot_gpu.json"
+    path = args.results / "aot_gpu.json"
     data = load(path)
-    data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
-                     "batch 1; one GPU; cuDNN attention; autotuning off")
+    data["setup"] = setup("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; "
+                          "480x848; batch 1; one GPU; cuDNN attention; autotuning off", args)
     for gpu in args.gpus:
         for policy in args.policies:
             for frames in args.frames:
                 key = f"{gpu}/{policy}/{frames}"
                 r = cell(data, path, key, {"aot.target": gpu, "model.attention": "cudnn", "model.remat": policy,
-                                           "aot.num_frames": frames}, args.redo)
+                                           "aot.num_frames": frames, **model_overrides(args)}, args.redo)
                 if "error" in r or r["total_bytes"] > device_bytes(gpu):
                     break  # a longer clip needs more
     show_gpu(data)
@@ -170,17 +186,17 @@ QUANT_GOALS = ((37, 22, "a quantized base"), (85, 22, "host-streamed weights"), 
 
 
 def run_quant(args):
-    path = RESULTS / "aot_gpu_quant.json"
+    path = args.results / "aot_gpu_quant.json"
     data = load(path)
-    data["setup"] = ("10 B base (configs/dit.py 'mochi'), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; batch 1; "
-                     "one GPU; remat full; cuDNN attention; autotuning off")
+    data["setup"] = setup("10 B base (configs/dit.py 'mochi'), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
+                          "batch 1; one GPU; remat full; cuDNN attention; autotuning off", args)
     for gpu in args.gpus:
         for name in args.settings:
             dtype, host = QUANT_SETTINGS[name]
             for frames in args.frames:
                 cell(data, path, f"{gpu}/{name}/{frames}",
                      {"aot.target": gpu, "model.attention": "cudnn", "model.remat": "full", "aot.num_frames": frames,
-                      "model.param_dtype": dtype, "model.weights_on_host": host}, args.redo)
+                      "model.param_dtype": dtype, "model.weights_on_host": host, **model_overrides(args)}, args.redo)
     show_quant(data)
 
 
@@ -219,17 +235,19 @@ def _remat_over(frames: int, **over) -> dict:
 
 
 def run_remat(args):
-    path = RESULTS / "aot_remat.json"
+    path = args.results / "aot_remat.json"
     data = load(path)
-    data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
-                     "batch 1; one H100; cuDNN attention; autotuning off")
+    data["setup"] = setup("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; "
+                          "480x848; batch 1; one H100; cuDNN attention; autotuning off", args)
     for frames in args.frames:
         for policy in args.policies:
-            cell(data, path, f"{policy}/{frames}", _remat_over(frames, **{"model.remat": policy}), args.redo)
+            cell(data, path, f"{policy}/{frames}", _remat_over(frames, **{"model.remat": policy},
+                                                              **model_overrides(args)), args.redo)
     for frames, gb in REMAT_BUDGETS:
         if frames in args.frames:
             cell(data, path, f"auto@{gb}GB/{frames}",
-                 _remat_over(frames, **{"model.remat": "auto", "model.memory_budget_gb": gb * 1e9 / GIB}), args.redo)
+                 _remat_over(frames, **{"model.remat": "auto", "model.memory_budget_gb": gb * 1e9 / GIB},
+                             **model_overrides(args)), args.redo)
     show_remat(data)
 
 
@@ -275,11 +293,11 @@ def tpu_meshes(chips: int, hosts: int):
 
 
 def run_tpu(args):
-    path = RESULTS / "aot_tpu.json"
+    path = args.results / "aot_tpu.json"
     data = load(path)
-    data["setup"] = ("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
-                     "remat full; attention xla, or splash for the cells whose key starts with splash/; "
-                     "batch = data x fsdp")
+    data["setup"] = setup("10 B base (configs/dit.py 'mochi', bf16), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; "
+                          "480x848; remat full; attention xla, or splash for the cells whose key starts with splash/; "
+                          "batch = data x fsdp", args)
     for frames in args.frames:
         for name in args.slices:
             target = targets.parse_target(name)
@@ -289,7 +307,7 @@ def run_tpu(args):
                 tag = "x".join(f"{k[0]}{v}" for k, v in mesh.items() if v > 1) or "1"
                 key = f"{args.attention}/{frames}/{name}/{tag}"
                 over = {"aot.target": name, "model.attention": args.attention, "model.remat": "full",
-                        "aot.num_frames": frames, "batch_size": batch}
+                        "aot.num_frames": frames, "batch_size": batch, **model_overrides(args)}
                 over.update({f"mesh.{k}": v for k, v in mesh.items()})
                 r = cell(data, path, key, over, args.redo)
                 if args.frugal:  # from the most sequence-parallel mesh: the first that fails ends the slice
@@ -340,7 +358,7 @@ def show_tpu(data: dict):
                 print(f"  {attention} {frames:3} frames: none of the slices measured fits")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("gpu", "tpu", "quant", "remat", "show"))
     p.add_argument("--settings", type=lambda s: s.split(","), default=tuple(QUANT_SETTINGS),
@@ -355,7 +373,16 @@ def main():
                    help="TPU: start each slice from its most sequence-parallel mesh (the least memory per chip) and "
                         "stop at the first that does not fit: one compile says a slice cannot hold the clip at all")
     p.add_argument("--redo", action="store_true", help="measure cells already in the JSON again")
-    args = p.parse_args()
+    p.add_argument("--results", type=Path, help="the folder of the JSON files (default benchmarks/results/)")
+    p.add_argument("--model", default="mochi", help="the DiT's shapes (aot.model): 'mochi' or a configs/dit.py preset")
+    p.add_argument("--smoke", action="store_true", help="one cell of a tiny model, to check that the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:  # one cell: the first entry of every list, 7 frames, the tiny preset; flags given still win
+        p.set_defaults(model="tiny", frames=[7], gpus=[(QUANT_GPUS if args.what == "quant" else GPUS)[0]],
+                       slices=[SLICES[0]], settings=[next(iter(QUANT_SETTINGS))],
+                       policies=[(REMAT_POLICIES if args.what == "remat" else POLICIES)[0]])
+        args = p.parse_args(argv)
+    args.results = args.results or (Path(tempfile.mkdtemp(prefix="aot_tables_smoke_")) if args.smoke else RESULTS)
     if args.what == "gpu":
         args.frames, args.policies = args.frames or GPU_FRAMES, args.policies or POLICIES
         run_gpu(args)
@@ -372,8 +399,10 @@ def main():
     else:
         for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu), ("aot_gpu_quant.json", show_quant),
                            ("aot_remat.json", show_remat)):
-            if (RESULTS / name).exists():
-                show(load(RESULTS / name))
+            if (args.results / name).exists():
+                show(load(args.results / name))
+    if args.what != "show":
+        print(f"results in {args.results}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Peak host memory of a DiT conversion: near one (stacked) tensor, not one model.
 
-    python benchmarks/convert_memory.py [--depth 24] [--heads 8] [--workdir /tmp/convmem]
+    python benchmarks/convert_memory.py [--depth 24] [--heads 8] [--workdir /tmp/convmem] [--out FILE]
+    python benchmarks/convert_memory.py --smoke --out /tmp/convert_memory.json   # a 2-block, 2-head checkpoint (the test)
 
 Generates a random genmo-layout dit.safetensors of a few GB (in a separate process), converts it
 to bfloat16 in a fresh process and reports that process's peak resident memory against the
 checkpoint size, the largest source tensor and the converter's write batch (64 MiB), and the
-peak of a process that only imports the converter (the baseline). Writes benchmarks/results/convert_memory.json.
+peak of a process that only imports the converter (the baseline). Writes benchmarks/results/convert_memory.json
+(--out; --smoke: a temporary folder unless --out is given).
 """
 
 import argparse
@@ -13,9 +15,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-GEN = r"""
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, from any directory (and in the child processes below)
+PRELUDE = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+SMOKE = dict(depth=2, heads=2)  # --smoke: a checkpoint of a few MB, to check that it runs
+GEN = PRELUDE + r"""
 import sys, numpy as np, torch
 from safetensors.torch import save_file
 from mochi_jax.checkpoints.dit import genmo_shapes
@@ -25,7 +32,7 @@ g = torch.Generator().manual_seed(0)
 save_file({k: torch.randn(s, generator=g) * 0.02 for k, s in genmo_shapes(cfg).items()}, sys.argv[1])
 """
 
-CONVERT = r"""
+CONVERT = PRELUDE + r"""
 import resource, sys, time
 from mochi_jax import checkpoints as convert
 t = time.time()
@@ -35,13 +42,18 @@ print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 """
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--depth", type=int, default=24)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--workdir", default="/tmp/mochi_convert_memory")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and its conversion")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/convert_memory.json)")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run, {SMOKE}, to check that it runs")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -73,9 +85,11 @@ def main():
     print(f"peak RSS: imports only {base / gib:6.2f} GiB; conversion {peak / gib:6.2f} GiB "
           f"(+{(peak - base) / gib:.2f} GiB over the imports = {(peak - base) / src.stat().st_size:.1%} of the "
           f"checkpoint) in {secs:.1f} s")
-    out = Path(__file__).parent / "results" / "convert_memory.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "convert_memory_smoke.json" if args.smoke
+                                           else ROOT / "benchmarks" / "results" / "convert_memory.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

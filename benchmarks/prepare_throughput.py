@@ -3,6 +3,7 @@
 
     python benchmarks/prepare_throughput.py [--clips 12] [--source 1080x1920] [--source-frames 40]
         [--workers 1,2,4] [--num-frames 25] [--bucket 48x80] [--out benchmarks/results/prepare_throughput.json]
+    python benchmarks/prepare_throughput.py --smoke --out /tmp/prepare_throughput.json   # 2 tiny clips (the test)
 
 Makes one folder of synthetic captioned clips (`--source` pixels, `--source-frames` frames at 30 fps;
 or `--input` an existing folder), then prepares it into fresh caches with the same models: with
@@ -12,7 +13,8 @@ thread encodes). The models are the demo's tiny random VAE and T5 unless --vae/-
 converted checkpoints. Reports clips/s as prepare does (model loading and the first clip of each
 shape, when XLA compiles, left out), the time per stage, the ratio, and whether the caches hold the
 same numbers. Also times the frame resize itself, one --source frame to 480x848, against the dense
-einsum it replaced. Prints a table and writes JSON.
+einsum it replaced. Prints a table and writes JSON (--out, default benchmarks/results/prepare_throughput.json
+in the checkout; --smoke: a temporary folder unless --out is given).
 """
 
 from __future__ import annotations
@@ -22,18 +24,25 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, from any directory
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from mochi_jax.configs import prepare as prepare_config
-from mochi_jax.demo import make_clips, write_demo_models
-from mochi_jax.lib import preparation
-from mochi_jax.lib.cache import Cache
-from mochi_jax.lib.video import _Resizer
+from mochi_jax.demo import make_clips, write_demo_models  # noqa: E402
+from mochi_jax.lib import preparation  # noqa: E402
+from mochi_jax.lib.cache import Cache  # noqa: E402
+from mochi_jax.lib.video import _Resizer  # noqa: E402
+
+# --smoke: the smallest run (2 tiny clips, one reading thread), to check that it runs
+SMOKE = dict(clips=2, source=(64, 96), source_frames=8, workers="1", num_frames=7, bucket=(16, 16))
 
 
 def size(text: str) -> tuple[int, int]:
@@ -77,7 +86,7 @@ def resize_timing(source, target=(480, 848)) -> dict:
     return {"source": list(source), "target": list(target), **out, "max_difference": diff}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=12)
     ap.add_argument("--source", type=size, default=(1080, 1920), help="synthetic clip size HxW")
@@ -91,8 +100,12 @@ def main():
     ap.add_argument("--t5", default="")
     ap.add_argument("--tokenizer", default="")
     ap.add_argument("--work-dir", default="", help="where the clips, demo models and caches go (default: a temp dir)")
-    ap.add_argument("--out", default="benchmarks/results/prepare_throughput.json")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/prepare_throughput.json)")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run, {SMOKE}, to check that it runs")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="prepare_bench_"))
     src = Path(args.input) if args.input else work / "clips"
@@ -135,7 +148,8 @@ def main():
           f"dense einsum (before) {resize['dense_einsum_s'] * 1e3:.0f} ms ({resize['dense_einsum_s'] / resize['banded_s']:.0f}x), "
           f"outputs differ by at most {resize['max_difference']}")
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "prepare_throughput_smoke.json"
+                                           if args.smoke else ROOT / "benchmarks" / "results" / "prepare_throughput.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "clips": one["clips"], "source": list(args.source), "source_frames": args.source_frames,

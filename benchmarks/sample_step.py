@@ -3,7 +3,8 @@ jit) vs diffusers' MochiPipeline, same small random transformer, same latents, s
 embeddings, same run.
 
     python benchmarks/sample_step.py [--steps 10] [--repeats 7] [--frames 13] [--height 96]
-                                     [--width 160] [--torch-threads 1,2]
+                                     [--width 160] [--torch-threads 1,2] [--out FILE]
+    python benchmarks/sample_step.py --smoke --out /tmp/sample_step.json   # 1 step, 1 repeat, tiny (the test)
 
 Both sides run float32 on the host CPU with guidance on (batch 1 -> 2 in the DiT). Timed:
   ours      one `denoise` call over N steps (after a warm-up call that compiles), / N; includes
@@ -14,7 +15,7 @@ Both sides run float32 on the host CPU with guidance on (batch 1 -> 2 in the DiT
 torch runs at 1 thread and at its default (all cores): on a shared machine its multi-threaded
 runs can be far slower than one thread; the speed-up is against its faster setting. The repeats
 alternate between the sides. The final latents of both are compared (relative L2).
-Writes benchmarks/results/sample_step.json.
+Writes benchmarks/results/sample_step.json (--out; --smoke: a temporary folder unless --out is given).
 """
 
 import argparse
@@ -31,7 +32,9 @@ import jax
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+# from any directory: the checkout's package and its reference harnesses (tests/harness/dit_ref.py)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "harness")]
 from dit_ref import make_reference, rel_l2, write_both_layouts  # noqa: E402
 
 from mochi_jax.lib import sampling  # noqa: E402
@@ -40,6 +43,8 @@ from mochi_jax.models.dit import DiTConfig  # noqa: E402
 from mochi_jax.checkpoints import load_dit  # noqa: E402
 
 BENCH = dict(depth=4, num_heads=4, head_dim=32, text_width=64, t5_dim=64, time_embed_dim=64)
+# --smoke: the smallest run (2 steps, one repeat, one torch thread count), to check that it runs
+SMOKE = dict(steps=2, repeats=1, frames=1, height=16, width=16, text_len=16, torch_threads="1")
 
 
 def embeddings(t5_dim, text_len, seed=0):
@@ -61,7 +66,7 @@ def timed(fn, repeats):
     return times
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=7)
@@ -72,7 +77,12 @@ def main():
     ap.add_argument("--guidance", type=float, default=6.0)
     ap.add_argument("--torch-threads", default=f"1,{torch.get_num_threads()}",
                     help="torch thread counts to time (comma-separated; the speed-up uses the fastest)")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/sample_step.json)")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run, {SMOKE}, to check that it runs")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline
 
     cfg = DiTConfig(**BENCH, param_dtype="float32", compute_dtype="float32", remat="none")
@@ -161,8 +171,9 @@ def main():
                cpu_count=os.cpu_count(), load_average=os.getloadavg(),
                versions={"jax": jax.__version__, "torch": torch.__version__,
                          "diffusers": __import__("diffusers").__version__})
-    out = Path(__file__).parent / "results" / "sample_step.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "sample_step_smoke.json" if args.smoke
+                                           else ROOT / "benchmarks" / "results" / "sample_step.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(f"wrote {out}")
 

@@ -1,7 +1,8 @@
 """Scaling of the sharded LoRA train step: weak scaling on simulated devices, and per-device memory of
 the full 10B model on device meshes, estimated analytically and checked against XLA.
 
-    python benchmarks/scaling.py [--steps 30] [--per-device-batch 2] [--no-xla-check]
+    python benchmarks/scaling.py [--steps 30] [--per-device-batch 2] [--no-xla-check] [--out FILE]
+    python benchmarks/scaling.py --smoke --out /tmp/scaling.json   # 1 step on 1 and 2 devices, one XLA check (the test)
 
 1. Weak scaling: examples/s of the sharded train step (tiny DiT, float32, full remat) on 1, 2, 4, 8 simulated
    CPU devices at a fixed per-device batch, split over 'data' (weights replicated) or 'fsdp' (sharded). The
@@ -26,12 +27,13 @@ the full 10B model on device meshes, estimated analytically and checked against 
    total <= 90% of the device (H100 80 GB, TPU v5p 95 GB) to leave room for fragmentation and runtime.
    Checked against compiled.memory_analysis() of the 'small' preset in float32 (XLA:CPU turns bf16
    matmuls into fp32 ones with fp32 weight copies, so a bf16 CPU compile says little about a GPU).
-Prints tables and writes benchmarks/results/scaling.json.
+Prints tables and writes benchmarks/results/scaling.json (--out; --smoke: a temporary folder unless --out is given).
 """
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# 8 simulated CPU devices (before jax is imported), besides any XLA flags already set
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import argparse  # noqa: E402
@@ -39,17 +41,19 @@ import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, from any directory
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mochi_jax.configs import dit as dit_presets  # noqa: E402
-from mochi_jax.lib import training
+from mochi_jax.lib import training  # noqa: E402
 from mochi_jax.models import sharding  # noqa: E402
 from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
@@ -68,6 +72,9 @@ MESHES = {"1": {}, "fsdp2": dict(fsdp=2), "fsdp4": dict(fsdp=4), "fsdp8": dict(f
           "fsdp2 seq2": dict(fsdp=2, sequence=2), "fsdp4 seq2": dict(fsdp=4, sequence=2),
           "fsdp2 seq4": dict(fsdp=2, sequence=4), "seq8": dict(sequence=8), "fsdp8 seq8": dict(fsdp=8, sequence=8),
           "fsdp2 seq12": dict(fsdp=2, sequence=12)}
+XLA_CHECK_MESHES = {"1": {}, "fsdp2 seq2": dict(fsdp=2, sequence=2)}
+# --smoke: the smallest run (1 timed step on 1 and 2 devices, the XLA check on one device), to check that it runs
+SMOKE = dict(steps=1, per_device_batch=1, devices=(2,), xla_meshes=("1",))
 
 
 def batch(b, t, h, w, L, t5_dim, seed=0):
@@ -79,12 +86,12 @@ def batch(b, t, h, w, L, t5_dim, seed=0):
 
 # ----------------------------------------------------------------------------- 1. weak scaling
 
-def weak_scaling(per_device, steps, t=2, h=8, w=16, L=8):
+def weak_scaling(per_device, steps, t=2, h=8, w=16, L=8, devices=(2, 4, 8)):
     cfg = DiTConfig(**TINY, param_dtype="float32", compute_dtype="float32", remat="full")
     host = random_like(abstract_variables(cfg)["params"], jax.random.PRNGKey(0))
     model, opt = MochiDiT(cfg, TARGETS), training.make_optimizer(OPTIM)
     rows = {}
-    for mode, n in [("data", 1)] + [(m, k) for m in ("data", "fsdp") for k in (2, 4, 8)]:
+    for mode, n in [("data", 1)] + [(m, k) for m in ("data", "fsdp") for k in devices]:
         mesh = sharding.make_mesh({mode: n}, devices=jax.devices()[:n])
         sh = training.train_shardings(model, opt, mesh)
         state, params = training.init_state(model, opt, 0, sh["state"]), jax.device_put(host, sh["params"])
@@ -151,10 +158,11 @@ def memory_tables():
                 reference_one_h100_gb=REFERENCE, rows=rows)
 
 
-def xla_check(t=4, h=16, w=32, L=64):
+def xla_check(t=4, h=16, w=32, L=64, meshes=tuple(XLA_CHECK_MESHES)):
     """memory_analysis() of the compiled step ('small' preset, float32) at depth 4 and 8 vs the estimate."""
     out = {}
-    for name, sizes in (("1", {}), ("fsdp2 seq2", dict(fsdp=2, sequence=2))):
+    for name in meshes:
+        sizes = XLA_CHECK_MESHES[name]
         nd, gb = math.prod(sizes.values()), sizes.get("fsdp", 1)
         res = {}
         for depth in (4, 8):
@@ -233,17 +241,24 @@ def report(ws, mem, check):
                   f"{res['per_block_temp_estimate'] / MB:5.2f} MB")
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--per-device-batch", type=int, default=2)
     ap.add_argument("--no-xla-check", action="store_true")
-    args = ap.parse_args()
-    ws = weak_scaling(args.per_device_batch, args.steps)
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/scaling.json)")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run, {SMOKE}, to check that it runs")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**{k: SMOKE[k] for k in ("steps", "per_device_batch")})
+        args = ap.parse_args(argv)
+    ws = weak_scaling(args.per_device_batch, args.steps, **({"devices": SMOKE["devices"]} if args.smoke else {}))
     mem = memory_tables()
-    check = None if args.no_xla_check else xla_check()
+    check = None if args.no_xla_check else xla_check(**({"meshes": SMOKE["xla_meshes"]} if args.smoke else {}))
     report(ws, mem, check)
-    out = Path(__file__).parent / "results" / "scaling.json"
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "scaling_smoke.json" if args.smoke
+                                           else ROOT / "benchmarks" / "results" / "scaling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(cpus=os.cpu_count(), jax=jax.__version__, weak_scaling=ws, memory=mem,
                                    xla_check=check), indent=2))
     print(f"wrote {out}")

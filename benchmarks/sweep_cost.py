@@ -4,6 +4,7 @@ separate runs, K = 1, 2, 4.
     python benchmarks/sweep_cost.py            # measured on this machine at a small size, and the
                                                # full-size memory from the ahead-of-time H100 compile
     python benchmarks/sweep_cost.py --no-full  # the small size only
+    python benchmarks/sweep_cost.py --smoke --out /tmp/sweep_cost.json   # a 2-block DiT, K = 1, 2, no full size (the test)
 
 Small size (run here, float32, random weights): a 4-block DiT (width 256) on 4x16x16 latents (256
 tokens), one clip per step; the variants differ in rank (4 / 8) and learning rate. Per K: the sweep's
@@ -13,7 +14,8 @@ K times the steps, and K bases in memory when they run side by side).
 Full size (10 B base, bf16, rank-16 default targets, 37 frames 480x848, batch 1, remat full, cuDNN
 attention): the compiled memory of the sweep step for one H100 from `mochi_jax.fit` (the
 `python -m mochi_jax.aot` check), needs the CUDA plugin (skipped, with the reason, without it).
-Writes benchmarks/results/sweep_cost.json and prints the tables.
+Writes benchmarks/results/sweep_cost.json (--out; --smoke: a temporary folder unless --out is given) and
+prints the tables.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +49,11 @@ GIB = 1024 ** 3
 SMALL = DiTConfig(depth=4, num_heads=4, head_dim=64, text_width=128, t5_dim=128, param_dtype="float32",
                   compute_dtype="float32", remat="none")
 VARIANTS = [("r4_lr1e-3", 4, 1e-3), ("r8_lr1e-3", 8, 1e-3), ("r4_lr3e-4", 4, 3e-4), ("r8_lr3e-4", 8, 3e-4)]
+KS = (1, 2, 4)
+# --smoke: the smallest run (a 2-block DiT of width 64, K = 1, 2, one timed step, no full size), to check that it runs
+SMOKE = dict(cfg=DiTConfig(depth=2, num_heads=2, head_dim=32, text_width=64, t5_dim=64, time_embed_dim=64,
+                           param_dtype="float32", compute_dtype="float32", remat="none"), ks=(1, 2))
+SMOKE_STEPS = 1
 
 
 def config(k: int):
@@ -56,11 +64,11 @@ def config(k: int):
     return cfg
 
 
-def batch(i: int):
+def batch(i: int, t5_dim: int = SMALL.t5_dim):
     r = np.random.default_rng(i)
     return {"mean": r.standard_normal((1, 12, 4, 16, 16)).astype(np.float32),
             "logvar": r.uniform(-4, -1, (1, 12, 4, 16, 16)).astype(np.float32),
-            "t5_feats": r.standard_normal((1, 16, SMALL.t5_dim)).astype(np.float32),
+            "t5_feats": r.standard_normal((1, 16, t5_dim)).astype(np.float32),
             "t5_mask": (np.arange(16) < 9)[None]}
 
 
@@ -69,42 +77,42 @@ def memory(jitted, *args) -> dict:
     return {"argument_bytes": int(m.argument_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes)}
 
 
-def small(steps: int) -> dict:
+def small(steps: int, cfg: DiTConfig = SMALL, ks: tuple = KS) -> dict:
     """Every program compiled first, then timed in rounds (one step of each per round, medians), so
     a busy machine slows all of them alike."""
-    params = MochiDiT(SMALL).init(jax.random.PRNGKey(0), *dummy_inputs(SMALL))["params"]
+    params = jax.jit(MochiDiT(cfg).init)(jax.random.PRNGKey(0), *dummy_inputs(cfg))["params"]
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     programs = {}  # name -> [step, state, memory, first step s]
-    for name, r, lr in VARIANTS:  # each variant alone
-        vcfg = dict(lora_config.sweep_variants(config(4)))[name]
-        model = MochiDiT(SMALL, lora_lib.targets_from_config(vcfg.lora.to_dict()))
+    for name, r, lr in VARIANTS[:max(ks)]:  # each variant alone
+        vcfg = dict(lora_config.sweep_variants(config(max(ks))))[name]
+        model = MochiDiT(cfg, lora_lib.targets_from_config(vcfg.lora.to_dict()))
         opt = training.make_optimizer(vcfg.optim)
         programs[name] = [training.make_train_step(model, opt, "normalized", 0.0),
                           training.init_state(model, opt, 0, one)]
     sweeps = {}
-    for k in (1, 2, 4):
-        sw = sweep_lib.from_config(config(k), SMALL)
-        model, opts = sweep_lib.model_of(sw, SMALL), sweep_lib.optimizers(sw)
+    for k in ks:
+        sw = sweep_lib.from_config(config(k), cfg)
+        model, opts = sweep_lib.model_of(sw, cfg), sweep_lib.optimizers(sw)
         sweeps[k] = sw
         programs[f"sweep{k}"] = [sweep_lib.make_step(sw, model, opts, "normalized", 0.0),
-                                 sweep_lib.init_state(sw, SMALL, opts, 0, one)]
+                                 sweep_lib.init_state(sw, cfg, opts, 0, one)]
     for p in programs.values():
-        p.append(memory(p[0], p[1], params, batch(0)))
+        p.append(memory(p[0], p[1], params, batch(0, cfg.t5_dim)))
         t0 = time.perf_counter()
-        p[1], out = p[0](p[1], params, batch(0))
+        p[1], out = p[0](p[1], params, batch(0, cfg.t5_dim))
         jax.block_until_ready(out)
         p.append(time.perf_counter() - t0)
     times = {name: [] for name in programs}
     for i in range(steps):
         for name, p in programs.items():
             t0 = time.perf_counter()
-            p[1], out = p[0](p[1], params, batch(i + 1))
+            p[1], out = p[0](p[1], params, batch(i + 1, cfg.t5_dim))
             jax.block_until_ready(out)
             times[name].append(time.perf_counter() - t0)
     res = {name: {"s_per_step": statistics.median(times[name]), "first_step_s": p[3], **p[2]}
            for name, p in programs.items()}
     out = {"base_bytes": sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(params)),
-           "alone": {n: res[n] for n, _, _ in VARIANTS}, "sweeps": {}}
+           "alone": {n: res[n] for n, _, _ in VARIANTS[:max(ks)]}, "sweeps": {}}
     for k, sw in sweeps.items():
         c, separate = res[f"sweep{k}"], [res[n] for n in sw.names]
         sep_s = sum(x["s_per_step"] for x in separate)
@@ -159,14 +167,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-full", action="store_true", help="skip the full-size ahead-of-time compiles")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sweep_cost.json"))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/sweep_cost.json)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the smallest run (a 2-block DiT of width 64, K = 1, 2, one timed step; no full-size compile), "
+                         "to check that it runs")
     args = ap.parse_args()
-    res = {"device": str(jax.devices()[0].device_kind), "steps": args.steps, "small": small(args.steps)}
+    if args.smoke:
+        args.steps, args.no_full = SMOKE_STEPS, True
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "sweep_cost_smoke.json" if args.smoke
+                                           else ROOT / "benchmarks" / "results" / "sweep_cost.json")
+    res = {"device": str(jax.devices()[0].device_kind), "steps": args.steps,
+           "small": small(args.steps, **(SMOKE if args.smoke else {}))}
     if not args.no_full:
         res["full"] = full()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
     show(res)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

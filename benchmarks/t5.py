@@ -2,11 +2,12 @@
 """T5 encoder: time to encode a batch of prompts, ours (jitted, after warm-up) vs transformers'
 T5EncoderModel at the same small random config, in the same run.
 
-    python benchmarks/t5.py [--batch 8] [--length 256] [--d-model 256] [--layers 4] ...
+    python benchmarks/t5.py [--batch 8] [--length 256] [--d-model 256] [--layers 4] ... [--out FILE]
+    python benchmarks/t5.py --smoke --out /tmp/t5.json   # a 1-layer model, 2 short prompts, 1 rep (the test)
 
 Both sides tokenise with their own tokenizer (from one tiny SentencePiece model trained here) and
 run in float32 on the host CPU; the weights are the reference's, passed through convert_t5.
-Prints a table and writes benchmarks/results/t5.json.
+Prints a table and writes benchmarks/results/t5.json (--out; --smoke: a temporary folder unless --out is given).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's package, from any directory
+# --smoke: the smallest run, to check that it runs
+SMOKE = dict(batch=2, length=16, d_model=32, layers=1, heads=2, d_kv=16, d_ff=64, reps=1, torch_threads=1)
 CORPUS = [
     "A hand with delicate fingers picks up a bright yellow lemon from a wooden bowl filled with lemons.",
     "The quick brown fox jumps over the lazy dog while the camera slowly pans to the right.",
@@ -55,8 +60,16 @@ def main(argv=None):
     ap.add_argument("--d-kv", type=int, default=64)
     ap.add_argument("--d-ff", type=int, default=640)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "t5.json"))
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch's CPU threads (0: its default, all cores)")
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/t5.json)")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run, {SMOKE}, to check that it runs")
     args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
+    if not args.out:
+        args.out = str(Path(tempfile.gettempdir()) / "t5_smoke.json" if args.smoke
+                       else ROOT / "benchmarks" / "results" / "t5.json")
 
     import jax
     import numpy as np
@@ -68,6 +81,8 @@ def main(argv=None):
     from mochi_jax.lib.text import T5Tokenizer, encode
 
     torch.manual_seed(0)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "corpus.txt").write_text("\n".join(CORPUS * 5))

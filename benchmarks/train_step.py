@@ -1,6 +1,7 @@
 """LoRA train step, mochi_jax (jit) vs diffusers + PEFT: steps/s, examples/s, host memory -> results/train_step.json.
 
-    python benchmarks/train_step.py [--batch 2] [--steps 20] [--frames 13] [--height 96] [--width 160]
+    python benchmarks/train_step.py [--batch 2] [--steps 20] [--frames 13] [--height 96] [--width 160] [--out FILE]
+    python benchmarks/train_step.py --smoke --out /tmp/train_step.json   # 1 step of batch 1 at tiny shapes (the test)
 
 A step: n, eps, sigma ~ U(0, 1); z = mean + exp(logvar / 2) n, normalised; MSE of the DiT at (1 - sigma) z +
 sigma eps, t = 1000 (1 - sigma), against z - eps; backward; AdamW (lr 1e-4, wd 0.01) on the LoRA only: rank 16,
@@ -9,6 +10,7 @@ add_q/k/v_proj, to_add_out). float32, CPU, no remat; both first steps use the sa
 completion after 2 warm-ups; steps/s = 1 / median. Every part runs in a fresh process (torch once per thread
 count). RSS: after imports, after the model (+ LoRA, optimizer), at the first step (ours: compiled), the peak
 sampled every ms over the steps, its rise, the lifetime peak (getrusage); ours also memory_analysis().
+Writes benchmarks/results/train_step.json (--out; --smoke: a temporary folder unless --out is given).
 """
 
 import argparse
@@ -24,7 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+# from any directory: the checkout's package and its reference harnesses (tests/harness/dit_ref.py)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "harness")]
 BENCH = dict(depth=4, num_heads=4, head_dim=32, text_width=64, t5_dim=64, time_embed_dim=64)
+# --smoke: the smallest run (one timed step after the warm-ups, one torch thread count), to check that it runs
+SMOKE = dict(batch=1, steps=1, frames=1, height=16, width=16, text_len=16, torch_threads="1")
 WARMUP, MIB = 2, 2 ** 20
 MEM = {"imports": "rss_after_imports", "model": "rss_after_model", "1st step": "rss_first_step",
        "step peak": "rss_peak_steps", "rise": "rss_step_rise", "lifetime": "rss_peak_lifetime"}
@@ -120,7 +127,6 @@ def side_torch(d, n, threads):
 
 def prepare(d, a):
     """The shared inputs: a diffusers checkpoint, its conversion, one batch and the latent stats."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import jax
     from dit_ref import make_reference, random_inputs
 
@@ -142,7 +148,7 @@ def prepare(d, a):
     return shape
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     for flag, default in (("batch", 2), ("steps", 20), ("frames", 13), ("height", 96), ("width", 160),
                           ("text-len", 32), ("threads", 1)):
@@ -150,15 +156,23 @@ def main():
     ap.add_argument("--torch-threads", default=f"1,{os.cpu_count()}", help="comma-separated; one run each")
     ap.add_argument("--side", choices=("prepare", "jax", "torch"), help="internal: run one part in this process")
     ap.add_argument("--dir", type=Path, help="internal: the prepared inputs")
-    args = ap.parse_args()
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/train_step.json)")
+    ap.add_argument("--smoke", action="store_true", help=f"the smallest run, {SMOKE}, to check that it runs")
+    args = ap.parse_args(argv)
+    if args.smoke:  # the smoke sizes as defaults: flags given explicitly still win
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args(argv)
     if args.side:
         res = {"prepare": lambda: prepare(args.dir, args), "jax": lambda: side_jax(args.dir, args.steps),
                "torch": lambda: side_torch(args.dir, args.steps, args.threads)}[args.side]()
         return print("RESULT " + json.dumps(res))
 
     def run(*extra):  # every part in a fresh process: a child's getrusage peak includes its parent's RSS
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--dir", tmp, *extra]
-        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split("RESULT ")[1])
+        cmd = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--dir", tmp, *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode:
+            sys.exit(f"{' '.join(extra)} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+        return json.loads(p.stdout.split("RESULT ")[1])
 
     with tempfile.TemporaryDirectory() as tmp:
         shape = run("--side", "prepare")
@@ -187,10 +201,12 @@ def main():
     print(f"  vs the faster torch run ({best}): speed-up {ratios['steps_per_s']:.2f}x; torch / ours lifetime peak RSS "
           f"{ratios['rss_peak_lifetime']:.2f}x; first-step loss (same noise): ours {ours['first_loss']:.6f}, "
           f"torch {b['first_loss']:.6f}")
-    out = Path(__file__).parent / "results" / "train_step.json"  # results/ is part of the repository
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "train_step_smoke.json" if args.smoke
+                                           else ROOT / "benchmarks" / "results" / "train_step.json")
     res = dict(config=BENCH, batch=args.batch, latent_shape=list(shape[1:]), text_len=args.text_len,
                warmup_steps=WARMUP, timed_steps=args.steps, sides=sides, torch_best=best, ratios=ratios,
                cpus=os.cpu_count(), load_average=os.getloadavg())
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(f"wrote {out}")
 

@@ -2,6 +2,7 @@
 """Mochi VAE benchmark: speed against diffusers, and peak memory of tiled vs untiled decoding.
 
     python benchmarks/vae.py [--repeats 5] [--out benchmarks/results/vae.json]
+    python benchmarks/vae.py --smoke --out /tmp/vae.json   # tiny models and clips, one repeat (the test)
 
 1. Speed: encode and decode of one small random model (same weights in both frameworks, fp32,
    on whatever device JAX and torch use; torch runs on CPU here) -> seconds per call (median of
@@ -10,7 +11,9 @@
    are abstract) compiled for 480 x 848 clips of growing length; peak bytes from XLA's
    compiled memory analysis (arguments + outputs + temporaries - aliased), tiled vs untiled,
    for decode and encode.
-Prints a table and writes JSON.
+Prints a table and writes JSON (--out; --smoke: a temporary folder unless --out is given). --smoke runs
+both parts at the smallest setting, to check that they run: the speed part at SMOKE_SPEED, the memory part
+with a small random VAE (not the released one) tiled into 32-pixel tiles, one short clip.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+# from any directory: the checkout's package and its reference harnesses (tests/harness/vae_ref.py)
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "harness")]
 
 from mochi_jax.models import vae as V  # noqa: E402
 
@@ -37,6 +43,10 @@ SPEED_CONFIG = dict(encoder_channels=(64, 64, 128, 128), decoder_channels=(64, 1
 SPEED_CLIP = (1, 13, 64, 96)  # B, frames, H, W
 MEMORY_FRAMES = (7, 19, 43, 85, 163)
 MEMORY_SIZE = (480, 848)
+# --smoke: the speed part at a tiny config and clip, the memory part with the same tiny architecture
+SMOKE_ARCH = dict(encoder_channels=(32, 32, 64, 64), decoder_channels=(32, 64, 64, 64), layers_per_block=(1,) * 5)
+SMOKE_SPEED = dict(config=SMOKE_ARCH, clip=(1, 7, 32, 48), torch_threads=1)
+SMOKE_MEMORY = dict(frames_list=(7,), size=(48, 64), arch=dict(SMOKE_ARCH, tile_size=(32, 32), tile_overlap=(16, 16)))
 
 
 def _median_time(fn, repeats):
@@ -49,15 +59,15 @@ def _median_time(fn, repeats):
     return float(np.median(times))
 
 
-def speed(repeats: int) -> dict:
+def speed(repeats: int, config: dict = SPEED_CONFIG, clip: tuple = SPEED_CLIP, torch_threads: int = 0) -> dict:
     import torch
     from vae_ref import make_reference, params_from_state_dict, rel_l2, state_dict_np
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    cfg = V.VAEConfig(**SPEED_CONFIG)
+    torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+    cfg = V.VAEConfig(**config)
     model = make_reference(cfg)
     params = params_from_state_dict(cfg, state_dict_np(model))
-    b, frames, h, w = SPEED_CLIP
+    b, frames, h, w = clip
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (b, 3, frames, h, w)).astype(np.float32)
     z = rng.standard_normal((b, 12, V.latent_frames(frames), h // 8, w // 8)).astype(np.float32)
@@ -73,7 +83,7 @@ def speed(repeats: int) -> dict:
     dec.lower(params, zj).compile()
     dec_compile = time.perf_counter() - t0
 
-    out = {"config": {k: list(v) for k, v in SPEED_CONFIG.items()}, "clip_BTHW": list(SPEED_CLIP),
+    out = {"config": {k: list(v) for k, v in config.items()}, "clip_BTHW": list(clip),
            "jax_device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads(), "rows": []}
     with torch.no_grad():
         ref_mean = model.encode(xt).latent_dist.mean.numpy()
@@ -99,13 +109,14 @@ def _peak(fn, *args) -> dict:
             "args_gib": m.argument_size_in_bytes / gib, "out_gib": m.output_size_in_bytes / gib}
 
 
-def memory() -> dict:
-    cfg = V.VAEConfig()
+def memory(frames_list=MEMORY_FRAMES, size=MEMORY_SIZE, arch: dict | None = None) -> dict:
+    """`arch`: VAEConfig fields instead of the released architecture (--smoke)."""
+    cfg = V.VAEConfig(**(arch or {}))
     shapes = jax.eval_shape(lambda: V.init(jax.random.PRNGKey(0), cfg))
     dec_params, enc_params = {"decoder": shapes["decoder"]}, {"encoder": shapes["encoder"]}
-    h, w = MEMORY_SIZE
+    h, w = size
     rows = []
-    for frames in MEMORY_FRAMES:
+    for frames in frames_list:
         t = V.latent_frames(frames)
         z = jax.ShapeDtypeStruct((1, 12, t, h // 8, w // 8), jnp.float32)
         x = jax.ShapeDtypeStruct((1, 3, frames, h, w), jnp.float32)
@@ -114,21 +125,26 @@ def memory() -> dict:
                 r = _peak(functools.partial(fn, cfg=cfg, tiled=tiled), params, arg)
                 rows.append({"op": op, "tiled": tiled, "frames": frames, "latent_frames": t, **r})
     knobs = {k: getattr(cfg, k) for k in ("tile_size", "tile_overlap", "chunk_frames")}
-    return {"size_HW": list(MEMORY_SIZE), "dtype": "float32", "tiling": knobs,
-            "backend": jax.default_backend(), "rows": rows}
+    out = {"size_HW": list(size), "dtype": "float32", "tiling": knobs, "backend": jax.default_backend(), "rows": rows}
+    if arch:
+        out["architecture"] = {k: list(v) for k, v in arch.items() if k in V.VAEConfig.ARCH_FIELDS}
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "vae.json"))
+    ap.add_argument("--out", help="the JSON file (default benchmarks/results/vae.json)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the smallest run, to check that it runs (see above)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
 
     result = {"host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__}
     if not args.skip_speed:
-        s = speed(args.repeats)
+        s = speed(args.repeats, **(SMOKE_SPEED if args.smoke else {}))
         result["speed"] = s
         print(f"\nSpeed, small random VAE {s['config']}, clip B,T,H,W = {s['clip_BTHW']} "
               f"(JAX on {s['jax_device']}, torch CPU x{s['torch_threads']} threads)")
@@ -137,18 +153,20 @@ def main(argv=None):
             print(f"{r['op']:8s} {r['jax_s']:9.3f} {r['torch_s']:9.3f} {r['torch_over_jax']:10.2f} "
                   f"{r['jax_compile_s']:10.1f} {r['rel_l2_vs_torch']:9.1e}")
     if not args.skip_memory:
-        m = memory()
+        m = memory(**(SMOKE_MEMORY if args.smoke else {}))
         result["memory"] = m
-        print(f"\nPeak memory (GiB, XLA compiled memory analysis on {m['backend']}), released VAE fp32, "
+        arch = "a small random VAE" if args.smoke else "released VAE"
+        print(f"\nPeak memory (GiB, XLA compiled memory analysis on {m['backend']}), {arch} fp32, "
               f"{m['size_HW'][0]}x{m['size_HW'][1]}, tiling {m['tiling']}")
         print(f"{'op':8s} {'frames':>6s} {'untiled':>9s} {'tiled':>9s} {'tiled temp':>11s}")
         rows = m["rows"]
         for op in ("decode", "encode"):
-            for frames in MEMORY_FRAMES:
+            for frames in sorted({r["frames"] for r in rows}):
                 u = next(r for r in rows if r["op"] == op and r["frames"] == frames and not r["tiled"])
                 t = next(r for r in rows if r["op"] == op and r["frames"] == frames and r["tiled"])
                 print(f"{op:8s} {frames:6d} {u['peak_gib']:9.2f} {t['peak_gib']:9.2f} {t['temp_gib']:11.2f}")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (Path(tempfile.gettempdir()) / "vae_smoke.json" if args.smoke
+                                           else ROOT / "benchmarks" / "results" / "vae.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"\nwrote {out}")
