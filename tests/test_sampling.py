@@ -165,3 +165,28 @@ def test_one_step_schedule_is_refused():
 def test_bad_video_sizes_are_refused(frames, h, w, msg):
     with pytest.raises(ValueError, match=msg):
         sampling.latent_shape(frames, h, w)
+
+
+def test_the_fit_check_lowers_what_denoise_runs(models, monkeypatch):
+    """sampler_program (what the fit check compiles) and denoise's real call of the step lower to the
+    same HLO text, with and without guidance."""
+    cfg, params, _ = models[0]["h2d16"]
+    shape = sampling.latent_shape(7, 32, 48)
+    for guidance in (1.0, 4.5):
+        cond, uncond = _embeds(cfg, 2, seed=0)
+        calls = []
+        real_step = sampling.jitted_step
+
+        def record(*args, **kwargs):
+            calls.append((args, kwargs))
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(sampling, "jitted_step", record)
+        sampling.denoise(cfg, params, sampling.initial_noise([0, 1], shape), cond, uncond,
+                         sampling.sigma_schedule(2), guidance)
+        monkeypatch.setattr(sampling, "jitted_step", real_step)
+        args, kwargs = calls[0]
+        real = real_step.lower(*args, **kwargs).as_text()
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        program = sampling.sampler_program(cfg, (), 2, shape, 8, guidance > 1.0, one, one, one)
+        assert program.lower().as_text() == real, guidance

@@ -22,11 +22,13 @@ from tensorboardX.proto import event_pb2
 from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
 from mochi_jax import demo, train
+from mochi_jax.aot import fit
 from mochi_jax.checkpoints import dit_config, runs
 from mochi_jax.checkpoints import lora_read, lora_write
 from mochi_jax.lib import trainer, training
 from mochi_jax.lib.validation import Validator
 from mochi_jax.models import lora as lora_lib
+from mochi_jax.models import sharding
 from mochi_jax.models.dit import abstract_variables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,3 +362,19 @@ def test_existing_run_without_resume_is_refused(demo_root):
     cfg.resume = False
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train.train(cfg)
+
+
+def test_the_fit_check_lowers_the_trainers_step(demo_root):
+    """The fit check's train program for a config and the trainer's real step on its real inputs (the
+    frozen base, the train state, a placed batch of the cache) lower to the same HLO text."""
+    cfg = _cfg(demo_root, "hlo", steps=1)
+    run = trainer.setup(cfg)
+    trainer.load_state(run)
+    batch = {k: jax.make_array_from_process_local_data(run.shardings["batch"][k], x)
+             for k, x in next(run.loader).items()}
+    with sharding.activate(run.mesh):
+        real = run.step_fn.jitted.lower(run.state, run.params, batch).as_text()
+    _, t, h, w = batch["mean"].shape[1:]
+    program = fit.train_program(cfg, run.dit_cfg, jax.devices(), (6 * (t - 1) + 1, 8 * h, 8 * w),
+                                batch["t5_feats"].shape[1])
+    assert program.lower().as_text() == real

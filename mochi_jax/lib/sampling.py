@@ -130,14 +130,16 @@ def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guida
         feats = jnp.concatenate([uncond[0], feats])
         mask = jnp.concatenate([uncond[1], mask])
     step = functools.partial(jitted_step, cfg=cfg, targets=tuple(targets), guided=guided)
-    # committed like the weights, so the first step compiles the same program as the later ones
-    z = jax.device_put(jnp.asarray(noise, jnp.float32), replicated_like(jax.tree_util.tree_leaves(params)[0]))
+    # every input committed like the weights (as sampler_program places them), so the first step
+    # compiles the same program as the later ones and as the fit check
+    rep = replicated_like(jax.tree_util.tree_leaves(params)[0])
+    z, feats, mask, g = jax.device_put((jnp.asarray(noise, jnp.float32), feats, mask, np.float32(guidance)), rep)
+    sig = jax.device_put([np.float32(s) for s in sigmas], rep)
     it = range(len(sigmas) - 1)
     if progress:
         it = tqdm(it, desc="sampling", unit="step")
-    g = jnp.float32(guidance)
     for i in it:
-        z = step(params, factors, z, feats, mask, jnp.float32(sigmas[i]), jnp.float32(sigmas[i + 1]), g)
+        z = step(params, factors, z, feats, mask, sig[i], sig[i + 1], g)
     return z
 
 
