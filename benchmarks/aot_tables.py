@@ -1,4 +1,4 @@
-"""Fit tables of the full-size LoRA training step, measured with the AOT fit check (mochi_jax.fit):
+"""Fit tables of the full-size LoRA training step, measured with the AOT fit check (mochi_jax.aot.fit):
 the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a CPU host.
 
     python benchmarks/aot_tables.py gpu     # per GPU and remat policy: the longest clip that fits at batch 1
@@ -21,7 +21,7 @@ Quant: the frozen base as bf16, float8_e4m3fn, int8 (model.param_dtype), and bf1
 blocks in pinned host memory (model.weights_on_host), remat full, cuDNN attention, batch 1, one H100 and
 one RTX 4090, 37, 85 and 163 frames (every cell compiled): benchmarks/results/aot_gpu_quant.json.
 Remat: one H100, cuDNN attention, batch 1, 37 / 61 / 85 frames, remat full, save:attn, dots_no_batch and
-dots: the compiled memory, the attention forwards the backward loop reruns per block (fit.attention_reruns,
+dots: the compiled memory, the attention forwards the backward loop reruns per block (remat.attention_reruns,
 from the compiled program) and the step's FLOPs (mochi_jax/lib/flops.py) with its time at 800 TFLOP/s;
 and what remat='auto' picks within 40 GB at 37 frames and 60 GB at 85 (the issue's goals):
 benchmarks/results/aot_remat.json.
@@ -55,7 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mochi_jax import targets  # noqa: E402
+from mochi_jax.aot import targets  # noqa: E402
 
 targets.compile_only_environment()  # before jax is imported (here and in every child process)
 
@@ -72,7 +72,7 @@ def measure(overrides: dict) -> dict:
     """One cell: configs/lora.py with `overrides` ({'model.remat': 'full', ...}), checked by fit.check."""
 
     from mochi_jax.configs import lora
-    from mochi_jax import fit
+    from mochi_jax.aot import fit
 
     cfg = lora.get_config()
     cfg.aot.model = "mochi"  # the released model's shapes, whatever ckpt/ holds

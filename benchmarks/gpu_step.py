@@ -148,7 +148,8 @@ def split_setting(policy: str) -> tuple[str, dict]:
 def dit_config(size: str, policy: str, attention: str, depth: int | None = None, **over):
     """The DiTConfig of a run: the size's preset (`depth` blocks if given) and dtype, `policy` as remat or
     as remat_groups, and its base setting (`split_setting`)."""
-    from mochi_jax.models.dit import DiTConfig, is_remat_groups
+    from mochi_jax.models.dit import DiTConfig
+    from mochi_jax.models.remat import is_remat_groups
 
     policy, base = split_setting(policy)
     over = {**base, **over}
@@ -499,7 +500,7 @@ def auto_picks(size: str, path: Path = REMAT_PICKS) -> dict:
 def parse_policies(spec: str, n_blocks: int) -> list[str]:
     """'dots_no_batch,dots:16,full:31' -> ['full', 'dots_no_batch', 'dots:16,full:31']: 'full' first; pieces
     with a count join into one remat_groups string until their counts reach the stacked blocks' number."""
-    from mochi_jax.models.dit import is_remat_groups
+    from mochi_jax.models.remat import is_remat_groups
 
     out, group, count = ["full"], [], 0
     for piece in filter(None, (x.strip() for x in spec.split(","))):

@@ -12,7 +12,7 @@ median s/step over `--steps` steps after its compile, s per variant-step, and th
 (arguments: base + state + batch; temporaries); against it K separate runs (each its own step:
 K times the steps, and K bases in memory when they run side by side).
 Full size (10 B base, bf16, rank-16 default targets, 37 frames 480x848, batch 1, remat full, cuDNN
-attention): the compiled memory of the sweep step for one H100 from `mochi_jax.fit` (the
+attention): the compiled memory of the sweep step for one H100 from `mochi_jax.aot.fit` (the
 `python -m mochi_jax.aot` check), needs the CUDA plugin (skipped, with the reason, without it).
 Writes benchmarks/results/sweep_cost.json (--out; --smoke: a temporary folder unless --out is given) and
 prints the tables.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from mochi_jax import targets  # noqa: E402
+from mochi_jax.aot import targets  # noqa: E402
 
 targets.compile_only_environment()  # before jax is imported (here and in the compiles' child processes)
 from aot_tables import in_child  # noqa: E402  (each full-size compile in a fresh process)
@@ -39,6 +39,7 @@ from aot_tables import in_child  # noqa: E402  (each full-size compile in a fres
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mochi_jax.checkpoints import runs  # noqa: E402
 from mochi_jax.configs import lora as lora_config  # noqa: E402
 from mochi_jax.lib import sweep as sweep_lib  # noqa: E402
 from mochi_jax.lib import training  # noqa: E402
@@ -84,7 +85,7 @@ def small(steps: int, cfg: DiTConfig = SMALL, ks: tuple = KS) -> dict:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     programs = {}  # name -> [step, state, memory, first step s]
     for name, r, lr in VARIANTS[:max(ks)]:  # each variant alone
-        vcfg = dict(lora_config.sweep_variants(config(max(ks))))[name]
+        vcfg = dict(runs.sweep_variants(config(max(ks))))[name]
         model = MochiDiT(cfg, lora_lib.targets_from_config(vcfg.lora.to_dict()))
         opt = training.make_optimizer(vcfg.optim)
         programs[name] = [training.make_train_step(model, opt, "normalized", 0.0),
