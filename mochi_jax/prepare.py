@@ -3,7 +3,8 @@
     python -m mochi_jax.prepare --config=configs/prepare.py --config.input_dir=clips --config.output_dir=cache
     python -m mochi_jax.prepare --config=configs/prepare.py:demo     # tiny random models, synthetic clips
 
-The work is mochi_jax/lib/preparation.py (reading, bucketing, encoding, the resumable cache).
+The work is mochi_jax/lib/preparation.py (the resumable run), with mochi_jax/lib/sources.py (reading
+clips and captions, bucketing) and mochi_jax/lib/placement.py (the VAE and T5 on the devices).
 """
 
 from __future__ import annotations
