@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -7,6 +9,25 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # reference harnesses (PyTorch reference runners, subprocess checks) live in tests/harness/
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "harness"))
+
+
+def pytest_configure(config):
+    """One JAX persistent compilation cache for the session, empty at its start: the tests, pytest-xdist's
+    workers and every command a test runs in a subprocess inherit it through the environment (set here,
+    before any of them imports jax), so the same tiny programs compile once per session, not once per
+    process. A cache hit runs the very executable a compile would make."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return  # a worker inherits its controller's; a cache set by the caller is kept
+    folder = tempfile.mkdtemp(prefix="mochi_jax_tests_compilations_")
+    config._mochi_jax_cache = folder
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_mochi_jax_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

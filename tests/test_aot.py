@@ -33,6 +33,7 @@ def aot(*flags, timeout=600):
 # ----------------------------------------------------------------------------- TPU
 
 
+@pytest.mark.slow
 @need_tpu
 def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path):
     out = tmp_path / "report.json"
@@ -55,6 +56,7 @@ def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path):
     assert r["fits"] and 95 * GIB < r["limit_bytes"] < 96 * GIB  # the compiler's own limit for a v5p chip
 
 
+@pytest.mark.slow
 @need_tpu
 def test_absurd_clip_on_a_small_chip_does_not_fit():
     p = aot("--config=configs/lora.py:demo", "--config.aot.target=v5e-1", "--config.aot.num_frames=163",
@@ -65,6 +67,7 @@ def test_absurd_clip_on_a_small_chip_does_not_fit():
     assert "RESOURCE_EXHAUSTED" in p.stdout  # the compiler's own words are shown
 
 
+@pytest.mark.slow
 @need_tpu
 def test_over_a_given_memory_does_not_fit_with_the_numbers():
     # prepare's T5 (the demo's tiny one) against a fake 0.1 MiB device
@@ -87,6 +90,7 @@ def test_sampler_step_compiles():
 # ----------------------------------------------------------------------------- GPU
 
 
+@pytest.mark.slow
 @need_cuda
 def test_tiny_train_step_compiles_for_an_h100(tmp_path):
     out = tmp_path / "report.json"
@@ -121,6 +125,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, attention", [pytest.param("v5e-1", "splash", marks=need_tpu),
                                                pytest.param("h100", "cudnn", marks=need_cuda)])
 def test_keeping_attn_skips_the_attention_forward_in_the_backward(target, attention):

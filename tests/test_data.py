@@ -288,6 +288,7 @@ def mixed(root):
     return root / "mixed_cache", report
 
 
+@pytest.mark.slow
 def test_a_mixed_folder_is_cached_in_buckets(mixed):
     out, report = mixed
     cache = Cache(out)
@@ -311,6 +312,7 @@ def _lora(run_dir):
     return jax.tree_util.tree_map(np.asarray, runs.load_run_lora(run_dir)[0])
 
 
+@pytest.mark.slow
 def test_mixed_cache_trains_in_batches_of_2_and_resumes_bit_for_bit_after_sigkill(root, mixed, tmp_path):
     cache, steps = mixed[0], 10  # 4 batches per epoch: 2 of images, 1 of wide videos, 1 of the tall video
     # a persistent compilation cache: the runs after the first load the 3 compiled steps instead of compiling
@@ -340,6 +342,7 @@ def test_mixed_cache_trains_in_batches_of_2_and_resumes_bit_for_bit_after_sigkil
     jax.tree_util.tree_map(np.testing.assert_array_equal, _lora(tmp_path / "straight"), _lora(run))
 
 
+@pytest.mark.slow
 def test_mixed_cache_trains_in_batches_of_4_on_a_data2_fsdp2_mesh(root, mixed, tmp_path):
     cache = mixed[0]
     proc = _launch("bucket_mesh_check.py", root, cache, tmp_path / "mesh", 3,
@@ -359,6 +362,7 @@ def test_mixed_cache_trains_in_batches_of_4_on_a_data2_fsdp2_mesh(root, mixed, t
     assert out.count("compiled the step for batch [4, 12,") == 3
 
 
+@pytest.mark.slow
 def test_an_image_only_style_lora_prepares_trains_and_samples(root, tmp_path):
     src = tmp_path / "style"
     src.mkdir()

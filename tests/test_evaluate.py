@@ -43,6 +43,7 @@ def setup(tmp_path_factory):
     return root, models, loras
 
 
+@pytest.mark.slow
 def test_end_to_end_and_no_recompile(setup, capsys):
     root, models, loras = setup
     cfg = eval_ref.eval_config(root, models, [loras["a"], loras["b"]], references=str(root / "ref_cache"),
@@ -88,6 +89,7 @@ def test_end_to_end_and_no_recompile(setup, capsys):
                 assert x == pytest.approx(first[(r["variant"], r["prompt_index"], r["seed"])][m], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_batched_equals_each_lora_alone(setup):
     """The vmapped step over [base, a, b, a run with other layers and rank] = sampling.denoise
     with each LoRA as loaded (the base without any), and so does one-at-a-time rendering."""

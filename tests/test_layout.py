@@ -160,6 +160,7 @@ def test_a_layer_without_axis_names_fails_loudly(monkeypatch):
         dit.logical_axes(cfg, targets)
 
 
+@pytest.mark.slow
 def test_commands_run_from_any_directory(tmp_path):
     """From a folder outside the repository, the demo presets of train, prepare, sample and evaluate
     run with the installed package (configs/ found through mochi_jax.configs)."""

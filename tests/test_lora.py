@@ -111,6 +111,7 @@ def test_lora_parity_with_diffusers_peft(name, tmp_path):
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), restored, params)
 
 
+@pytest.mark.slow
 def test_gradients_only_for_lora_and_dropout_needs_an_rng():
     cfg = our_config("h3d8")
     inp = random_inputs(cfg)

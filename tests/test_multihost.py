@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
@@ -37,6 +38,7 @@ def _run_two(demo_root, run_dir, steps):
     return outs
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tmp_path):
     root = tmp_path / "demo"
     demo.ensure(lora_config.demo(lora_config.get_config(), str(root)))

@@ -146,6 +146,7 @@ def config_for(demo_cfg, input_dir, output_dir):
     return cfg
 
 
+@pytest.mark.slow
 def test_demo_preset_runs_on_a_fresh_folder(demo):
     cfg, report = demo
     assert report["new"] == [f"clip_{k:03d}" for k in range(4)] and not report["skipped"]
@@ -177,6 +178,7 @@ def test_the_fit_checks_programs_are_what_prepare_runs(demo):
     assert m.encode_text(["a grey clip", ""])[0].shape == (2, cfg.max_length, m.text.cfg.d_model)
 
 
+@pytest.mark.slow
 def test_prepare_skips_bad_clips_caches_good_ones_and_resumes(demo, tmp_path, monkeypatch, capsys):
     from mochi_jax.checkpoints.vae import load_vae
     from mochi_jax.models import vae as vae_lib

@@ -25,6 +25,7 @@ def results():
     return json.loads(line[0][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_sharded_cache_equals_one_device_cache(results):
     assert results["one_mesh"] and results["mesh"]["fsdp"] == 8
     clips = results["clips"]

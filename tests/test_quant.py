@@ -143,6 +143,7 @@ def _overfit(cfg, params, steps=30):
     return start, float(eval_loss(state["lora"])), state["lora"], targets
 
 
+@pytest.mark.slow
 def test_lora_on_quantized_base_overfits_like_bf16():
     cfg = _bf16("h2d16")
     params = MochiDiT(dataclasses.replace(cfg, param_dtype="float32")).init(
@@ -157,6 +158,7 @@ def test_lora_on_quantized_base_overfits_like_bf16():
         assert e1 < 0.85 * s1 and abs(e1 - e0) < 0.05 * e0, (fmt, s0, e0, s1, e1)
 
 
+@pytest.mark.slow
 def test_host_weights_equal_device_weights_in_values_and_gradients():
     """The LoRA loss and gradients with the stacked blocks in pinned host memory (fetched block by
     block inside the scan) equal those with every weight on the device, for a quantized base; the
@@ -229,6 +231,7 @@ def source(tmp_path_factory):
     return cfg, genmo, d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", quant.QUANT_DTYPES)
 def test_quantized_checkpoints_round_trip(source, fmt):
     from mochi_jax.checkpoints import convert_dit, load_dit, read_metadata
@@ -295,6 +298,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("mochi_jax.aot.targets").aot.targets.have_compiler("cuda"),
                     reason="the CUDA compiler plugin is not installed (pip install -e '.[cuda]', several GB)")
 def test_gpu_compile_needs_less_device_memory_for_int8_and_host_weights():

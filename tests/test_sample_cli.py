@@ -67,6 +67,7 @@ def test_parse_loras():
     assert runs.parse_loras("") == []
 
 
+@pytest.mark.slow
 def test_loras_at_strength_zero_give_the_base_video_and_rendering_is_deterministic(setup):
     root, files = setup
     base = _frames(_cfg(root, num_videos=2, batch_size=2))

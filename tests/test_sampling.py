@@ -133,6 +133,7 @@ def test_noise_is_per_seed_and_sampling_is_deterministic(models):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_lora_values_prompts_and_schedules_do_not_recompile(models):
     dits, _ = models
     cfg, params, _ = dits["h3d8"]

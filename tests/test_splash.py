@@ -120,6 +120,7 @@ def test_block_size_must_be_lane_multiple():
         splash_attention(q, k, v, mask, block=100)
 
 
+@pytest.mark.slow
 def test_remat_keeping_the_kernel_residuals_changes_nothing():
     """'save:attn' and 'dots' keep the kernel's output and log-sum-exp for the backward instead of rerunning
     it (tests/test_aot.py counts the kernels in the compiled step): the DiT's output and LoRA gradients
@@ -158,6 +159,7 @@ def sharded():
     return json.loads(line[0][len("RESULT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data2_seq2_tensor2", "fsdp2_seq4"])
 def test_sharded_splash_equals_one_device_xla(sharded, mesh):
     got = sharded[mesh]

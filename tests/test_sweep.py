@@ -51,6 +51,7 @@ def _rel(x, y):
                for a, b in zip(jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
 
 
+@pytest.mark.slow
 def test_each_variant_equals_its_config_trained_alone():
     variants = {"qkv2": {"lora": {"qkv": {"rank": 2, "alpha": 3.0}, "out": {"rank": 0}}},  # other targets, rank
                 "clip": {"optim": {"lr": 3e-3, "grad_clip": 0.5, "weight_decay": 0.1}},
@@ -140,6 +141,7 @@ def _state_lora(run_dir):
     return step, jax.tree_util.tree_map(np.asarray, runs.load_run_lora(Path(run_dir) / "variants" / "r2")[0])
 
 
+@pytest.mark.slow
 def test_sweep_run_resume_export_and_compare(tmp_path):
     root = tmp_path
     demo.ensure(lora_config.demo(lora_config.get_config(), str(root)))
@@ -190,6 +192,7 @@ def test_sweep_run_resume_export_and_compare(tmp_path):
     assert [v["name"] for v in report["variants"]] == ["base"] + names and sorted(report["deltas"]) == names
 
 
+@pytest.mark.slow
 def test_sweep_on_meshes_equals_one_device_and_shares_the_base():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "harness"), str(ROOT)])}
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "harness" / "sweep_sharded_checks.py")],

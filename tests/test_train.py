@@ -98,6 +98,7 @@ def _kill_before_step(monkeypatch, n: int):
     monkeypatch.setattr(training, "make_train_step", make_killable)
 
 
+@pytest.mark.slow
 def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
     clip, clip_tok = Path(demo_root) / "clip", Path(demo_root) / "clip_tokenizer"
     demo.write_demo_clip(clip, clip_tok)
@@ -162,6 +163,7 @@ def _wait_for_checkpoint(run_dir: Path, proc, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_interrupted_run_resumes_bit_for_bit(demo_root, sig):
     steps = 30

@@ -47,6 +47,7 @@ def _batch(cfg, seed, b=2, t=2, h=4, w=6, L=8):
             "t5_mask": mask}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("formulation", ["normalized", "reference"])
 def test_loss_equals_pytorch_recomputation(base, formulation):
     cfg, params, ref = base
@@ -128,6 +129,7 @@ def test_schedule_and_accumulation():
     np.testing.assert_allclose(u2["w"], u["w"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_overfits_two_clips(base):
     """LoRA alone, on a random base, halves the loss on two fixed clips (loss at fixed noise draws)."""
     cfg, params, _ = base

@@ -115,6 +115,7 @@ def prepared_run(root, name, steps=3):
         run.manager.close()
 
 
+@pytest.mark.slow
 def test_training_steps_make_no_implicit_transfer(demo_root, monkeypatch):
     with prepared_run(demo_root, "guarded") as (run, validator, records):
         with no_implicit_transfers(monkeypatch):

@@ -166,6 +166,7 @@ def _run(args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_every_command_reports_user_errors_in_one_line_with_status_2(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "empty").mkdir()
