@@ -84,6 +84,7 @@ def test_each_setting_reaches_the_dit_config(command, field):
     assert dit_config(m, dit_configs.PRESETS["tiny"], remat="none").remat == "none"
 
 
+@pytest.mark.slow
 def test_the_commands_build_the_dit_config_from_their_model_block(tmp_path, monkeypatch):
     """`sample` hands its whole model block to dit_config (so a field added to DiTConfig.SETTING_FIELDS
     reaches it with no change to the command)."""

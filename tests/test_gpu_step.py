@@ -39,6 +39,7 @@ def _run(tmp_path, *flags, timeout=240):
     return json.loads(out.read_text()), p.stdout
 
 
+@pytest.mark.slow
 def test_small_run_on_cpu(tmp_path):
     res, stdout = _run(tmp_path, "--frames", "7", "--warmup", "1")
     for k in ("benchmark", "size", "budget_s", "total_wall_s", "settings", "model", "device", "versions",

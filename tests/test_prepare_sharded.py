@@ -13,6 +13,8 @@ import pytest
 from mochi_jax.configs import prepare as prepare_configs
 from mochi_jax.lib import placement
 
+pytestmark = pytest.mark.slow  # every test here reads one 8-device harness run (tens of seconds)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,7 +27,6 @@ def results():
     return json.loads(line[0][len("RESULT "):])
 
 
-@pytest.mark.slow
 def test_sharded_cache_equals_one_device_cache(results):
     assert results["one_mesh"] and results["mesh"]["fsdp"] == 8
     clips = results["clips"]

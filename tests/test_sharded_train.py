@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here reads one 8-device harness run (tens of seconds)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,6 @@ def results():
     return json.loads(line[0][len("RESULT "):])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data8", "data2_fsdp4", "fsdp2_seq4", "data2_seq4"])
 def test_sharded_step_equals_one_device(results, mesh):
     single, got = results["single"], results[mesh]

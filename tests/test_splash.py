@@ -167,6 +167,7 @@ def test_sharded_splash_equals_one_device_xla(sharded, mesh):
     assert max(got["attention"]) < TOL, f"op (out, dq, dk, dv) relative errors: {got['attention']}"
 
 
+@pytest.mark.slow  # the 8-device harness behind `sharded` runs for tens of seconds
 def test_dit_with_splash_equals_xla(sharded):
     errs = sharded["one_device"]["dit"]
     out_err, grad_errs = errs[0], errs[1:]
@@ -174,6 +175,7 @@ def test_dit_with_splash_equals_xla(sharded):
     assert len(grad_errs) > 0 and max(grad_errs) < TOL, f"LoRA gradients: max relative error {max(grad_errs)}"
 
 
+@pytest.mark.slow  # reads the 8-device harness run
 def test_sharded_dit_with_splash_equals_one_device_xla(sharded):
     errs = sharded["data2_seq2_tensor2"]["dit"]  # one mesh only: the DiT is most of the script's time
     assert max(errs) < TOL, f"DiT (velocity, LoRA grads) max relative error: {max(errs)}"
