@@ -34,6 +34,12 @@ def model(root: str = "ckpt") -> ml_collections.ConfigDict:
         attention="xla",  # 'cudnn' on NVIDIA GPUs, 'splash' on TPU
         splash_block=512,  # attention='splash': the kernels' q / kv tile, in tokens (a multiple of 128)
         scan_layers=True,  # False: the blocks run as an unrolled Python loop (debugging; compiles per block)
+        vae_dtype="",  # VAE weights cast on load: bfloat16 | float32; '' keeps the stored dtype
+        vae_compute_dtype="bfloat16",  # VAE decode convolutions; its norms and softmax run in float32
+        tile_size=(256, 256),  # pixels (H, W) of the tiles of sampling.tiled_decode, multiples of 8
+        tile_overlap=(64, 64),  # pixels the tiles overlap, multiples of 8, < tile_size
+        t5_dtype="",  # T5 weights cast on load; '' keeps the stored dtype
+        t5_compute_dtype="bfloat16",  # T5 matmuls; its norms, softmax and residual stream run in float32
     ))
 
 
@@ -60,7 +66,8 @@ def clip(checkpoint: str = "ckpt/clip", tokenizer: str = "ckpt/clip_tokenizer") 
 def demo_model(m: ml_collections.ConfigDict, root: str = DEMO_ROOT) -> ml_collections.ConfigDict:
     """Point a `model` block at the demo's tiny random models (float32)."""
     m.update(dict(dit=f"{root}/models/dit", vae=f"{root}/models/vae", t5=f"{root}/models/t5",
-                  tokenizer=f"{root}/models/tokenizer", param_dtype="float32", compute_dtype="float32"))
+                  tokenizer=f"{root}/models/tokenizer", param_dtype="float32", compute_dtype="float32",
+                  vae_compute_dtype="float32", t5_compute_dtype="float32"))
     return m
 
 

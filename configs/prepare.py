@@ -44,7 +44,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         text_batch_size=8,          # captions per T5 call
         workers=4,                  # threads decoding and resizing ahead of the encoders; 0 = one at a time
         vae_dtype="float32",        # weights cast on load; "" keeps the stored dtype
+        vae_compute_dtype="float32",  # VAE convolutions (bfloat16: faster, latents rounded)
         t5_dtype="",
+        t5_compute_dtype="bfloat16",  # T5 matmuls; its norms, softmax and residual stream run in float32
         tiled=False,                # tiled VAE encoding (bounded memory, approximate)
         tile_size=(256, 256),
         tile_overlap=(64, 64),

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from mochi_jax import cli, demo
-from mochi_jax.checkpoints import dit_config, load_dit, load_vae
+from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
 from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.checkpoints.runs import expand_sweeps, parse_loras
 from mochi_jax.lib import cache, sampling
@@ -155,12 +155,12 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
     """Render every (prompt, seeds batch) for all variants, write the mp4s and contact sheets, score
     every video. Returns (records, sheet paths, timing)."""
     m, s = cfg.model, cfg.sampling
-    text = TextEncoder.load(m.t5, m.tokenizer)
+    text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
     feats, mask = (np.asarray(x) for x in text(inp.prompts + [s.negative_prompt], zero_empty=s.zero_empty_negative))
     del text  # T5 is freed before the DiT is loaded
     dit_cfg = inp.dit_cfg
     _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, **dit_cfg.settings())
-    vae_cfg, vae_params = load_vae(m.vae, compute_dtype=m.compute_dtype)
+    vae_cfg, vae_params = load_vae(m.vae, **vae_settings(m))
     print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
           f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}, "
           f"{'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}", flush=True)

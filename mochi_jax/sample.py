@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from mochi_jax import cli, demo
-from mochi_jax.checkpoints import dit_config, load_dit, load_vae
+from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
 from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.lib import sampling
@@ -37,12 +37,12 @@ def render(cfg):
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
     dit_cfg = dit_config(m, remat="none", remat_groups="")
     lora = load_loras(cfg.loras, dit_cfg)  # a bad LoRA file fails here, before any heavy work
-    text = TextEncoder.load(m.t5, m.tokenizer)
+    text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
     feats, mask = text([cfg.prompt, s.negative_prompt], zero_empty=s.zero_empty_negative)
     feats, mask = np.asarray(feats), np.asarray(mask)
     del text  # T5 is freed before the DiT is loaded
     _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, **dit_cfg.settings())
-    vae_cfg, vae_params = load_vae(m.vae, compute_dtype=m.compute_dtype)
+    vae_cfg, vae_params = load_vae(m.vae, **vae_settings(m))
     print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of {s.num_frames} "
           f"frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}"
           + (f", LoRAs {cfg.loras}" if lora else ""), flush=True)

@@ -178,11 +178,11 @@ def test_host_weights_equal_device_weights_in_values_and_gradients():
         opt = training.make_optimizer(_optim())
         sh = training.train_shardings(model, opt, mesh)
         kinds = {s.memory_kind for s in jax.tree_util.tree_leaves(sh["params"]["blocks"])}
-        assert kinds == ({training.HOST_MEMORY} if on_host else {"device"})
+        assert kinds == ({sharding_lib.HOST_MEMORY} if on_host else {"device"})
         assert {s.memory_kind for s in jax.tree_util.tree_leaves(sh["params"]["last_block"])} == {"device"}
         placed = jax.device_put(params, sh["params"])
         leaf = placed["blocks"]["attn"]["qkv_x"]["kernel"]
-        assert leaf.sharding.memory_kind == (training.HOST_MEMORY if on_host else "device")
+        assert leaf.sharding.memory_kind == (sharding_lib.HOST_MEMORY if on_host else "device")
         state = training.init_state(model, opt, 0, sh["state"])
         state["lora"] = jax.tree_util.tree_map(lambda a: a + 0.01, state["lora"])
         b = jax.device_put(batch, sh["batch"])
@@ -274,7 +274,7 @@ def test_quantized_checkpoints_round_trip(source, fmt):
     sh = training.train_shardings(model, training.make_optimizer(_optim()), mesh)["params"]
     _, placed = load_dit(d / "f32", dtype=fmt, shardings=sh)
     leaf = placed["blocks"]["mlp_x"]["w1"]["kernel"]
-    assert leaf.sharding.memory_kind == training.HOST_MEMORY and leaf.dtype == np.dtype(fmt)
+    assert leaf.sharding.memory_kind == sharding_lib.HOST_MEMORY and leaf.dtype == np.dtype(fmt)
     np.testing.assert_array_equal(np.asarray(leaf).astype(np.float32),
                                   np.asarray(expect["blocks"]["mlp_x"]["w1"]["kernel"]).astype(np.float32))
     assert placed["last_block"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == "device"
@@ -386,6 +386,6 @@ def test_float_checkpoint_loads_into_host_placed_blocks(tmp_path):
                                   training.make_optimizer(_optim()), mesh)["params"]
     hcfg, params = load_dit(paths["dit"], shardings=sh, weights_on_host=True)
     assert hcfg.weights_on_host
-    assert params["blocks"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == training.HOST_MEMORY
+    assert params["blocks"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == sharding_lib.HOST_MEMORY
     assert params["last_block"]["attn"]["qkv_x"]["kernel"].sharding.memory_kind == "device"
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref)

@@ -61,6 +61,13 @@ def _frames(cfg):
     return dict(sample.render(cfg))
 
 
+def _same_video(a, b):
+    """Equal up to rounding: another program (another batch size, a zero adapter) may add in another
+    order, and a float32 value on a rounding boundary flips one uint8 level."""
+    diff = np.abs(a.astype(int) - b)
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
+
+
 def test_parse_loras():
     assert runs.parse_loras("a.safetensors:0.8, b.safetensors,c:-1e-1") == [
         ("a.safetensors", 0.8), ("b.safetensors", 1.0), ("c", -0.1)]
@@ -74,10 +81,9 @@ def test_loras_at_strength_zero_give_the_base_video_and_rendering_is_determinist
     assert sorted(base) == [12345, 12346] and base[12345].shape == (7, 32, 48, 3)
     assert not np.array_equal(base[12345], base[12346])  # different seeds, different noise
     alone = _frames(_cfg(root, seed=12346))  # rendered alone = rendered in a batch
-    np.testing.assert_array_equal(alone[12346], base[12346])
+    _same_video(alone[12346], base[12346])
     zero = _frames(_cfg(root, loras=f"{files[0]}:0,{files[1]}:0.0"))
-    diff = np.abs(zero[12345].astype(int) - base[12345])  # another program: rounding may flip a pixel
-    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
+    _same_video(zero[12345], base[12345])
     styled = _frames(_cfg(root, loras=f"{files[0]}:1.0,{files[1]}:-0.5"))
     assert np.abs(styled[12345].astype(int) - base[12345]).mean() > 1.0
     again = _frames(_cfg(root, loras=f"{files[0]}:1.0,{files[1]}:-0.5"))

@@ -13,6 +13,7 @@ import vae_ref
 from mochi_jax.lib import sampling
 from mochi_jax.checkpoints import convert_dit
 from mochi_jax.models import lora as lora_lib
+from mochi_jax.models.sharding import make_mesh
 from mochi_jax.checkpoints import load_dit
 
 
@@ -170,24 +171,24 @@ def test_bad_video_sizes_are_refused(frames, h, w, msg):
 
 def test_the_fit_check_lowers_what_denoise_runs(models, monkeypatch):
     """sampler_program (what the fit check compiles) and denoise's real call of the step lower to the
-    same HLO text, with and without guidance."""
+    same HLO text, with and without guidance, on a one-device mesh as the sample command runs it."""
     cfg, params, _ = models[0]["h2d16"]
+    place = sampling.placement(cfg, (), make_mesh({}, jax.devices()[:1]))
+    params = jax.device_put(params, place.params)
     shape = sampling.latent_shape(7, 32, 48)
     for guidance in (1.0, 4.5):
         cond, uncond = _embeds(cfg, 2, seed=0)
         calls = []
         real_step = sampling.jitted_step
 
-        def record(*args, **kwargs):
-            calls.append((args, kwargs))
+        def record(*args, **kwargs):  # lowered where denoise calls it: inside its mesh and rules
+            calls.append(real_step.lower(*args, **kwargs).as_text())
             return real_step(*args, **kwargs)
 
         monkeypatch.setattr(sampling, "jitted_step", record)
         sampling.denoise(cfg, params, sampling.initial_noise([0, 1], shape), cond, uncond,
                          sampling.sigma_schedule(2), guidance)
         monkeypatch.setattr(sampling, "jitted_step", real_step)
-        args, kwargs = calls[0]
-        real = real_step.lower(*args, **kwargs).as_text()
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        program = sampling.sampler_program(cfg, (), 2, shape, 8, guidance > 1.0, one, one, one)
+        real = calls[0]
+        program = sampling.sampler_program(cfg, (), 2, shape, 8, guidance > 1.0, place)
         assert program.lower().as_text() == real, guidance

@@ -28,7 +28,7 @@ from jax.sharding import SingleDeviceSharding
 
 from mochi_jax.aot import targets as targets_lib
 from mochi_jax.aot.report import BadInput, Report, measure
-from mochi_jax.checkpoints import dit_config, read_metadata
+from mochi_jax.checkpoints import dit_config, read_metadata, t5_config, vae_config
 from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.configs import common as common_config
 from mochi_jax.configs import dit as dit_presets
@@ -302,21 +302,18 @@ def _prepare_program(cfg, what, target, devices) -> Program:
 
     if what == "vae_encode":
         arch, arch_src, ckpt = _arch("vae", aot.model, cfg.vae, demo)
-        dtype = cfg.vae_dtype or (_stored_dtype(ckpt) if ckpt else VAEConfig.param_dtype)
-        vae_cfg = VAEConfig.from_dict({**arch, "param_dtype": dtype, "tile_size": tuple(cfg.tile_size),
-                                       "tile_overlap": tuple(cfg.tile_overlap)})
+        vae_cfg = vae_config(cfg, arch, _stored_dtype(ckpt) if ckpt else VAEConfig.param_dtype)
         h, w = _largest_bucket(cfg.buckets)
         clip, _ = _clip(aot, _longest(cfg.num_frames), h, w, "the config")
         program = placement.vae_encode_program(vae_cfg, local_devices(), clip, bool(cfg.tiled))
-        program.details.insert(0, f"model    {arch_src}: VAE, {dtype} weights")
+        program.details.insert(0, f"model    {arch_src}: VAE, {vae_cfg.param_dtype} weights")
     else:
         arch, arch_src, ckpt = _arch("t5", aot.model, cfg.t5, demo)
-        dtype = cfg.t5_dtype or (_stored_dtype(ckpt) if ckpt else T5Config.param_dtype)
-        t5_cfg = T5Config.from_dict({**arch, "param_dtype": dtype})
+        t5_cfg = t5_config(cfg, arch, _stored_dtype(ckpt) if ckpt else T5Config.param_dtype)
         sizes = cfg.get("mesh", None)
         sizes = dict(sizes.to_dict() if hasattr(sizes, "to_dict") else sizes or {"fsdp": -1})
         program = placement.t5_program(t5_cfg, local_devices(), int(cfg.text_batch_size), int(cfg.max_length), sizes)
-        program.details.insert(0, f"model    {arch_src}: T5 encoder, {dtype} weights")
+        program.details.insert(0, f"model    {arch_src}: T5 encoder, {t5_cfg.param_dtype} weights")
     if len(local_devices()) < target.num_devices:
         program.details.append(f"devices  {len(local_devices())} of {target.num_devices}: one host's (prepare runs "
                                "on each host alone)")

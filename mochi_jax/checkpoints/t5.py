@@ -204,3 +204,23 @@ def load_t5(path, dtype=None, shardings=None, **overrides) -> tuple[T5Config, di
     """
     return load_model(path, "t5_encoder", T5Config, dtype, shardings, overrides,
                       stack=lambda arch: ("blocks", int(arch["num_layers"])))
+
+
+def t5_settings(block) -> dict:
+    """The keywords of `load_t5(path, **t5_settings(block))` (and of lib.text.TextEncoder.load) from a
+    command's config block (the `model` block of configs/common.py, or prepare's flat config):
+    `t5_dtype` -> dtype (the weights cast on load; '' keeps the stored dtype), `t5_compute_dtype` ->
+    compute_dtype. A key the block lacks is left to T5Config's default."""
+    out = {"dtype": block.get("t5_dtype") or None}
+    if block.get("t5_compute_dtype") is not None:
+        out["compute_dtype"] = block.get("t5_compute_dtype")
+    return out
+
+
+def t5_config(block, arch: dict, stored_dtype: str) -> T5Config:
+    """The T5Config `load_t5(path, **t5_settings(block))` returns, without reading a weight: the
+    architecture `arch` (a checkpoint's metadata config) and the block's settings; the weights are
+    `stored_dtype` (the checkpoint's) unless the block's `t5_dtype` casts them."""
+    kw = t5_settings(block)
+    dtype = kw.pop("dtype") or stored_dtype
+    return T5Config.from_dict({**arch, **kw, "param_dtype": jnp.dtype(dtype).name})

@@ -342,6 +342,32 @@ def load_vae(path, dtype=None, shardings=None, **overrides) -> tuple[VAEConfig, 
     return load_model(path, "mochi_vae", VAEConfig, dtype, shardings, overrides)
 
 
+# how the VAE runs, as every command's config names it: config key -> load_vae keyword (VAEConfig field)
+VAE_SETTINGS = {"vae_compute_dtype": "compute_dtype", "tile_size": "tile_size", "tile_overlap": "tile_overlap"}
+
+
+def vae_settings(block) -> dict:
+    """The keywords of `load_vae(path, **vae_settings(block))` from a command's config block (the `model`
+    block of configs/common.py, or prepare's flat config): `vae_dtype` -> dtype (the weights cast on
+    load; '' keeps the stored dtype), `vae_compute_dtype` -> compute_dtype, `tile_size`, `tile_overlap`.
+    A key the block lacks is left to VAEConfig's default."""
+    out = {"dtype": block.get("vae_dtype") or None}
+    for key, field in VAE_SETTINGS.items():
+        value = block.get(key)
+        if value is not None:
+            out[field] = tuple(value) if field.startswith("tile_") else value
+    return out
+
+
+def vae_config(block, arch: dict, stored_dtype: str) -> VAEConfig:
+    """The VAEConfig `load_vae(path, **vae_settings(block))` returns, without reading a weight: the
+    architecture `arch` (a checkpoint's metadata config) and the block's settings; the weights are
+    `stored_dtype` (the checkpoint's) unless the block's `vae_dtype` casts them."""
+    kw = vae_settings(block)
+    dtype = kw.pop("dtype") or stored_dtype
+    return VAEConfig.from_dict({**arch, **kw, "param_dtype": jnp.dtype(dtype).name})
+
+
 def read_vae(src_path, dtype="float32") -> tuple[VAEConfig, dict]:
     """Convert straight into memory, no checkpoint written (tests, quick experiments):
     the same validation and leaves as `convert_vae`, returned as (VAEConfig, params)."""

@@ -27,7 +27,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from mochi_jax.checkpoints.orbax_io import read_metadata
-from mochi_jax.checkpoints.vae import load_vae
+from mochi_jax.checkpoints.t5 import t5_settings
+from mochi_jax.checkpoints.vae import load_vae, vae_settings
 from mochi_jax.lib.program import Program, abstract, mesh_layout
 from mochi_jax.lib.text import TextEncoder, encode_tokens
 from mochi_jax.lib.video import from_unit, to_unit
@@ -227,10 +228,9 @@ class Models:
             t5_weights = checkpoint_t5_shardings(cfg.t5, self.mesh)
             self.vae_weights = vae_weights_sharding(self.mesh.devices)  # replicated: every leaf
             self.text_sharding = text_sharding(self.mesh, self.batch)
-        self.vae_cfg, self.vae_params = load_vae(cfg.vae, dtype=cfg.vae_dtype or None, shardings=self.vae_weights,
-                                                 tile_size=tuple(cfg.tile_size), tile_overlap=tuple(cfg.tile_overlap))
-        self.text = TextEncoder.load(cfg.t5, cfg.tokenizer, max_length=cfg.max_length, dtype=cfg.t5_dtype or None,
-                                     shardings=t5_weights)
+        self.vae_cfg, self.vae_params = load_vae(cfg.vae, shardings=self.vae_weights, **vae_settings(cfg))
+        self.text = TextEncoder.load(cfg.t5, cfg.tokenizer, max_length=cfg.max_length, shardings=t5_weights,
+                                     **t5_settings(cfg))
         if self.mesh is not None:
             split = self.text_sharding.spec[0]
             shape = {k: v for k, v in self.mesh.shape.items() if v > 1}

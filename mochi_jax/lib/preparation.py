@@ -46,7 +46,8 @@ from mochi_jax.lib.video import write_image, write_mp4
 
 # Settings that change what a cached clip holds: an existing cache made with other values is not reused.
 CONTENT_KEYS = ("vae", "t5", "tokenizer", "fps", "num_frames", "buckets", "upscale", "max_length",
-                "vae_dtype", "t5_dtype", "tiled", "tile_size", "tile_overlap", "windows", "trigger")
+                "vae_dtype", "vae_compute_dtype", "t5_dtype", "t5_compute_dtype", "tiled", "tile_size",
+                "tile_overlap", "windows", "trigger")
 
 
 def load_models(cfg) -> Models:
@@ -76,7 +77,8 @@ def check_config(cfg) -> None:
 
 
 # content settings added after the first cache format, with the value an older cache was made with
-CONTENT_DEFAULTS = {"windows": {"mode": "head"}, "trigger": ""}
+CONTENT_DEFAULTS = {"windows": {"mode": "head"}, "trigger": "", "vae_compute_dtype": "float32",
+                    "t5_compute_dtype": "bfloat16"}
 
 
 def content(config: dict) -> dict:

@@ -33,6 +33,7 @@ class Program:
     inputs: dict  # report name -> the part of `args` it names (bytes per device are reported per name)
     kwargs: dict = dataclasses.field(default_factory=dict)  # static keyword arguments
     mesh: object = None  # a Mesh the trace sees (sharding.activate), for the model's activation annotations
+    rules: tuple = sharding_lib.RULES  # the logical-axis rules the trace sees with the mesh
     layout: dict = dataclasses.field(default_factory=dict)  # mesh axis -> size, as reported ({} = one device)
     details: list = dataclasses.field(default_factory=list)  # report lines: the model, the batch, ...
     resident: dict = dataclasses.field(default_factory=dict)  # name -> a tree on the device the program never reads
@@ -40,7 +41,7 @@ class Program:
 
     def lower(self):
         """jax.stages.Lowered of the function on the abstract inputs."""
-        ctx = sharding_lib.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        ctx = sharding_lib.activate(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
         with ctx:
             return self.fn.lower(*self.args, **self.kwargs)
 

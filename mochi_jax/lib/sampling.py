@@ -15,17 +15,21 @@ and guidance on), so new prompts, seeds, LoRA values or schedules never recompil
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mochi_jax.lib.program import Program, abstract
+from mochi_jax.lib.program import Program, abstract, mesh_layout
+from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models import vae as vae_lib
-from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables
+from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables, variable_shardings
 from mochi_jax.models.lora import LoraTarget
 from mochi_jax.models.sharding import replicated_like
 
@@ -68,9 +72,76 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.normal(jax.random.PRNGKey(int(s)), tuple(shape), jnp.float32) for s in seeds])
 
 
+# ----------------------------------------------------------------------------- where the sampler runs
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the sampler runs: a device mesh (models/sharding.py) and the shardings of what the step
+    reads: the DiT's weights and LoRA factors by the logical-axis rules, as training places them
+    (dit.variable_shardings), latents, text and scalars whole on every device."""
+    mesh: Mesh
+    params: object
+    lora: object
+    replicated: NamedSharding
+
+
+def placement(cfg: DiTConfig, targets: Sequence[LoraTarget], mesh: Mesh, variants: bool = False) -> Placement:
+    """The sampler's placement on `mesh`; with `variants` the LoRA factors carry a leading variant
+    axis (several LoRAs stacked, `denoise(..., variants=K)`), kept whole on every device."""
+    check_mesh(cfg, mesh)
+    sh = variable_shardings(cfg, tuple(targets), mesh)
+    lora = sharding_lib.stacked(sh["lora"]) if variants else sh["lora"]
+    return Placement(mesh, sh["params"], lora, NamedSharding(mesh, PartitionSpec()))
+
+
+def check_mesh(cfg: DiTConfig, mesh: Mesh) -> None:
+    """Raise ValueError unless the DiT's heads divide the mesh's sequence x tensor axes (attention
+    switches from tokens split to heads split over them)."""
+    n = mesh.shape["sequence"] * mesh.shape["tensor"]
+    if cfg.num_heads % n:
+        raise ValueError(f"mesh sequence {mesh.shape['sequence']} x tensor {mesh.shape['tensor']} = {n} does not "
+                         f"divide the DiT's {cfg.num_heads} attention heads; change --config.mesh.sequence or "
+                         "--config.mesh.tensor")
+
+
+def sampler_rules(mesh: Mesh, rows: int, heads: int) -> tuple:
+    """The logical-axis rules of a sampler step on `mesh` for a DiT batch of `rows` (videos, both
+    guidance branches) and `heads` attention heads. As training's (models/sharding.py RULES), except
+    that the data and fsdp axes go where they help: each splits the batch when it divides it
+    (guidance branches, seeds, prompts), else the visual tokens when the heads allow it (then, as
+    the sequence axis, attention switches to heads split with an all-to-all), else it computes
+    copies. The weights stay FSDP-sharded over 'fsdp' either way. A function of the mesh, the
+    shapes and the config only, so jax.jit's cache, keyed on those, never mixes two rules."""
+    batch, tokens, used = [], [], mesh.shape["sequence"] * mesh.shape["tensor"]
+    rows_used = 1
+    for axis in ("data", "fsdp"):
+        n = mesh.shape[axis]
+        if n == 1:
+            continue
+        if rows % (rows_used * n) == 0:
+            batch.append(axis)
+            rows_used *= n
+        elif heads % (used * n) == 0:
+            tokens.append(axis)
+            used *= n
+    table = dict(sharding_lib.RULES)
+    table.update(batch=tuple(batch), seq=("sequence", *tokens), act_heads=("sequence", *tokens, "tensor"))
+    return tuple(table.items())
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh a tree of arrays is placed on (NamedSharding), or None (one device, uncommitted)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    s = getattr(leaves[0], "sharding", None) if leaves else None
+    return s.mesh if isinstance(s, NamedSharding) and isinstance(s.mesh, Mesh) else None
+
+
+# ----------------------------------------------------------------------------- the step
+
 def euler_step(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
     """step(params, lora, z, feats, mask, sigma, sigma_next, guidance) -> z at sigma_next (not jitted):
-    with `guided`, feats / mask hold [uncond; cond] and z runs through the model twice in one batch."""
+    with `guided`, feats / mask hold [uncond; cond] and z runs through the model twice in one batch.
+    The new latents are whole on every device (on a mesh), as the step's inputs are."""
     model = MochiDiT(cfg, targets)
 
     def step(params, lora, z, feats, mask, sigma, sigma_next, guidance):
@@ -81,7 +152,8 @@ def euler_step(cfg: DiTConfig, targets: tuple[LoraTarget, ...], guided: bool):
         if guided:
             v_u, v_c = jnp.split(v, 2)
             v = v_u + guidance * (v_c - v_u)
-        return (z.astype(jnp.float32) + (sigma - sigma_next) * v).astype(z.dtype)
+        out = (z.astype(jnp.float32) + (sigma - sigma_next) * v).astype(z.dtype)
+        return sharding_lib.constrain(out, (None,) * out.ndim)
 
     return step
 
@@ -93,35 +165,63 @@ def jitted_step(params, lora, z, feats, mask, sigma, sigma_next, guidance, *, cf
     return euler_step(cfg, targets, guided)(params, lora, z, feats, mask, sigma, sigma_next, guidance)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "targets", "guided"))
+def batched_step(params, loras, z, feats, mask, sigma, sigma_next, guidance, *, cfg: DiTConfig,
+                 targets: tuple[LoraTarget, ...], guided: bool):
+    """One Euler step of K variants at once (several LoRAs on one base, lib/variants.py): z [K, B, ...],
+    adapters with a leading K axis; the DiT vmapped over them."""
+    one = euler_step(cfg, targets, guided)
+    return jax.vmap(one, in_axes=(None, 0, 0, None, 0, None, None, None))(
+        params, loras, z, feats, per_variant_mask(mask, z.shape[0]), sigma, sigma_next, guidance)
+
+
+def per_variant_mask(mask, k: int):
+    """The text mask once per variant, for a DiT vmapped over variants (here, and a sweep's step): cuDNN
+    attention's batching rule reshapes the key lengths with the queries, so they must be batched too."""
+    return jnp.broadcast_to(mask, (k, *mask.shape))
+
+
 def sampler_program(cfg: DiTConfig, targets: Sequence[LoraTarget], batch: int, latent: Sequence[int], text_tokens: int,
-                    guided: bool, param_shardings, lora_shardings, replicated) -> Program:
-    """One step of `denoise` (`jitted_step`, the function it calls per step) as a Program
-    (lib/program.py) for `batch` videos of latent shape `latent` [12, t, h, w] and `text_tokens` T5
-    tokens; with `guided` both branches run in one DiT batch of 2 x batch. The weights and LoRA
-    factors in their shardings (one sharding or a tree each), latents and text in `replicated`."""
+                    guided: bool, place: Placement, variants: int = 0) -> Program:
+    """One step of `denoise` (the jitted step it calls) as a Program (lib/program.py) for `batch`
+    videos of latent shape `latent` [12, t, h, w] and `text_tokens` T5 tokens, placed by `place`;
+    with `guided` both branches run in one DiT batch of 2 x batch; with `variants` = K, K LoRAs
+    stacked on one base (`batched_step`)."""
     targets = tuple(targets)
     variables = abstract_variables(cfg, targets)
-    params = abstract(variables["params"], param_shardings)
-    lora = abstract(variables["lora"], lora_shardings) if targets else {}
+    params = abstract(variables["params"], place.params)
+    lora = {}
+    if targets:
+        lora = variables["lora"]
+        if variants:
+            lora = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((variants, *x.shape), x.dtype), lora)
+        lora = abstract(lora, place.lora)
     rows = 2 * batch if guided else batch
-    f32 = jnp.float32
-    z = jax.ShapeDtypeStruct((batch, *latent), f32, sharding=replicated)
-    feats = jax.ShapeDtypeStruct((rows, text_tokens, cfg.t5_dim), f32, sharding=replicated)
-    mask = jax.ShapeDtypeStruct((rows, text_tokens), jnp.bool_, sharding=replicated)
-    scalar = jax.ShapeDtypeStruct((), f32, sharding=replicated)
-    return Program("sampler step", jitted_step, (params, lora, z, feats, mask, scalar, scalar, scalar),
+    f32, rep = jnp.float32, place.replicated
+    lead = (variants,) if variants else ()
+    z = jax.ShapeDtypeStruct((*lead, batch, *latent), f32, sharding=rep)
+    feats = jax.ShapeDtypeStruct((rows, text_tokens, cfg.t5_dim), f32, sharding=rep)
+    mask = jax.ShapeDtypeStruct((rows, text_tokens), jnp.bool_, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), f32, sharding=rep)
+    return Program("sampler step", batched_step if variants else jitted_step,
+                   (params, lora, z, feats, mask, scalar, scalar, scalar),
                    {"weights": params, "LoRA": lora, "latents and text": (z, feats, mask)},
-                   kwargs=dict(cfg=cfg, targets=targets, guided=guided))
+                   kwargs=dict(cfg=cfg, targets=targets, guided=guided), mesh=place.mesh,
+                   rules=sampler_rules(place.mesh, rows, cfg.num_heads), layout=mesh_layout(place.mesh))
 
 
 def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guidance: float = 6.0,
-            lora=None, progress: bool = False):
+            lora=None, progress: bool = False, variants: int = 0):
     """Run the Euler flow from `noise` [B, 12, t, h, w] (DiT space, sigma = sigmas[0]) to sigmas[-1].
 
     cond / uncond: (t5 features [B, L, D], mask [B, L]) for the prompts and negative prompts; with
     guidance > 1 and `uncond` given both run in one batch, otherwise the conditional branch alone.
-    lora: None or (factors, targets) (see mochi_jax.models.lora; several LoRAs: combine them first).
-    Returns float32 latents in DiT space."""
+    lora: None or (factors, targets) (see mochi_jax.models.lora; several LoRAs: combine them first);
+    with `variants` = K the factors carry a leading axis of K LoRAs (lib/variants.py), all rendered
+    from the same noise, and the result is [K, B, ...].
+    Runs where `params` are: on their mesh (`placement`), with the batch and the visual tokens split
+    as `sampler_rules` says; uncommitted or on one device, on that device.
+    Returns float32 latents in DiT space, whole on every device."""
     sigmas = sigma_schedule() if sigmas is None else np.asarray(sigmas, np.float32)
     factors, targets = lora if lora is not None else ({}, ())
     guided = uncond is not None and guidance > 1.0
@@ -129,17 +229,29 @@ def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guida
     if guided:
         feats = jnp.concatenate([uncond[0], feats])
         mask = jnp.concatenate([uncond[1], mask])
-    step = functools.partial(jitted_step, cfg=cfg, targets=tuple(targets), guided=guided)
+    z = jnp.asarray(noise, jnp.float32)
+    if variants:
+        z = jnp.broadcast_to(z, (variants, *z.shape))
+    step = functools.partial(batched_step if variants else jitted_step, cfg=cfg, targets=tuple(targets),
+                             guided=guided)
+    mesh = mesh_of(params)
+    if mesh is None:
+        rep, ctx = replicated_like(jax.tree_util.tree_leaves(params)[0]), contextlib.nullcontext()
+    else:
+        rows = feats.shape[0]
+        rep, ctx = NamedSharding(mesh, PartitionSpec()), sharding_lib.activate(mesh, sampler_rules(mesh, rows,
+                                                                                                    cfg.num_heads))
     # every input committed like the weights (as sampler_program places them), so the first step
     # compiles the same program as the later ones and as the fit check
-    rep = replicated_like(jax.tree_util.tree_leaves(params)[0])
-    z, feats, mask, g = jax.device_put((jnp.asarray(noise, jnp.float32), feats, mask, np.float32(guidance)), rep)
+    z, feats, mask, g = jax.device_put((z, feats, mask, np.float32(guidance)), rep)
+    factors = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, rep), factors)
     sig = jax.device_put([np.float32(s) for s in sigmas], rep)
     it = range(len(sigmas) - 1)
     if progress:
         it = tqdm(it, desc="sampling", unit="step")
-    for i in it:
-        z = step(params, factors, z, feats, mask, sig[i], sig[i + 1], g)
+    with ctx:
+        for i in it:
+            z = step(params, factors, z, feats, mask, sig[i], sig[i + 1], g)
     return z
 
 

@@ -31,12 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mochi_jax.checkpoints.runs import sweep_variants
 from mochi_jax.lib import training
 from mochi_jax.lib.program import Program, abstract, mesh_layout
-from mochi_jax.lib.variants import per_variant_mask
+from mochi_jax.lib.sampling import per_variant_mask
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables
@@ -217,7 +216,7 @@ def shardings(sweep: Sweep, model: MochiDiT, opts, mesh) -> dict:
     base = training.train_shardings(model, opts[0], mesh)
     one = base["state"]["lora"]
     rep = base["replicated"]
-    stacked = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, PartitionSpec(None, *s.spec)), one)
+    stacked = sharding_lib.stacked(one)
     lora_one = abstract_variables(model.cfg, model.lora_targets)["lora"]
     opt = [sharding_lib.like_tree_shardings(jax.eval_shape(o.init, lora_one), lora_one, one, rep) for o in opts]
     return {**base, "state": {"step": rep, "lora": stacked, "opt": opt, "rng": rep, "noise_rng": rep}}

@@ -23,9 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models import vae as vae_lib
-from mochi_jax.models.dit import abstract_variables, dummy_inputs, logical_axes
+from mochi_jax.models.dit import abstract_variables, dummy_inputs, variable_shardings
 
-HOST_MEMORY = "pinned_host"  # where DiTConfig.weights_on_host keeps the stacked block weights
 
 # ----------------------------------------------------------------------------- loss
 
@@ -150,14 +149,10 @@ def train_shardings(model, optimizer, mesh) -> dict:
     'state' (LoRA factors like the kernels they adapt, optimizer moments like the LoRA, step and rng
     replicated), 'batch' (leading axis over data x fsdp) and 'replicated'."""
     rep = NamedSharding(mesh, PartitionSpec())
-    abstract = abstract_variables(model.cfg, model.lora_targets)
-    names = logical_axes(model.cfg, model.lora_targets)
-    params, lora = abstract["params"], abstract["lora"]
-    lora_sh = sharding_lib.param_shardings(names["lora"], lora, mesh)
+    sh = variable_shardings(model.cfg, model.lora_targets, mesh)
+    params_sh, lora_sh = sh["params"], sh["lora"]
+    lora = abstract_variables(model.cfg, model.lora_targets)["lora"]
     opt = jax.eval_shape(optimizer.init, lora)
-    params_sh = sharding_lib.param_shardings(names["params"], params, mesh)
-    if model.cfg.weights_on_host:  # the stacked blocks wait in pinned host memory; the scan fetches each block
-        params_sh = {**params_sh, "blocks": jax.tree_util.tree_map(host_sharding, params_sh["blocks"])}
     return {
         "params": params_sh,
         "state": {"step": rep, "lora": lora_sh, "opt": sharding_lib.like_tree_shardings(opt, lora, lora_sh, rep),
@@ -166,16 +161,6 @@ def train_shardings(model, optimizer, mesh) -> dict:
                   (("mean", 5), ("logvar", 5), ("t5_feats", 3), ("t5_mask", 2))},
         "replicated": rep,
     }
-
-
-def host_sharding(s: NamedSharding) -> NamedSharding:
-    """`s` in pinned host memory. Compile-only devices (the fit check's GPU targets) list no memories,
-    so their NamedSharding drops the kind; there the sharding is stated on the mesh's abstract form,
-    which keeps it and compiles to the same program."""
-    h = s.with_memory_kind(HOST_MEMORY)
-    if h.memory_kind != HOST_MEMORY:
-        h = NamedSharding(s.mesh.abstract_mesh, s.spec, memory_kind=HOST_MEMORY)
-    return h
 
 
 def init_lora(model, key):

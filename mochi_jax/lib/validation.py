@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mochi_jax.checkpoints import load_vae
+from mochi_jax.checkpoints import load_vae, t5_settings, vae_settings
 from mochi_jax.lib import metrics, sampling, training
 from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib.clip import Scorer
@@ -44,11 +44,11 @@ class Validator:
         self.text = self.vae = self.scorer = None
         if self.render:
             s = v.sampling
-            text = TextEncoder.load(m.t5, m.tokenizer)  # T5 comes and goes before the DiT is loaded
+            text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))  # T5 comes and goes before the DiT is loaded
             n = len(v.prompts)
             feats, mask = text(list(v.prompts) + [s.negative_prompt] * n, zero_empty=s.zero_empty_negative)
             self.text = (feats[:n], mask[:n]), (feats[n:], mask[n:])
-            self.vae = load_vae(m.vae, compute_dtype=m.compute_dtype)
+            self.vae = load_vae(m.vae, **vae_settings(m))
             if v.clip.checkpoint:
                 self.scorer = Scorer(v.clip.checkpoint, v.clip.tokenizer, v.clip.batch)
                 self.prompt_emb = self.scorer.text(list(v.prompts))

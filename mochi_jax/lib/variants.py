@@ -11,7 +11,6 @@ the same shapes never recompiles.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import jax
@@ -86,37 +85,19 @@ def variant_adapter(stacked, k: int):
 
 # ----------------------------------------------------------------------------- rendering
 
-@functools.partial(jax.jit, static_argnames=("cfg", "targets", "guided"))
-def batched_step(params, loras, z, feats, mask, sigma, sigma_next, guidance, *, cfg: DiTConfig,
-                 targets: tuple[LoraTarget, ...], guided: bool):
-    """One Euler step of K variants at once: z [K, B, ...], adapters with a leading K axis; compiled
-    once per (cfg, targets, guided) and shapes (jax.jit's own cache)."""
-    one = sampling.euler_step(cfg, targets, guided)
-    return jax.vmap(one, in_axes=(None, 0, 0, None, 0, None, None, None))(
-        params, loras, z, feats, per_variant_mask(mask, z.shape[0]), sigma, sigma_next, guidance)
-
-
-def per_variant_mask(mask, k: int):
-    """The text mask once per variant, for a DiT vmapped over variants (here, and a sweep's step): cuDNN
-    attention's batching rule reshapes the key lengths with the queries, so they must be batched too."""
-    return jnp.broadcast_to(mask, (k, *mask.shape))
+def variant_count(stacked, targets) -> int:
+    """K, the variants of a `stack_adapters` tree (1 when no variant adapts anything: the base alone)."""
+    return len(jax.tree_util.tree_leaves(stacked)[0]) if targets else 1
 
 
 def denoise_variants(cfg: DiTConfig, params, stacked, targets, noise, cond, uncond, sigmas, guidance: float,
                      batched: bool = True):
-    """Latents [K, B, ...] of the K variants of `stack_adapters`, all from the same noise [B, ...]."""
-    k_all = len(jax.tree_util.tree_leaves(stacked)[0]) if targets else 1
-    stacked = jax.device_put(stacked)  # once, not at every step
+    """Latents [K, B, ...] of the K variants of `stack_adapters`, all from the same noise [B, ...]:
+    in one vmapped denoising loop (sampling.denoise with variants=K), or (batched=False) one
+    variant after the other. Runs where `params` are (sampling.denoise)."""
+    k_all = variant_count(stacked, targets)
     if not batched:
         return jnp.stack([sampling.denoise(cfg, params, noise, cond, uncond, sigmas, guidance,
                                            lora=(variant_adapter(stacked, k), targets)) for k in range(k_all)])
-    guided = uncond is not None and guidance > 1.0
-    feats, mask = cond
-    if guided:
-        feats, mask = jnp.concatenate([uncond[0], feats]), jnp.concatenate([uncond[1], mask])
-    step = functools.partial(batched_step, cfg=cfg, targets=tuple(targets), guided=guided)
-    z = jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (k_all, *np.shape(noise)))
-    g = jnp.float32(guidance)
-    for i in range(len(sigmas) - 1):
-        z = step(params, stacked, z, feats, mask, jnp.float32(sigmas[i]), jnp.float32(sigmas[i + 1]), g)
-    return z
+    return sampling.denoise(cfg, params, noise, cond, uncond, sigmas, guidance, lora=(stacked, targets),
+                            variants=k_all)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from mochi_jax.models import layers, quant
+from mochi_jax.models import layers, quant, sharding
 from mochi_jax.models import remat as remat_lib
 from mochi_jax.models.layers import Dense, RMSNorm, config_from_dict, rms_norm
 from mochi_jax.models.lora import LoraTarget
@@ -430,6 +430,19 @@ def logical_axes(cfg: DiTConfig, lora_targets: Sequence[LoraTarget] = ()) -> dic
     the layers declare them (e.g. blocks/attn/qkv_x/kernel -> ('layers', 'embed', 'heads')); leaves
     are tuples. mochi_jax.models.sharding maps them to mesh axes."""
     return layers.declared_axes(MochiDiT(cfg, tuple(lora_targets)), *dummy_inputs(cfg))
+
+
+def variable_shardings(cfg: DiTConfig, lora_targets: Sequence[LoraTarget], mesh) -> dict:
+    """{'params': ..., 'lora': ...}: NamedShardings on `mesh` by the logical-axis rules (FSDP over
+    'embed', tensor parallelism over heads and MLP columns); with cfg.weights_on_host the stacked
+    blocks' weights in pinned host memory (the scan copies each block to the device as it runs).
+    Training and sampling place the weights with this one function."""
+    names, shapes = logical_axes(cfg, lora_targets), abstract_variables(cfg, lora_targets)
+    params = sharding.param_shardings(names["params"], shapes["params"], mesh)
+    if cfg.weights_on_host:
+        params = {**params, "blocks": jax.tree_util.tree_map(sharding.host_sharding, params["blocks"])}
+    lora = sharding.param_shardings(names["lora"], shapes["lora"], mesh) if lora_targets else {}
+    return {"params": params, "lora": lora}
 
 
 def param_count(params) -> int:

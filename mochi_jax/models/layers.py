@@ -204,7 +204,7 @@ def fused_attention(q, k, v, key_mask, implementation):
     lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
     # every query is real; said explicitly, and computed from the key lengths so that under vmap both
     # are batched alike (cuDNN's batching rule reshapes them with the queries; a sweep's text mask
-    # comes in once per variant for that reason: lib/variants.py per_variant_mask)
+    # comes in once per variant for that reason: lib/sampling.py per_variant_mask)
     q_lengths = None if lengths is None else lengths * 0 + q.shape[1]
     return jax.nn.dot_product_attention(q, k, v, query_seq_lengths=q_lengths, key_value_seq_lengths=lengths,
                                         implementation=implementation)

@@ -110,6 +110,26 @@ def param_shardings(axes_tree, shapes_tree, mesh: Mesh, rules=RULES):
         is_leaf=lambda x: isinstance(x, tuple))
 
 
+HOST_MEMORY = "pinned_host"  # where DiTConfig.weights_on_host keeps the stacked block weights
+
+
+def host_sharding(s: NamedSharding) -> NamedSharding:
+    """`s` in pinned host memory. Compile-only devices (the fit check's GPU targets) list no memories,
+    so their NamedSharding drops the kind; there the sharding is stated on the mesh's abstract form,
+    which keeps it and compiles to the same program."""
+    h = s.with_memory_kind(HOST_MEMORY)
+    if h.memory_kind != HOST_MEMORY:
+        h = NamedSharding(s.mesh.abstract_mesh, s.spec, memory_kind=HOST_MEMORY)
+    return h
+
+
+def stacked(shardings):
+    """Shardings for arrays with one more leading axis (e.g. several LoRAs stacked), kept whole on
+    every device: each device holds every stacked copy of its slice."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(s.mesh, P(None, *s.spec), memory_kind=s.memory_kind),
+                                  shardings)
+
+
 def replicated_like(x):
     """A sharding that places a whole copy of an array on every device `x` lives on."""
     s = x.sharding

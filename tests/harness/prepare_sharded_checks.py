@@ -46,7 +46,7 @@ def t5_compute(dtype: str):
     """T5 loaded with this compute dtype (the model default is bfloat16, whose roundings depend
     on the shapes of each matmul; float32 shows the sharded program computes the same numbers)."""
     real = text_lib.TextEncoder.load.__func__
-    text_lib.TextEncoder.load = classmethod(lambda cls, *a, **k: real(cls, *a, compute_dtype=dtype, **k))
+    text_lib.TextEncoder.load = classmethod(lambda cls, *a, **k: real(cls, *a, **{**k, "compute_dtype": dtype}))
     try:
         yield
     finally:
