@@ -1,6 +1,7 @@
 """Blocks shared by the command configs, defined once and nested the same way everywhere:
 
     model     the converted checkpoints and how they run   (lora.py `model`, sample.py, eval.py)
+    mesh      how the devices are used                     (lora.py, sample.py, eval.py)
     sampling  how a video is rendered                      (lora.py `validation.sampling`, sample.py, eval.py)
     clip      the converted CLIP that scores videos        (lora.py `validation.clip`, eval.py)
     demo      what the demo presets make on first use      (only in `:demo` presets; see mochi_jax/demo)
@@ -41,6 +42,13 @@ def model(root: str = "ckpt") -> ml_collections.ConfigDict:
         t5_dtype="",  # T5 weights cast on load; '' keeps the stored dtype
         t5_compute_dtype="bfloat16",  # T5 matmuls; its norms, softmax and residual stream run in float32
     ))
+
+
+def mesh(data: int = 1, fsdp: int = 1, sequence: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Sizes of the device mesh's axes (mochi_jax/models/sharding.py), one of them -1 for "the devices
+    left": 'data' and 'fsdp' split the batch, 'fsdp' also the weights (FSDP), 'sequence' the visual
+    tokens, 'tensor' heads and MLP columns."""
+    return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor))
 
 
 def sampling() -> ml_collections.ConfigDict:

@@ -22,9 +22,15 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.model = common.model()
     c.sampling = common.sampling()
     c.prompt = "A close-up video of a cat playing a piano, cinematic lighting."
+    c.prompt_file = ""  # a text file, one prompt per line ('#' comments), rendered instead of `prompt`
     c.seed = 12345
-    c.num_videos = 1  # seeds seed, seed + 1, ...; rendered in batches of `batch_size`
-    c.batch_size = 1
+    c.num_videos = 1  # per prompt: seeds seed, seed + 1, ...
+    c.batch_size = 1  # videos per denoising call (prompts and seeds together)
+    # Devices (mochi_jax/models/sharding.py): 'fsdp' shards the DiT's weights (the released model needs it
+    # on 16 GB chips); each of 'data' and 'fsdp' splits the batch (both guidance branches: 2 x batch_size)
+    # where it divides it, else the visual tokens; 'sequence' splits the tokens, 'tensor' heads and MLP
+    # columns (sequence x tensor must divide the 24 heads). -1: the devices left.
+    c.mesh = common.mesh(fsdp=-1)
     c.loras = ""  # comma-separated path[:strength]
     c.out_dir = "samples"
     c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)

@@ -12,6 +12,12 @@ reference videos and a style probe. Outputs under cfg.out_dir:
     report.md                        the same as tables, with the contact sheets
     sheets/<nn>_<prompt>.png         per prompt, one row per (seed, variant), frames evenly spaced
     videos/<variant>/<nn>_<prompt>_seed<seed>.mp4
+    .parts/                          finished batches (records, thumbnails): a killed evaluation, rerun
+                                     with the same settings and LoRAs, renders only what is missing and
+                                     writes the same report
+
+Rendering runs over the device mesh of cfg.mesh (lib/sampling.py: the weights sharded, batches or
+tokens split); with several processes (one per host) every process renders and process 0 writes.
 
 The pieces: `check_inputs` (everything that can be wrong with the inputs: paths, prompt file, CLIP
 weights, a LoRA that does not fit the base, a run without checkpoint, references, before anything
@@ -22,38 +28,30 @@ call with cfg.batch_loras), then the report (mochi_jax/lib/report.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
-from mochi_jax.checkpoints.files import writable_dir
+from mochi_jax.checkpoints.files import writable_dir, write_atomically
 from mochi_jax.checkpoints.runs import expand_sweeps, parse_loras
 from mochi_jax.lib import cache, sampling
 from mochi_jax.lib.clip import Scorer
 from mochi_jax.lib.metrics import video_metrics
 from mochi_jax.lib.report import contact_sheet, file_slug, json_safe, print_deltas, summarize, thumbnails, write_markdown
-from mochi_jax.lib.text import TextEncoder
+from mochi_jax.lib.text import TextEncoder, read_prompts
 from mochi_jax.lib.variants import Variant, denoise_variants, load_variant, param_shapes, stack_adapters
 from mochi_jax.lib.video import VIDEO_SUFFIXES, evenly_spaced, read_clip, write_mp4
+from mochi_jax.models import sharding as sharding_lib
 
 # ----------------------------------------------------------------------------- inputs
-
-def read_prompts(path) -> list[str]:
-    """The non-empty lines of a text file (surrounding whitespace stripped; '#' starts a comment line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [s for s in prompts if s and not s.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts (one prompt per line)")
-    return prompts
-
 
 def parse_seeds(seeds) -> list[int]:
     """'1,2,3', 7 or [1, 2, 3] -> a non-empty list of distinct ints."""
@@ -112,6 +110,7 @@ class Inputs:
     text_emb: np.ndarray
     ref_emb: np.ndarray | None
     style_emb: np.ndarray | None
+    place: sampling.Placement  # the mesh and the shardings of the weights and stacked adapters
 
 
 def check_inputs(cfg) -> Inputs:
@@ -146,24 +145,92 @@ def check_inputs(cfg) -> Inputs:
         if seen[v.name] > 1:
             v.name = f"{v.name}_{seen[v.name]}"
     stacked, targets = stack_adapters(variants)
-    return Inputs(prompts, seeds, dit_cfg, variants, stacked, targets, scorer, text_emb, ref_emb, style_emb)
+    place = sampling.placement(dit_cfg, targets, sharding_lib.make_mesh(cfg.mesh.to_dict()), variants=True)
+    return Inputs(prompts, seeds, dit_cfg, variants, stacked, targets, scorer, text_emb, ref_emb, style_emb, place)
 
 
 # ----------------------------------------------------------------------------- rendering and scoring
 
+PARTS = ".parts"  # under out_dir: each finished (prompt, seeds) batch's records and thumbnails, for resuming
+
+
+def render_key(cfg, inp: Inputs) -> str:
+    """A fingerprint of everything a render depends on: the settings (but the output folder) and the
+    LoRA factors themselves (a retrained run under the same path is a different LoRA)."""
+    h = hashlib.sha256(json.dumps(json_safe({k: v for k, v in cfg.to_dict().items() if k != "out_dir"}),
+                                  sort_keys=True, default=str).encode())
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(inp.stacked)[0], key=lambda x: str(x[0])):
+        h.update(str(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+class Parts:
+    """The finished batches of an evaluation in out_dir/.parts: a batch's video records and contact
+    sheet thumbnails are written (atomically, by process 0) once its videos are, so a killed
+    evaluation rerun with the same settings and LoRAs renders only what is missing. Parts of other
+    settings are removed."""
+
+    def __init__(self, out_dir: Path, key: str):
+        self.dir = out_dir / PARTS
+        stamp = self.dir / "key"
+        self.main = jax.process_index() == 0
+        if self.main and (not stamp.is_file() or stamp.read_text() != key):
+            if self.dir.exists():
+                print(f"evaluate: {self.dir} holds renders of other settings or LoRAs; rendering anew", flush=True)
+                shutil.rmtree(self.dir)
+            write_atomically(stamp, key)
+
+    def _path(self, p: int, start: int) -> Path:
+        return self.dir / f"{p:04d}_{start:04d}.npz"
+
+    def load(self, p: int, start: int):
+        """(records, {(seed, variant index): thumbnails}) of a finished batch, or None (the same
+        answer in every process: process 0's)."""
+        path = self._path(p, start)
+        done = path.is_file() if self.main else False
+        if jax.process_count() > 1:
+            done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
+        if not done:
+            return None
+        with np.load(path) as z:
+            records = json.loads(str(z["records"]))
+            thumbs = {tuple(json.loads(k)): list(z[k]) for k in z.files if k != "records"}
+        return records, thumbs
+
+    def save(self, p: int, start: int, records: list, thumbs: dict) -> None:
+        if not self.main:
+            return
+        arrays = {json.dumps(list(k)): np.stack(v) for k, v in thumbs.items()}
+        write_atomically(self._path(p, start), lambda f: np.savez(f, records=json.dumps(records), **arrays))
+
+
 def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]:
-    """Render every (prompt, seeds batch) for all variants, write the mp4s and contact sheets, score
-    every video. Returns (records, sheet paths, timing)."""
+    """Render every (prompt, seeds batch) for all variants over the mesh of cfg.mesh, write the mp4s
+    and contact sheets (process 0), score every video; batches finished by an earlier run with the
+    same settings are taken from out_dir/.parts. Returns (records, sheet paths, timing)."""
     m, s = cfg.model, cfg.sampling
-    text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
-    feats, mask = (np.asarray(x) for x in text(inp.prompts + [s.negative_prompt], zero_empty=s.zero_empty_negative))
-    del text  # T5 is freed before the DiT is loaded
     dit_cfg = inp.dit_cfg
-    _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, **dit_cfg.settings())
-    vae_cfg, vae_params = load_vae(m.vae, **vae_settings(m))
-    print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
-          f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}, "
-          f"{'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}", flush=True)
+    parts = Parts(out_dir, render_key(cfg, inp))
+    batches = [(p, start) for p in range(len(inp.prompts)) for start in range(0, len(inp.seeds), cfg.batch_size)]
+    done = {b: parts.load(*b) for b in batches}
+    todo = [b for b in batches if done[b] is None]
+    if len(todo) < len(batches):
+        print(f"evaluate: {len(batches) - len(todo)} of {len(batches)} batches already rendered in {parts.dir}",
+              flush=True)
+    if todo:  # load the models only for what is left
+        text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
+        feats, mask = (np.asarray(x) for x in text(inp.prompts + [s.negative_prompt],
+                                                   zero_empty=s.zero_empty_negative))
+        del text  # T5 is freed before the DiT is loaded
+        _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, shardings=inp.place.params, **dit_cfg.settings())
+        stacked = jax.device_put(inp.stacked, inp.place.lora)
+        vae_cfg, vae_params = load_vae(m.vae, shardings=inp.place.replicated, **vae_settings(m))
+        layout = {k: v for k, v in inp.place.mesh.shape.items() if v > 1}
+        print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
+              f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, "
+              f"cfg {s.guidance}, {'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}"
+              f"; {inp.place.mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else ""), flush=True)
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
     records, sheets, denoise_s, first_call_s, n_calls = [], [], 0.0, None, 0
@@ -171,32 +238,45 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
         thumbs = {}
         for start in range(0, len(inp.seeds), cfg.batch_size):
             batch = inp.seeds[start:start + cfg.batch_size]
+            if done[(p, start)] is not None:
+                recs, th = done[(p, start)]
+                records += recs
+                thumbs.update(th)
+                continue
             padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
             n = len(padded)
             cond = (np.repeat(feats[p:p + 1], n, 0), np.repeat(mask[p:p + 1], n, 0))
             uncond = (np.repeat(feats[-1:], n, 0), np.repeat(mask[-1:], n, 0))
             t0 = time.time()
-            z = jax.device_get(denoise_variants(dit_cfg, params, inp.stacked, inp.targets,
-                                                sampling.initial_noise(padded, shape), cond, uncond, sigmas,
-                                                s.guidance, batched=cfg.batch_loras))
+            z = sampling.to_host(denoise_variants(dit_cfg, params, stacked, inp.targets,
+                                                  sampling.initial_noise(padded, shape), cond, uncond, sigmas,
+                                                  s.guidance, batched=cfg.batch_loras))
             dt = time.time() - t0
             first_call_s = dt if first_call_s is None else first_call_s
             denoise_s, n_calls = denoise_s + dt, n_calls + 1
+            recs, th = [], {}
             for k, v in enumerate(inp.variants):
                 frames = sampling.decode_frames(vae_cfg, vae_params, z[k], tiled=s.tiled_decode)
                 for seed, clip in zip(batch, frames):
-                    video = write_mp4(out_dir / "videos" / file_slug(v.name) /
-                                      f"{p + 1:02d}_{file_slug(prompt.lower())}_seed{seed}.mp4", clip, fps=s.fps)
+                    video = out_dir / "videos" / file_slug(v.name) / f"{p + 1:02d}_{file_slug(prompt.lower())}_seed{seed}.mp4"
+                    if parts.main:
+                        write_mp4(video, clip, fps=s.fps)
                     scores = video_metrics(clip, inp.scorer.images(clip), inp.text_emb[p], inp.ref_emb, inp.style_emb)
-                    records.append({"variant": v.name, "prompt_index": p, "prompt": prompt, "seed": seed,
-                                    "video": str(video.relative_to(out_dir)), "metrics": scores})
-                    thumbs[(seed, k)] = thumbnails(clip, cfg.sheet_frames, cfg.sheet_height)
+                    recs.append(json_safe({"variant": v.name, "prompt_index": p, "prompt": prompt, "seed": seed,
+                                           "video": str(video.relative_to(out_dir)), "metrics": scores}))
+                    th[(seed, k)] = thumbnails(clip, cfg.sheet_frames, cfg.sheet_height)
+            parts.save(p, start, recs, th)
+            records += recs
+            thumbs.update(th)
             print(f"prompt {p + 1}/{len(inp.prompts)}, seeds {batch}: {dt:.1f}s", flush=True)
         rows = [(f"{v.name}  seed {sd}", thumbs[(sd, k)]) for sd in inp.seeds for k, v in enumerate(inp.variants)]
-        sheet = contact_sheet(rows, out_dir / "sheets" / f"{p + 1:02d}_{file_slug(prompt.lower())}.png")
+        sheet = out_dir / "sheets" / f"{p + 1:02d}_{file_slug(prompt.lower())}.png"
+        if parts.main:
+            contact_sheet(rows, sheet)
         sheets.append(str(sheet.relative_to(out_dir)))
     steady = (denoise_s - first_call_s) / (n_calls - 1) if n_calls > 1 else None
-    timing = {"denoise_s": denoise_s, "denoise_calls": n_calls, "first_call_s": first_call_s, "steady_call_s": steady}
+    timing = {"denoise_s": denoise_s, "denoise_calls": n_calls, "first_call_s": first_call_s, "steady_call_s": steady,
+              "batches_resumed": len(batches) - len(todo)}
     return records, sheets, timing
 
 
@@ -220,9 +300,9 @@ def run(cfg) -> dict:
         "summary": summary, "deltas": deltas, "videos": records, "sheets": sheets,
         "timing": {"validate_s": t_inputs, **timing, "total_s": time.time() - t_start},
     })
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, out_dir / "report.md")
+    if jax.process_index() == 0:  # one writer
+        write_atomically(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
+        write_markdown(report, out_dir / "report.md")
     print_deltas(report)
     print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {len(sheets)} contact sheet(s) and "
           f"{len(records)} videos in {time.time() - t_start:.1f}s", flush=True)

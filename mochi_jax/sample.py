@@ -1,10 +1,15 @@
-"""Render prompts to mp4: `python -m mochi_jax.sample --config=configs/sample.py[:demo] --config.prompt="..."`.
+"""Render prompts to mp4: `python -m mochi_jax.sample --config=configs/sample.py[:demo] --config.prompt="..."`
+(or `--config.prompt_file=prompts.txt`, one prompt per line).
 
-Loads T5 (prompt and negative prompt are encoded, then T5 is freed), the DiT with any number of
-LoRAs (each at its own strength, applied unmerged as one combined adapter, so the frozen weights
-stay exact), runs the Euler flow sampler with classifier-free guidance (mochi_jax/lib/sampling.py)
-and decodes with the (tiled) VAE. Videos are written as <out_dir>/<prompt slug>_seed<seed>.mp4.
-Deterministic for a seed.
+Loads T5 (every prompt and the negative prompt are encoded, then T5 is freed), the DiT with any
+number of LoRAs (each at its own strength, applied unmerged as one combined adapter, so the frozen
+weights stay exact) and the VAE, once; runs the Euler flow sampler with classifier-free guidance
+(mochi_jax/lib/sampling.py) over the device mesh of `cfg.mesh`, as training does: the weights
+sharded by the same rules, the videos and the two guidance branches of a batch split over the data
+and fsdp axes where they divide them, else the visual tokens; then decodes with the (tiled) VAE.
+Videos are written as <out_dir>/<prompt slug>_seed<seed>.mp4 (with a prompt file,
+<out_dir>/<n>_<prompt slug>_seed<seed>.mp4, n the prompt's number in the file). Deterministic for a seed, on any mesh and
+batch size. With several processes (one per host) every process renders and process 0 writes.
 """
 
 from __future__ import annotations
@@ -15,58 +20,89 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
 from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.lib import sampling
-from mochi_jax.lib.text import TextEncoder
+from mochi_jax.lib.text import TextEncoder, read_prompts
 from mochi_jax.lib.video import write_mp4
+from mochi_jax.models import sharding as sharding_lib
 
 
 def slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "video"
 
 
+def prompts_of(cfg) -> list[tuple[str, str]]:
+    """(file name stem, prompt) for every prompt: cfg.prompt alone, or each line of cfg.prompt_file,
+    numbered in file order (stable across runs, unique even when prompts share a slug)."""
+    if not cfg.get("prompt_file"):
+        return [(slug(cfg.prompt), cfg.prompt)]
+    prompts = read_prompts(cfg.prompt_file)
+    width = len(str(len(prompts)))
+    return [(f"{i + 1:0{width}d}_{slug(p)}", p) for i, p in enumerate(prompts)]
+
+
+def jobs_of(n_prompts: int, seeds: list[int], batch_size: int) -> list[list[tuple[int, int]]]:
+    """(prompt index, seed) pairs, prompt by prompt, in batches of `batch_size` (the last one short)."""
+    pairs = [(p, s) for p in range(n_prompts) for s in seeds]
+    return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+
+
 def render(cfg):
-    """Yield (seed, uint8 frames [F, H, W, 3]) for cfg.num_videos videos of cfg.prompt."""
+    """Yield (file name stem, seed, uint8 frames [F, H, W, 3]) for cfg.num_videos seeds of every prompt."""
     m, s = cfg.model, cfg.sampling
     t0 = time.time()
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)  # validate before loading anything
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
+    if cfg.batch_size < 1 or cfg.num_videos < 1:
+        raise ValueError(f"batch_size ({cfg.batch_size}) and num_videos ({cfg.num_videos}) must be >= 1")
+    prompts = prompts_of(cfg)
     dit_cfg = dit_config(m, remat="none", remat_groups="")
+    mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
     lora = load_loras(cfg.loras, dit_cfg)  # a bad LoRA file fails here, before any heavy work
+    factors, targets = lora if lora is not None else ({}, ())
+    place = sampling.placement(dit_cfg, targets, mesh)  # a mesh the heads do not divide fails here too
     text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
-    feats, mask = text([cfg.prompt, s.negative_prompt], zero_empty=s.zero_empty_negative)
+    feats, mask = text([p for _, p in prompts] + [s.negative_prompt], zero_empty=s.zero_empty_negative)
     feats, mask = np.asarray(feats), np.asarray(mask)
     del text  # T5 is freed before the DiT is loaded
-    _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, **dit_cfg.settings())
-    vae_cfg, vae_params = load_vae(m.vae, **vae_settings(m))
-    print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of {s.num_frames} "
-          f"frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}"
-          + (f", LoRAs {cfg.loras}" if lora else ""), flush=True)
+    _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, shardings=place.params, **dit_cfg.settings())
+    factors = jax.device_put(factors, place.lora)
+    vae_cfg, vae_params = load_vae(m.vae, shardings=NamedSharding(mesh, PartitionSpec()), **vae_settings(m))
+    layout = {k: v for k, v in mesh.shape.items() if v > 1}
+    print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of each of {len(prompts)} "
+          f"prompt(s), {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}"
+          + (f", LoRAs {cfg.loras}" if lora else "")
+          + f"; {mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else ""), flush=True)
 
     seeds = [cfg.seed + i for i in range(cfg.num_videos)]
-    for start in range(0, len(seeds), cfg.batch_size):
-        batch = seeds[start:start + cfg.batch_size]
-        n = len(batch)
-        cond = (np.repeat(feats[:1], n, 0), np.repeat(mask[:1], n, 0))
-        uncond = (np.repeat(feats[1:], n, 0), np.repeat(mask[1:], n, 0))
-        z = sampling.denoise(dit_cfg, params, sampling.initial_noise(batch, shape), cond, uncond, sigmas,
-                             s.guidance, lora=lora, progress=True)
-        frames = sampling.decode_frames(vae_cfg, vae_params, jax.device_get(z), tiled=s.tiled_decode)
-        yield from zip(batch, frames)
+    for batch in jobs_of(len(prompts), seeds, cfg.batch_size):
+        padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
+        rows = [p for p, _ in padded]
+        cond = (feats[rows], mask[rows])
+        uncond = (np.repeat(feats[-1:], len(rows), 0), np.repeat(mask[-1:], len(rows), 0))
+        z = sampling.denoise(dit_cfg, params, sampling.initial_noise([sd for _, sd in padded], shape), cond, uncond,
+                             sigmas, s.guidance, lora=(factors, targets), progress=True)
+        frames = sampling.decode_frames(vae_cfg, vae_params, z, tiled=s.tiled_decode)
+        for (p, seed), video in zip(batch, frames):
+            yield prompts[p][0], seed, video
 
 
 def run(cfg) -> list[Path]:
-    """Render and write <out_dir>/<prompt slug>_seed<seed>.mp4 for every video; returns the paths."""
+    """Render and write every video (process 0 writes); returns the paths."""
     demo.ensure(cfg)
     writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     paths = []
-    for seed, frames in render(cfg):
-        paths.append(write_mp4(Path(cfg.out_dir) / f"{slug(cfg.prompt)}_seed{seed}.mp4", frames, fps=cfg.sampling.fps))
-        print(f"wrote {paths[-1]}", flush=True)
+    for stem, seed, frames in render(cfg):
+        path = Path(cfg.out_dir) / f"{stem}_seed{seed}.mp4"
+        if jax.process_index() == 0:
+            write_mp4(path, frames, fps=cfg.sampling.fps)
+            print(f"wrote {path}", flush=True)
+        paths.append(path)
     return paths
 
 

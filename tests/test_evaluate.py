@@ -197,3 +197,38 @@ def test_reference_videos(setup, tmp_path):
          "latent_shape": [12, 2, 4, 6]}]})
     with pytest.raises(FileNotFoundError, match="gone.mp4"):
         evaluate.reference_videos(broken)
+
+
+def _without_timing(report):
+    return {k: v for k, v in report.items() if k not in ("timing", "settings")}
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_without_rendering_twice(setup, monkeypatch):
+    """An evaluation killed after its first batch, rerun: only the other batches are rendered, the
+    finished videos are not rewritten, and the report equals an uninterrupted run's (but timing);
+    other settings render anew."""
+    root, models, loras = setup
+    full = evaluate.run(eval_ref.eval_config(root, models, [loras["a"]], out="resume"))
+    out = Path(full["settings"]["out_dir"])
+    stamps = {r["video"]: (out / r["video"]).stat().st_mtime_ns for r in full["videos"]}
+    sheets = {s: (out / s).read_bytes() for s in full["sheets"]}
+    parts = sorted((out / evaluate.PARTS).glob("*.npz"))
+    assert len(parts) == 4  # 2 prompts x 2 seeds, one seed per batch
+    parts[-1].unlink()  # as if killed while rendering the last batch
+    (out / "report.json").unlink()
+
+    calls, real = [], evaluate.denoise_variants
+    monkeypatch.setattr(evaluate, "denoise_variants", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = evaluate.run(eval_ref.eval_config(root, models, [loras["a"]], out="resume"))
+    assert len(calls) == 1 and resumed["timing"]["batches_resumed"] == 3
+    assert _without_timing(resumed) == _without_timing(full)
+    assert json.loads((out / "report.json").read_text())["videos"] == full["videos"]
+    last = {r["video"] for r in full["videos"] if r["prompt_index"] == 1 and r["seed"] == 1}
+    for video, stamp in stamps.items():  # finished videos untouched, the missing batch's rewritten
+        assert ((out / video).stat().st_mtime_ns == stamp) == (video not in last), video
+    assert {s: (out / s).read_bytes() for s in resumed["sheets"]} == sheets
+
+    calls.clear()  # other settings: nothing is taken from the parts
+    other = evaluate.run(eval_ref.eval_config(root, models, [loras["a"]], out="resume", seeds="0,2"))
+    assert len(calls) == 4 and other["timing"]["batches_resumed"] == 0

@@ -58,7 +58,7 @@ def _cfg(root, **kw):
 
 
 def _frames(cfg):
-    return dict(sample.render(cfg))
+    return {seed: frames for _, seed, frames in sample.render(cfg)}
 
 
 def _same_video(a, b):
@@ -120,3 +120,25 @@ def test_command_line_writes_mp4(setup):
     assert video.is_file()
     frames = iio.imread(video)
     assert frames.shape[0] == 7 and frames.shape[1:3] == (32, 48)
+
+
+@pytest.mark.slow
+def test_prompt_file_renders_every_prompt_with_models_loaded_once(setup, tmp_path, monkeypatch):
+    """One call renders every prompt of a file (batches mix prompts and seeds): names numbered in file
+    order, unique when two prompts share a slug, and each video the one its prompt and seed give alone."""
+    root, _ = setup
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red ball\n\nA red ball!\na green cube\n")
+    loads, real = [], sample.load_dit
+    monkeypatch.setattr(sample, "load_dit", lambda *a, **k: loads.append(a) or real(*a, **k))
+    videos = {(stem, seed): v for stem, seed, v in
+              sample.render(_cfg(root, prompt_file=str(prompts), num_videos=2, batch_size=3))}
+    assert len(loads) == 1
+    assert sorted(videos) == [(stem, seed) for stem in ("1_a_red_ball", "2_a_red_ball", "3_a_green_cube")
+                              for seed in (12345, 12346)]
+    alone = _frames(_cfg(root, prompt="a green cube", seed=12346))
+    _same_video(alone[12346], videos[("3_a_green_cube", 12346)])
+    assert not np.array_equal(videos[("1_a_red_ball", 12345)], videos[("3_a_green_cube", 12345)])
+    with pytest.raises(ValueError, match="holds no prompts"):
+        (tmp_path / "empty.txt").write_text("# nothing\n")
+        list(sample.render(_cfg(root, prompt_file=str(tmp_path / "empty.txt"))))

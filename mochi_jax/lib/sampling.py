@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from mochi_jax.lib.placement import PIXELS, spatial_mesh
 from mochi_jax.lib.program import Program, abstract, mesh_layout
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models import vae as vae_lib
@@ -87,7 +88,8 @@ class Placement:
 
 def placement(cfg: DiTConfig, targets: Sequence[LoraTarget], mesh: Mesh, variants: bool = False) -> Placement:
     """The sampler's placement on `mesh`; with `variants` the LoRA factors carry a leading variant
-    axis (several LoRAs stacked, `denoise(..., variants=K)`), kept whole on every device."""
+    axis (several LoRAs stacked, `denoise(..., variants=K)`): each factor sharded as one LoRA's, every
+    device holding all K variants of its slice."""
     check_mesh(cfg, mesh)
     sh = variable_shardings(cfg, tuple(targets), mesh)
     lora = sharding_lib.stacked(sh["lora"]) if variants else sh["lora"]
@@ -255,17 +257,44 @@ def denoise(cfg: DiTConfig, params, noise, cond, uncond=None, sigmas=None, guida
     return z
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tiled"))
-def _decode(params, latents, cfg, tiled):
-    x = vae_lib.decode(params, vae_lib.dit_to_vae(latents), cfg, tiled=tiled)
-    return to_uint8(jnp.transpose(x, (0, 2, 3, 4, 1)))
-
-
 def to_uint8(x):
     """Pixels in [-1, 1] -> uint8 [0, 255] (round to nearest, clipped)."""
     return jnp.round(jnp.clip((x + 1.0) * 127.5, 0.0, 255.0)).astype(jnp.uint8)
 
 
+@functools.lru_cache(maxsize=None)
+def decoder(split: NamedSharding | None = None):
+    """The jitted decode of DiT-space latents to uint8 frames [B, F, H, W, 3] (cfg and tiled static);
+    with `split`, the latents' spatial sharding (`placement.PIXELS` on a `placement.spatial_mesh`),
+    the frames gathered whole on every device at the end."""
+    def decode(params, latents, cfg, tiled):
+        x = vae_lib.decode(params, vae_lib.dit_to_vae(latents), cfg, tiled=tiled)
+        return to_uint8(jnp.transpose(x, (0, 2, 3, 4, 1)))
+
+    if split is None:
+        return jax.jit(decode, static_argnames=("cfg", "tiled"))
+    return jax.jit(decode, static_argnames=("cfg", "tiled"), out_shardings=NamedSharding(split.mesh, PartitionSpec()))
+
+
 def decode_frames(vae_cfg, vae_params, latents, tiled: bool = True) -> np.ndarray:
-    """DiT-space latents [B, 12, t, h, w] -> uint8 frames [B, 6(t-1)+1, 8h, 8w, 3]."""
-    return np.asarray(_decode(vae_params, jnp.asarray(latents, jnp.float32), vae_cfg, tiled))
+    """DiT-space latents [B, 12, t, h, w] -> uint8 frames [B, 6(t-1)+1, 8h, 8w, 3].
+
+    With the VAE's weights whole on each of several devices (a NamedSharding, as the sample and
+    evaluate commands load them), an untiled decode splits each video spatially over those devices
+    (latent width, then height, as prepare's encode; XLA exchanges the convolution halos and
+    all-reduces the GroupNorm statistics); a tiled decode runs whole on every device."""
+    s = getattr(jax.tree_util.tree_leaves(vae_params)[0], "sharding", None)
+    if not tiled and isinstance(s, NamedSharding) and s.mesh.size > 1:
+        split = NamedSharding(spatial_mesh(s.mesh.devices, *np.shape(latents)[-2:]), PIXELS)
+        frames = decoder(split)(vae_params, jax.device_put(latents, split), cfg=vae_cfg, tiled=False)
+    else:
+        if isinstance(s, NamedSharding):
+            latents = jax.device_put(latents, NamedSharding(s.mesh, PartitionSpec()))
+        frames = decoder(None)(vae_params, jnp.asarray(latents, jnp.float32), cfg=vae_cfg, tiled=tiled)
+    return to_host(frames)
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of an array that is whole on every device (with several processes, this
+    process's copy)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))

@@ -39,6 +39,18 @@ def find_spiece(path) -> Path:
     raise FileNotFoundError(f"no SentencePiece model at {path} (looked for spiece.model and tokenizer/spiece.model)")
 
 
+def read_prompts(path) -> list[str]:
+    """The non-empty lines of a text file (surrounding whitespace stripped; '#' starts a comment line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [s for s in prompts if s and not s.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts (one prompt per line)")
+    return prompts
+
+
 class T5Tokenizer:
     """T5 tokenisation to a fixed length from the model's `spiece.model`.
 
