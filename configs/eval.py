@@ -16,6 +16,7 @@ LoRAs (one of them: <run>/variants/<name>).
 
 import ml_collections
 
+from mochi_jax.configs import aot as aot_config
 from mochi_jax.configs import common
 
 
@@ -39,6 +40,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.sheet_frames = 6  # columns of the contact sheets
     c.sheet_height = 120  # pixels per thumbnail row
     c.out_dir = "eval"
+    c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
     if arg == "demo":
         root = common.DEMO_ROOT
         common.demo_model(c.model, root)

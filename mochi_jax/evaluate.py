@@ -231,6 +231,9 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
               f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, "
               f"cfg {s.guidance}, {'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}"
               f"; {inp.place.mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else ""), flush=True)
+        note = sampling.idle_note(inp.place.mesh, cfg.batch_size * (2 if s.guidance > 1.0 else 1), dit_cfg.num_heads)
+        if note:
+            print(f"note: {note}", flush=True)
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
     records, sheets, denoise_s, first_call_s, n_calls = [], [], 0.0, None, 0

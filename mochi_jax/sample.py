@@ -78,6 +78,9 @@ def render(cfg):
           f"prompt(s), {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}"
           + (f", LoRAs {cfg.loras}" if lora else "")
           + f"; {mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else ""), flush=True)
+    note = sampling.idle_note(mesh, cfg.batch_size * (2 if s.guidance > 1.0 else 1), dit_cfg.num_heads)
+    if note:
+        print(f"note: {note}", flush=True)
 
     seeds = [cfg.seed + i for i in range(cfg.num_videos)]
     for batch in jobs_of(len(prompts), seeds, cfg.batch_size):

@@ -87,6 +87,32 @@ def test_sampler_step_compiles():
     assert "sampler step on TPU v6e" in p.stdout and "guidance 6: both branches, DiT batch 2" in p.stdout
 
 
+@pytest.mark.slow
+@need_tpu
+def test_sample_and_eval_fit_checks_shard_the_sampler_over_the_command_mesh(tmp_path):
+    """The sampler step of configs/sample.py and configs/eval.py compiles on the command's mesh:
+    FSDP over 8 chips holds an eighth of the weights per chip; an evaluation stacks its variants."""
+    def report(config, *flags):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        p = aot(f"--config={config}", f"--config.aot.json={out}", *flags)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return json.loads(out.read_text()), p.stdout
+
+    small = ("--config.aot.model=small", "--config.aot.num_frames=7", "--config.aot.height=32", "--config.aot.width=48")
+    one, _ = report("configs/sample.py", "--config.aot.target=v5e-1", *small)
+    eight, _ = report("configs/sample.py", "--config.aot.target=v5e-8", *small)
+    assert one["mesh"]["fsdp"] == 1 and eight["mesh"] == {"data": 1, "fsdp": 8, "sequence": 1, "tensor": 1}
+    ratio = eight["inputs"]["weights"] / one["inputs"]["weights"]
+    assert 1 / 8 <= ratio < 1 / 8 * 1.05, ratio  # norms and biases stay whole
+    assert eight["resident"]["VAE weights"] > 0  # the VAE's weights wait on every chip
+    split, out = report("configs/sample.py", "--config.aot.target=v5e-8", "--config.mesh.data=2",
+                        "--config.mesh.fsdp=4", *small)
+    assert split["mesh"]["data"] == 2 and "note" not in out
+    ev, out = report("configs/eval.py:demo", "--config.loras=", "--config.aot.target=v5e-4", "--config.batch_size=2")
+    assert ev["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert "base and 0 LoRA(s) stacked" in out and "DiT batch 4" in out
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -4,7 +4,7 @@ GPUs on a CPU host (no accelerator, no weights) and read the compiler's per-devi
     from mochi_jax.aot import targets
     targets.compile_only_environment()              # before jax is imported
     from mochi_jax.aot import fit
-    report = fit.check(config)                      # config: configs/lora.py, sample.py or prepare.py
+    report = fit.check(config)                      # config: configs/lora.py, sample.py, eval.py or prepare.py
     print(report.format()); report.fits             # arguments, temporaries, outputs, total vs HBM
 
 This module only reads the config and picks the program; each program comes from the library module
@@ -24,22 +24,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint.experimental.v1 as ocp
-from jax.sharding import SingleDeviceSharding
 
 from mochi_jax.aot import targets as targets_lib
 from mochi_jax.aot.report import BadInput, Report, measure
 from mochi_jax.checkpoints import dit_config, read_metadata, t5_config, vae_config
-from mochi_jax.checkpoints.runs import load_loras
+from mochi_jax.checkpoints.runs import expand_sweeps, load_loras, parse_loras
 from mochi_jax.configs import common as common_config
 from mochi_jax.configs import dit as dit_presets
 from mochi_jax.configs import prepare as prepare_config
-from mochi_jax.lib import placement, sampling, training
+from mochi_jax.lib import placement, sampling
+from mochi_jax.lib import variants as variants_lib
 from mochi_jax.lib import sweep as sweep_lib
-from mochi_jax.lib.program import Program, mesh_layout
+from mochi_jax.lib.program import Program, abstract, mesh_layout
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import remat as remat_lib
 from mochi_jax.models import sharding as sharding_lib
-from mochi_jax.models.dit import MochiDiT
+from mochi_jax.models import vae as vae_lib
 from mochi_jax.models.t5 import T5Config
 from mochi_jax.models.vae import VAEConfig
 
@@ -49,16 +49,17 @@ WHAT = ("train", "sample", "vae_encode", "t5")
 
 def check(cfg, what: str = "") -> Report:
     """Compile the program `what` (default cfg.aot.what, else the config's own command) of a
-    configs/lora.py, sample.py or prepare.py config for cfg.aot.target and measure it."""
+    configs/lora.py, sample.py, eval.py or prepare.py config for cfg.aot.target and measure it."""
     aot = cfg.aot
     kind = config_kind(cfg)
-    what = what or aot.what or {"lora": "train", "sample": "sample", "prepare": "vae_encode"}[kind]
-    allowed = {"lora": ("train", "sample"), "sample": ("sample",), "prepare": ("vae_encode", "t5")}[kind]
+    what = what or aot.what or {"lora": "train", "sample": "sample", "eval": "sample", "prepare": "vae_encode"}[kind]
+    allowed = {"lora": ("train", "sample"), "sample": ("sample",), "eval": ("sample",),
+               "prepare": ("vae_encode", "t5")}[kind]
     if what not in WHAT:
         raise BadInput(f"aot.what={what!r}: choose one of {', '.join(WHAT)}")
     if what not in allowed:
         raise BadInput(f"aot.what={what!r} needs " + ("a prepare config (configs/prepare.py)" if what in
-                       ("vae_encode", "t5") else "a lora or sample config") + f"; this {kind} config offers "
+                       ("vae_encode", "t5") else "a lora, sample or eval config") + f"; this {kind} config offers "
                        + ", ".join(allowed))
     target = targets_lib.parse_target(aot.target, aot.gpus_per_host, aot.target_config)
     found = []
@@ -68,7 +69,8 @@ def check(cfg, what: str = "") -> Report:
             found.extend(targets_lib.compile_devices(target))
         return found
 
-    build = {"lora": _lora_program, "sample": _sample_config_program, "prepare": _prepare_program}[kind]
+    build = {"lora": _lora_program, "sample": _sample_config_program, "eval": _sample_config_program,
+             "prepare": _prepare_program}[kind]
     program = build(cfg, what, target, devices)
     if target.platform == "cuda":
         program.details.append("GPU      compiled with autotuning off (no GPU here): the kernels, not the memory, "
@@ -78,15 +80,17 @@ def check(cfg, what: str = "") -> Report:
 
 
 def config_kind(cfg) -> str:
-    """'lora', 'sample' or 'prepare': which command's config this is."""
+    """'lora', 'sample', 'eval' or 'prepare': which command's config this is."""
     keys = set(cfg.keys())
     if {"optim", "lora", "mesh"} <= keys:
         return "lora"
     if {"sampling", "prompt", "model"} <= keys:
         return "sample"
+    if {"sampling", "prompt_file", "seeds", "clip"} <= keys:
+        return "eval"
     if {"buckets", "text_batch_size", "vae"} <= keys:
         return "prepare"
-    raise BadInput("the config is none of configs/lora.py, configs/sample.py, configs/prepare.py")
+    raise BadInput("the config is none of configs/lora.py, sample.py, eval.py, prepare.py")
 
 
 def memory_limit(aot, target, devices) -> tuple[int, str]:
@@ -250,11 +254,9 @@ def _lora_program(cfg, what, target, devices) -> Program:
         clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
         targets = lora_lib.targets_from_config(cfg.lora.to_dict())
         mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices())
-        sh = training.train_shardings(MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim), mesh)
         batch = max(1, len(v.prompts))
         program = sampling.sampler_program(dit_cfg, targets, batch, sampling.latent_shape(*clip), aot.text_tokens,
-                                           s.guidance > 1.0, sh["params"], sh["state"]["lora"], sh["replicated"])
-        program.layout = mesh_layout(mesh)
+                                           s.guidance > 1.0, sampling.placement(dit_cfg, targets, mesh))
         program.details += [_sampler_line(batch, clip, s.guidance),
                             "         (the train state, resident meanwhile, is not counted)"]
     program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} "
@@ -268,21 +270,39 @@ def _lora_program(cfg, what, target, devices) -> Program:
 
 
 def _sample_config_program(cfg, what, target, devices) -> Program:
-    """configs/sample.py: one sampler step on one device (the sampler does not shard its weights)."""
+    """configs/sample.py and configs/eval.py: one sampler step over the command's mesh (cfg.mesh) with
+    its LoRAs (an evaluation: base and LoRAs stacked, as it renders them), the VAE's weights resident."""
     aot, m, s = cfg.aot, cfg.model, cfg.sampling
-    arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
+    demo = _is_demo(cfg)
+    arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
     dit_cfg = dit_config(m, arch, remat="none", remat_groups="")
-    targets = _sample_lora_targets(cfg, dit_cfg)
     clip, _ = _clip(aot, s.num_frames, s.height, s.width, "the config")
-    one = SingleDeviceSharding(devices()[0])
-    program = sampling.sampler_program(dit_cfg, targets, cfg.batch_size, sampling.latent_shape(*clip),
-                                       aot.text_tokens, s.guidance > 1.0, one, one, one)
-    program.details += [_sampler_line(cfg.batch_size, clip, s.guidance)]
+    try:
+        mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices())
+        if config_kind(cfg) == "eval":
+            targets, k = _eval_lora_targets(cfg, dit_cfg)
+            variants, batch = (k if cfg.batch_loras else 0), int(cfg.batch_size)
+        else:
+            targets, variants, batch = _sample_lora_targets(cfg, dit_cfg), 0, int(cfg.batch_size)
+        place = sampling.placement(dit_cfg, targets, mesh, variants=bool(variants))
+    except ValueError as e:  # the mesh, or the heads it does not divide
+        raise BadInput(str(e)) from e
+    program = sampling.sampler_program(dit_cfg, targets, batch, sampling.latent_shape(*clip), aot.text_tokens,
+                                       s.guidance > 1.0, place, variants)
+    # a DiT preset ('small', 'tiny') has no VAE of its own: the released one's weights wait beside it
+    vae_arch, _, vae_ckpt = _arch("vae", "mochi" if aot.model in dit_presets.PRESETS else aot.model, m.vae, demo)
+    vae_cfg = vae_config(m, vae_arch, _stored_dtype(vae_ckpt) if vae_ckpt else "bfloat16")
+    program.resident["VAE weights"] = abstract(jax.eval_shape(lambda: vae_lib.init(jax.random.PRNGKey(0), vae_cfg)),
+                                               place.replicated)
+    program.details += [_sampler_line(batch, clip, s.guidance)]
+    note = sampling.idle_note(mesh, batch * (2 if s.guidance > 1.0 else 1), dit_cfg.num_heads)
+    if note:
+        program.details.append(f"note     {note}")
+    if variants:
+        program.details.append(f"LoRAs    base and {variants - 1} LoRA(s) stacked, rendered in one vmapped step")
     program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, "
                               f"{m.param_dtype} weights, attention {m.attention}"
                            + (f"; LoRAs {cfg.loras}" if targets else ""))
-    if target.num_devices > 1:
-        program.details.append(f"devices  1 of {target.num_devices} (the sampler runs on one device)")
     return program
 
 
@@ -327,6 +347,17 @@ def _stored_dtype(path) -> str:
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.dtype(leaf.dtype).name
     return "bfloat16"
+
+
+def _eval_lora_targets(cfg, dit_cfg) -> tuple[tuple, int]:
+    """(targets of the stacked adapters, number of variants) of an eval config: the base and its LoRAs."""
+    try:
+        shapes = variants_lib.param_shapes(dit_cfg)
+        loaded = [variants_lib.load_variant(path, st, dit_cfg, shapes) for path, st in expand_sweeps(parse_loras(cfg.loras))]
+    except (OSError, ValueError) as e:
+        raise BadInput(f"loras={cfg.loras!r}: {e}") from e
+    _, targets = variants_lib.stack_adapters([variants_lib.Variant("base"), *loaded])
+    return tuple(targets), 1 + len(loaded)
 
 
 def _sample_lora_targets(cfg, dit_cfg):

@@ -131,6 +131,22 @@ def sampler_rules(mesh: Mesh, rows: int, heads: int) -> tuple:
     return tuple(table.items())
 
 
+def idle_note(mesh: Mesh, rows: int, heads: int) -> str:
+    """'' when every data / fsdp device splits the batch or the tokens (`sampler_rules`), else a line
+    saying which axes compute copies and a mesh of the same devices that splits both."""
+    table = dict(sampler_rules(mesh, rows, heads))
+    busy = set(table["batch"]) | set(table["seq"])
+    idle = {a: mesh.shape[a] for a in ("data", "fsdp") if mesh.shape[a] > 1 and a not in busy}
+    if not idle:
+        return ""
+    n, rest = mesh.devices.size, mesh.shape["sequence"] * mesh.shape["tensor"]
+    best = max(((d, n // rest // d) for d in range(1, n // rest + 1) if (n // rest) % d == 0 and rows % d == 0),
+               key=lambda df: df[0] * (df[1] if heads % (rest * df[1]) == 0 else 1))
+    return (f"mesh {', '.join(f'{a} {k}' for a, k in idle.items())} divides neither the DiT batch ({rows} rows) nor "
+            f"the {heads} heads: those devices compute copies; --config.mesh.data={best[0]} "
+            f"--config.mesh.fsdp={best[1]} splits {'both' if best[0] > 1 else 'the tokens'}")
+
+
 def mesh_of(tree) -> Mesh | None:
     """The mesh a tree of arrays is placed on (NamedSharding), or None (one device, uncommitted)."""
     leaves = jax.tree_util.tree_leaves(tree)
