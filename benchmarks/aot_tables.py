@@ -5,7 +5,8 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
     python benchmarks/aot_tables.py tpu     # per clip length: the smallest TPU slice (and mesh) that fits
     python benchmarks/aot_tables.py quant   # per GPU and base-weight setting (bf16, fp8, int8, host-streamed)
     python benchmarks/aot_tables.py remat   # one H100: memory, attention reruns and FLOPs per remat policy, remat=auto
-    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant,remat}.json
+    python benchmarks/aot_tables.py sample  # the released model's sharded sampler step per slice / GPU, FLOP floors
+    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant,remat,sample}.json
     python benchmarks/aot_tables.py tpu --smoke --results /tmp/aot   # one cell, a tiny model (the test)
 
 --results DIR: where the JSON files are read and written (default benchmarks/results/). --model: the DiT's
@@ -69,12 +70,14 @@ TPU_FRAMES = (37, 85, 163)
 
 
 def measure(overrides: dict) -> dict:
-    """One cell: configs/lora.py with `overrides` ({'model.remat': 'full', ...}), checked by fit.check."""
+    """One cell: configs/lora.py (or, with 'config': 'sample', configs/sample.py) with `overrides`
+    ({'model.remat': 'full', ...}), checked by fit.check."""
 
-    from mochi_jax.configs import lora
+    from mochi_jax.configs import lora, sample
     from mochi_jax.aot import fit
 
-    cfg = lora.get_config()
+    overrides = dict(overrides)
+    cfg = (sample if overrides.pop("config", "lora") == "sample" else lora).get_config()
     cfg.aot.model = "mochi"  # the released model's shapes, whatever ckpt/ holds
     for key, value in overrides.items():
         *path, leaf = key.split(".")
@@ -358,9 +361,67 @@ def show_tpu(data: dict):
                 print(f"  {attention} {frames:3} frames: none of the slices measured fits")
 
 
+# ----------------------------------------------------------------------------- sampling
+
+# the released model's 64-step sampler with guidance (both branches: DiT batch 2), one video per call
+SAMPLE_CELLS = {
+    "v5e-16/37/fsdp16": ("v5e-16", 37, {"mesh.fsdp": -1}, "xla"),
+    "v5e-16/37/data2_fsdp8": ("v5e-16", 37, {"mesh.data": 2, "mesh.fsdp": 8}, "xla"),
+    "rtx4090/37/int8": ("rtx4090", 37, {"model.param_dtype": "int8"}, "cudnn"),
+    "v5p-8/85/data2_fsdp2": ("v5p-8", 85, {"mesh.data": 2, "mesh.fsdp": 2}, "xla"),
+    "v5p-8/163/data2_fsdp2": ("v5p-8", 163, {"mesh.data": 2, "mesh.fsdp": 2}, "xla"),
+    "v5p-8/163/data2_fsdp2/splash": ("v5p-8", 163, {"mesh.data": 2, "mesh.fsdp": 2}, "splash"),
+    "h100-8/163/data2_fsdp4": ("h100-8", 163, {"mesh.data": 2, "mesh.fsdp": 4}, "cudnn"),
+}
+# dense bf16 peaks (vendor figures) for the FLOP floor, and mochi-xdit's published L40 times (49 frames at
+# 848x480: 394 s on one L40, 74 s on six, CFG parallel x ring attention)
+PEAK_TFLOPS = {"H100": 989, "L40": 181}
+XDIT_L40_S = {1: 394, 6: 74}
+
+
+def run_sample(args):
+    path = args.results / "aot_sample.json"
+    data = load(path)
+    print(setup("sampler step of the released model (64 steps, guidance 6, batch 1)", args), flush=True)
+    for key, (target, frames, over, attention) in SAMPLE_CELLS.items():
+        if args.cells and key not in args.cells:
+            continue
+        if args.smoke:
+            frames = 7
+        overrides = {"config": "sample", "aot.target": target, "sampling.num_frames": frames,
+                     "model.attention": attention, **over, **model_overrides(args)}
+        cell(data, path, key, overrides, args.redo)
+    show_sample(data)
+
+
+def show_sample(data: dict):
+    from mochi_jax.configs import dit as dit_presets
+    from mochi_jax.lib.flops import sampler_flops
+    from mochi_jax.models.dit import DiTConfig
+
+    print(f"\n{'cell':30} {'GiB/device':>10} {'limit':>7} {'fits':>5}  mesh")
+    for key, r in data["cells"].items():
+        if "error" in r:
+            print(f"{key:30} error: {r['error']}")
+            continue
+        total = (">" if r.get("compiler_error") else "") + f"{r['total_bytes'] / GIB:.2f}"
+        print(f"{key:30} {total:>10} {r['limit_bytes'] / GIB:7.2f} {'yes' if r['fits'] else 'no':>5}  "
+              + ", ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1))
+    cfg = DiTConfig.from_dict(dit_presets.PRESETS["mochi"])
+    print("\nFLOP floor of one video (64 steps x 2 branches of the DiT forward; seconds at the dense bf16 peak):")
+    for frames in (37, 49):
+        flops = sampler_flops(cfg, frames, 480, 848)
+        cols = "  ".join(f"{chip} x{n}: {flops / (n * peak * 1e12):6.1f} s"
+                         for chip, peak in PEAK_TFLOPS.items() for n in (1, 4, 8))
+        print(f"  {frames} frames 480x848: {flops / 1e15:6.1f} PFLOP; {cols}")
+    print("  mochi-xdit, published (49 frames 848x480, L40): " + ", ".join(f"{n} GPU(s) {t} s"
+                                                                          for n, t in XDIT_L40_S.items()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("gpu", "tpu", "quant", "remat", "show"))
+    p.add_argument("what", choices=("gpu", "tpu", "quant", "remat", "sample", "show"))
+    p.add_argument("--cells", type=lambda s: s.split(","), default=None, help="sample: the cells to measure")
     p.add_argument("--settings", type=lambda s: s.split(","), default=tuple(QUANT_SETTINGS),
                    help="quant: base settings to measure, of " + ", ".join(QUANT_SETTINGS))
     p.add_argument("--gpus", type=lambda s: s.split(","), default=GPUS)
@@ -396,9 +457,13 @@ def main(argv=None):
     elif args.what == "tpu":
         args.frames = args.frames or TPU_FRAMES
         run_tpu(args)
+    elif args.what == "sample":
+        if args.smoke:
+            args.cells = args.cells or [next(iter(SAMPLE_CELLS))]
+        run_sample(args)
     else:
         for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu), ("aot_gpu_quant.json", show_quant),
-                           ("aot_remat.json", show_remat)):
+                           ("aot_remat.json", show_remat), ("aot_sample.json", show_sample)):
             if (args.results / name).exists():
                 show(load(args.results / name))
     if args.what != "show":

@@ -2,6 +2,7 @@
 
     model     the converted checkpoints and how they run   (lora.py `model`, sample.py, eval.py)
     mesh      how the devices are used                     (lora.py, sample.py, eval.py)
+    distributed  joining the processes of several hosts    (lora.py, sample.py, eval.py)
     sampling  how a video is rendered                      (lora.py `validation.sampling`, sample.py, eval.py)
     clip      the converted CLIP that scores videos        (lora.py `validation.clip`, eval.py)
     demo      what the demo presets make on first use      (only in `:demo` presets; see mochi_jax/demo)
@@ -49,6 +50,13 @@ def mesh(data: int = 1, fsdp: int = 1, sequence: int = 1, tensor: int = 1) -> ml
     left": 'data' and 'fsdp' split the batch, 'fsdp' also the weights (FSDP), 'sequence' the visual
     tokens, 'tensor' heads and MLP columns."""
     return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, sequence=sequence, tensor=tensor))
+
+
+def distributed() -> ml_collections.ConfigDict:
+    """Several hosts: jax.distributed.initialize() when `enabled`. On TPU pods, Slurm and Open MPI the
+    cluster is detected; elsewhere give the coordinator ("host:port" of process 0), the process count
+    and this process's id."""
+    return ml_collections.ConfigDict(dict(enabled=False, coordinator="", num_processes=0, process_id=-1))
 
 
 def sampling() -> ml_collections.ConfigDict:

@@ -32,6 +32,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.seeds = "12345,12346,12347,12348"  # comma-separated; the same noise for every variant
     c.batch_size = 1  # seeds per denoising call
     c.mesh = common.mesh(fsdp=-1)  # devices, as configs/sample.py: weights over fsdp, batch or tokens split
+    c.distributed = common.distributed()  # several hosts: one process each, process 0 writes
     c.batch_loras = True  # base and all LoRAs in one vmapped call (memory x variants); False: one at a time
     c.references = ""  # for CLIP-I: a folder of videos, one video, or a prepared cache folder; '' = none
     c.reference_frames = 8  # frames per reference video, evenly spaced over its first num_frames frames

@@ -34,9 +34,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # of them -1 for "the rest". The batch is split over data x fsdp; frozen weights, LoRA factors
     # and optimizer state over fsdp; visual tokens over sequence; heads and MLP columns over tensor.
     c.mesh = common.mesh(data=-1)
-    # Multi-host: jax.distributed.initialize(). On TPU pods, Slurm and Open MPI the cluster is detected;
-    # elsewhere give the coordinator ("host:port" of process 0), the process count and this process's id.
-    c.distributed = ml_collections.ConfigDict(dict(enabled=False, coordinator="", num_processes=0, process_id=-1))
+    c.distributed = common.distributed()  # several hosts: one process each (configs/common.py)
 
     # The converted checkpoints (configs/common.py; the VAE, T5 and tokenizer serve validation) and
     # activation checkpointing of the DiT's blocks.

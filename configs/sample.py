@@ -31,6 +31,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # where it divides it, else the visual tokens; 'sequence' splits the tokens, 'tensor' heads and MLP
     # columns (sequence x tensor must divide the 24 heads). -1: the devices left.
     c.mesh = common.mesh(fsdp=-1)
+    c.distributed = common.distributed()  # several hosts: one process each, process 0 writes
     c.loras = ""  # comma-separated path[:strength]
     c.out_dir = "samples"
     c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)

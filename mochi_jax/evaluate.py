@@ -42,7 +42,7 @@ from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
 from mochi_jax.checkpoints.files import writable_dir, write_atomically
 from mochi_jax.checkpoints.runs import expand_sweeps, parse_loras
-from mochi_jax.lib import cache, sampling
+from mochi_jax.lib import cache, placement, sampling
 from mochi_jax.lib.clip import Scorer
 from mochi_jax.lib.metrics import video_metrics
 from mochi_jax.lib.report import contact_sheet, file_slug, json_safe, print_deltas, summarize, thumbnails, write_markdown
@@ -287,6 +287,7 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
 
 def run(cfg) -> dict:
     """Check the inputs, render base + LoRAs, score, write the report; returns report.json's dict."""
+    placement.join_processes(cfg.get("distributed"))  # several hosts: before any device is used
     demo.ensure(cfg)
     t_start = time.time()
     inp = check_inputs(cfg)

@@ -26,7 +26,7 @@ from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
 from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.checkpoints.runs import load_loras
-from mochi_jax.lib import sampling
+from mochi_jax.lib import placement, sampling
 from mochi_jax.lib.text import TextEncoder, read_prompts
 from mochi_jax.lib.video import write_mp4
 from mochi_jax.models import sharding as sharding_lib
@@ -89,7 +89,7 @@ def render(cfg):
         cond = (feats[rows], mask[rows])
         uncond = (np.repeat(feats[-1:], len(rows), 0), np.repeat(mask[-1:], len(rows), 0))
         z = sampling.denoise(dit_cfg, params, sampling.initial_noise([sd for _, sd in padded], shape), cond, uncond,
-                             sigmas, s.guidance, lora=(factors, targets), progress=True)
+                             sigmas, s.guidance, lora=(factors, targets), progress=jax.process_index() == 0)
         frames = sampling.decode_frames(vae_cfg, vae_params, z, tiled=s.tiled_decode)
         for (p, seed), video in zip(batch, frames):
             yield prompts[p][0], seed, video
@@ -97,6 +97,7 @@ def render(cfg):
 
 def run(cfg) -> list[Path]:
     """Render and write every video (process 0 writes); returns the paths."""
+    placement.join_processes(cfg.get("distributed"))  # several hosts: before any device is used
     demo.ensure(cfg)
     writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     paths = []

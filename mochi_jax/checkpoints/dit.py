@@ -403,7 +403,7 @@ def _load_converting(path, meta, stored: str, want: str, shardings=None) -> dict
 
     n = int(meta["config"]["depth"]) - 1
     disk = unstack_shardings(shardings, "blocks", n) if shardings is not None else None
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     spare = one if disk is None else jax.sharding.NamedSharding(
         jax.tree_util.tree_leaves(disk)[0].mesh, jax.sharding.PartitionSpec())
     tree_meta = ocp.metadata(Path(path).absolute()).metadata

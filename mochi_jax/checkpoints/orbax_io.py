@@ -159,7 +159,7 @@ def load_tree(path, dtype=None, shardings=None):
         return jax.ShapeDtypeStruct(m.shape, dt, sharding=s)
 
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
-        one = shardings or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = shardings or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: one, meta)
     target = jax.tree_util.tree_map(abstract, meta, shardings)
     return ocp.load(path, target)

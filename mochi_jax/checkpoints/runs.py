@@ -207,7 +207,7 @@ def load_run_lora(run_dir, step: int | None = None):
     # the item's own handler: a Checkpointer would look for the step's metadata inside state/ (and
     # warn that it is not there), a CheckpointManager would warn about the data/ item left unread
     handler = ocp.StandardCheckpointHandler()
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     meta = handler.metadata(path)
     meta = getattr(meta, "item_metadata", meta)  # orbax >= 0.11 wraps the tree
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), dict(meta))

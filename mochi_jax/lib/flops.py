@@ -159,3 +159,11 @@ def flops_per_step(cfg: DiTConfig, frames: int, height: int, width: int, remat: 
     """Matmul + attention FLOPs of one LoRA train step: forward, backward (input gradients of the frozen
     matmuls, no weight gradients; LoRA gradients) and remat recompute. See `flop_breakdown`."""
     return flop_breakdown(cfg, frames, height, width, remat, targets, text_tokens, batch)["total"]
+
+
+def sampler_flops(cfg: DiTConfig, frames: int, height: int, width: int, steps: int = 64, guided: bool = True,
+                  text_tokens: int = TEXT_TOKENS) -> int:
+    """Matmul + attention FLOPs of rendering one video without LoRA: `steps` DiT forwards (`flop_breakdown`'s
+    forward), two per step with classifier-free guidance. The VAE decode is not counted."""
+    fwd = flop_breakdown(cfg, frames, height, width, remat="none", targets=(), text_tokens=text_tokens)["forward"]
+    return steps * (2 if guided else 1) * fwd

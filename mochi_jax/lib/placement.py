@@ -44,6 +44,16 @@ PIXELS = PartitionSpec(None, None, None, "height", "width")  # pixels [B, 3, T, 
 
 # ----------------------------------------------------------------------------- meshes and shardings
 
+def join_processes(block) -> None:
+    """Join the processes of a multi-host command (jax.distributed.initialize) when a config's
+    `distributed` block (configs/common.py) is enabled; before any device is used."""
+    if block is None or not block.enabled:
+        return
+    jax.distributed.initialize(coordinator_address=block.coordinator or None,
+                               num_processes=block.num_processes or None,
+                               process_id=block.process_id if block.process_id >= 0 else None)
+
+
 def prepare_mesh(cfg):
     """The device mesh of a prepare run (cfg.devices of this process's devices, -1 = all, shaped by
     cfg.mesh), or None when that is one device: then everything runs as on a single-device machine."""

@@ -39,6 +39,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from mochi_jax.checkpoints import dit_config, load_dit, lora_write, runs
+from mochi_jax.lib import placement
 from mochi_jax.lib import program as program_lib
 from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
@@ -178,11 +179,7 @@ class Run:
 def setup(cfg) -> Run:
     """Join the processes, make the run directory, build the mesh, data and model; check that the
     LoRA files can hold the targets; remove incomplete checkpoint folders."""
-    if cfg.distributed.enabled:
-        d = cfg.distributed
-        jax.distributed.initialize(coordinator_address=d.coordinator or None,
-                                   num_processes=d.num_processes or None,
-                                   process_id=d.process_id if d.process_id >= 0 else None)
+    placement.join_processes(cfg.distributed)
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
