@@ -32,7 +32,7 @@ def need(*modules):
 need_torch = need("torch", "diffusers", "peft")
 # every script this file runs; test_every_script_is_run keeps the list complete
 SCRIPTS = {"aot_tables", "convert_memory", "dit_step", "gpu_step", "prepare_throughput", "quant_accuracy",
-           "sample_step", "scaling", "sweep_cost", "t5", "train_step", "vae"}
+           "sample_mesh", "sample_step", "scaling", "sweep_cost", "t5", "train_step", "vae"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -180,6 +180,15 @@ def test_sweep_cost(tmp_path):
     assert set(res["small"]["sweeps"]) == {"1", "2"}  # --smoke: K = 1, 2
     for c in res["small"]["sweeps"].values():
         has(c, "s_per_step", "s_per_variant_step", "speedup", "sweep_bytes", "separate_side_by_side_bytes")
+
+
+def test_sample_mesh(tmp_path):
+    out = tmp_path / "sample_mesh.json"
+    run(tmp_path, "sample_mesh", "--smoke", "--out", str(out))
+    r = json.loads(out.read_text())
+    assert set(r["meshes"]) == {"one device", "fsdp 2 x sequence 4"}
+    for row in r["meshes"].values():
+        assert row["step_s"] > 0 and row["x_first"] > 0 and row["rel_err"] < 1e-4
 
 
 def test_aot_tables_show(tmp_path):
