@@ -192,3 +192,30 @@ def test_the_fit_check_lowers_what_denoise_runs(models, monkeypatch):
         real = calls[0]
         program = sampling.sampler_program(cfg, (), 2, shape, 8, guidance > 1.0, place)
         assert program.lower().as_text() == real, guidance
+
+
+def _mesh(**sizes):
+    """What sampler_rules and idle_note read of a mesh: its axis sizes and its devices."""
+    import types
+
+    shape = {a: sizes.get(a, 1) for a in ("data", "fsdp", "sequence", "tensor")}
+    return types.SimpleNamespace(shape=shape, devices=np.zeros([shape[a] for a in shape]))
+
+
+@pytest.mark.parametrize("sizes,rows,batch,seq,idle", [
+    (dict(fsdp=16), 2, (), ("sequence",), "--config.mesh.data=2 --config.mesh.fsdp=8 splits both"),
+    (dict(data=2, fsdp=8), 2, ("data",), ("sequence", "fsdp"), ""),
+    (dict(data=8), 4, (), ("sequence", "data"), ""),  # 4 rows: data 8 splits the tokens (24 heads)
+    (dict(data=2, fsdp=4), 8, ("data", "fsdp"), ("sequence",), ""),
+    (dict(fsdp=2, sequence=4), 2, ("fsdp",), ("sequence",), ""),
+    (dict(data=16), 2, (), ("sequence",), "--config.mesh.data=2 --config.mesh.fsdp=8 splits both"),
+])
+def test_sampler_rules_put_data_and_fsdp_where_they_help(sizes, rows, batch, seq, idle):
+    """The batch over data / fsdp where they divide it, else the tokens when the 24 heads allow it, else
+    copies, with a note naming a mesh of the same devices that splits both."""
+    mesh = _mesh(**sizes)
+    rules = dict(sampling.sampler_rules(mesh, rows, 24))
+    assert rules["batch"] == batch and rules["seq"] == seq
+    assert rules["act_heads"] == (*seq, "tensor")
+    note = sampling.idle_note(mesh, rows, 24)
+    assert (idle in note) if idle else note == "", note
