@@ -112,3 +112,12 @@ def test_heads_the_mesh_does_not_divide_are_refused(results):
         assert refusal[mesh].startswith("ValueError: ") and "--config.mesh.sequence" in refusal[mesh], refusal
         assert "6 attention heads" in refusal[mesh], refusal
     assert refusal["seq2_accepted"] is True, refusal
+
+
+def test_the_vae_decode_over_eight_devices_gives_one_device_frames(results):
+    """Untiled: each video split spatially over the devices; tiled: the tiles shared out between them.
+    The same frames as one device, but for a rounding flip of one level in a few pixels."""
+    dec = _ran(results, "decode")
+    for how in ("untiled", "tiled"):
+        assert dec[how]["shape"] == [1, 13, 48, 80, 3], dec
+        assert dec[how]["max"] <= 1 and dec[how]["frac"] < 1e-3, (how, dec)

@@ -292,17 +292,42 @@ def decoder(split: NamedSharding | None = None):
     return jax.jit(decode, static_argnames=("cfg", "tiled"), out_shardings=NamedSharding(split.mesh, PartitionSpec()))
 
 
+@functools.lru_cache(maxsize=None)
+def tiled_decoder(mesh: Mesh):
+    """The jitted tiled decode (cfg static) spread over the devices of a one-axis mesh ('tiles'): each
+    device decodes every n-th tile (vae.decode's `share`), the blended parts are summed over the
+    devices, and the uint8 frames are whole on every device."""
+    n = mesh.size
+
+    def part(params, latents, cfg):
+        x = vae_lib.decode(params, vae_lib.dit_to_vae(latents), cfg, tiled=True,
+                           share=(jax.lax.axis_index("tiles"), n))
+        return jax.lax.psum(x, "tiles")
+
+    def decode(params, latents, cfg):
+        x = jax.shard_map(functools.partial(part, cfg=cfg), mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec()),
+                          out_specs=PartitionSpec(), check_vma=False)(params, latents)
+        return to_uint8(jnp.transpose(x, (0, 2, 3, 4, 1)))
+
+    return jax.jit(decode, static_argnames=("cfg",), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def decode_frames(vae_cfg, vae_params, latents, tiled: bool = True) -> np.ndarray:
     """DiT-space latents [B, 12, t, h, w] -> uint8 frames [B, 6(t-1)+1, 8h, 8w, 3].
 
     With the VAE's weights whole on each of several devices (a NamedSharding, as the sample and
     evaluate commands load them), an untiled decode splits each video spatially over those devices
     (latent width, then height, as prepare's encode; XLA exchanges the convolution halos and
-    all-reduces the GroupNorm statistics); a tiled decode runs whole on every device."""
+    all-reduces the GroupNorm statistics); a tiled decode shares its tiles out between the devices
+    (`tiled_decoder`; the blend adds the same terms in another order)."""
     s = getattr(jax.tree_util.tree_leaves(vae_params)[0], "sharding", None)
-    if not tiled and isinstance(s, NamedSharding) and s.mesh.size > 1:
+    if isinstance(s, NamedSharding) and s.mesh.size > 1 and not tiled:
         split = NamedSharding(spatial_mesh(s.mesh.devices, *np.shape(latents)[-2:]), PIXELS)
         frames = decoder(split)(vae_params, jax.device_put(latents, split), cfg=vae_cfg, tiled=False)
+    elif isinstance(s, NamedSharding) and s.mesh.size > 1:
+        mesh = Mesh(s.mesh.devices.reshape(-1), ("tiles",))
+        frames = tiled_decoder(mesh)(vae_params, jax.device_put(latents, NamedSharding(mesh, PartitionSpec())),
+                                     cfg=vae_cfg)
     else:
         if isinstance(s, NamedSharding):
             latents = jax.device_put(latents, NamedSharding(s.mesh, PartitionSpec()))

@@ -441,13 +441,15 @@ def encode(params, pixels, cfg: VAEConfig = VAEConfig(), tiled: bool = False):
     return mean, jnp.clip(logvar, *LOGVAR_CLAMP)
 
 
-def decode(params, latents, cfg: VAEConfig = VAEConfig(), tiled: bool = False):
+def decode(params, latents, cfg: VAEConfig = VAEConfig(), tiled: bool = False, share=None):
     """VAE-space latents [B, 12, t, h, w] -> pixels [B, 3, 6(t-1)+1, 8h, 8w] float32.
 
     The decoder makes 6t frames and the first 5 are dropped at the very end (diffusers' order;
     genmo's original drops frames inside the up blocks, which changes the first frames).
     `tiled`: stream over time in chunks of cfg.chunk_frames latent frames (exact) and decode
     overlapping spatial tiles blended linearly (approximate). jit with `static_argnames=('cfg', 'tiled')`.
+    `share` = (k, n), k possibly traced (e.g. a device's index inside shard_map): decode only tiles
+    k, k + n, k + 2n, ... and return their blended part; the n parts sum to the whole decode.
     """
     check_latents(latents.shape, cfg)
     drop = cfg.temporal_factor - 1
@@ -465,7 +467,8 @@ def decode(params, latents, cfg: VAEConfig = VAEConfig(), tiled: bool = False):
     b, _, t, h, w = latents.shape
     s = cfg.spatial_factor
     out_shape = (b, 3, pixel_frames(t, cfg.temporal_factor), h * s, w * s)
-    return _tiled_2d(lambda z: run(z, stream=True), latents, cfg, in_scale=1, out_scale=s, out_shape=out_shape)
+    return _tiled_2d(lambda z: run(z, stream=True), latents, cfg, in_scale=1, out_scale=s, out_shape=out_shape,
+                     share=share)
 
 
 # ----------------------------------------------------------------------------- tiling
@@ -521,7 +524,7 @@ def tile_weights(starts: Sequence[int], tile: int, scale: int) -> np.ndarray:
     return w
 
 
-def _tiled_2d(fn, x, cfg: VAEConfig, in_scale: int, out_scale: int, out_shape):
+def _tiled_2d(fn, x, cfg: VAEConfig, in_scale: int, out_scale: int, out_shape, share=None):
     """Apply `fn` to overlapping spatial tiles of x [B, C, T, H, W] and blend the results.
 
     Tiles are laid out in latent units (size tile_size / 8, overlap tile_overlap / 8, clipped to
@@ -529,13 +532,14 @@ def _tiled_2d(fn, x, cfg: VAEConfig, in_scale: int, out_scale: int, out_shape):
     [B, C', T', h', w'] has `out_scale`. The result is sum(weight * tile) / sum(weight), with each
     tile's weights pre-divided by the sum (static), accumulated under a lax.scan over tiles so
     that one tile's activations are alive at a time and no full-size temporary is made.
+    `share` = (k, n): only tiles k, k + n, ... (padded with zero-weight tiles to a multiple of n).
     """
     s = cfg.spatial_factor
     lat_h, lat_w = x.shape[3] // in_scale, x.shape[4] // in_scale
     th, tw = min(cfg.tile_size[0] // s, lat_h), min(cfg.tile_size[1] // s, lat_w)
     ys = tile_starts(lat_h, th, min(cfg.tile_overlap[0] // s, th - 1))
     xs = tile_starts(lat_w, tw, min(cfg.tile_overlap[1] // s, tw - 1))
-    if len(ys) == 1 and len(xs) == 1:
+    if len(ys) == 1 and len(xs) == 1 and share is None:
         return fn(x)
     wy, wx = tile_weights(ys, th, out_scale), tile_weights(xs, tw, out_scale)
     grid = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
@@ -548,9 +552,16 @@ def _tiled_2d(fn, x, cfg: VAEConfig, in_scale: int, out_scale: int, out_shape):
     for i, j in grid:
         total[region(i, j)] += np.outer(wy[i], wx[j])
     masks = np.stack([np.outer(wy[i], wx[j]) / total[region(i, j)] for i, j in grid])
-    y0s = jnp.asarray([ys[i] for i, _ in grid], jnp.int32)
-    x0s = jnp.asarray([xs[j] for _, j in grid], jnp.int32)
+    y0s = np.asarray([ys[i] for i, _ in grid], np.int32)
+    x0s = np.asarray([xs[j] for _, j in grid], np.int32)
     b, c, t = x.shape[:3]
+    tiles = (jnp.asarray(y0s), jnp.asarray(x0s), jnp.asarray(masks))
+    if share is not None:  # this share's tiles: every n-th from k, the grid padded with weightless tiles
+        k, n = share
+        pad = -len(grid) % n
+        y0s, x0s = np.pad(y0s, (0, pad)), np.pad(x0s, (0, pad))
+        masks = np.concatenate([masks, np.zeros((pad, *masks.shape[1:]), masks.dtype)])
+        tiles = tuple(jnp.take(jnp.asarray(a).reshape(-1, n, *a.shape[1:]), k, axis=1) for a in (y0s, x0s, masks))
 
     def body(acc, tile):
         y0, x0, mask = tile
@@ -561,7 +572,7 @@ def _tiled_2d(fn, x, cfg: VAEConfig, in_scale: int, out_scale: int, out_shape):
         cur = jax.lax.dynamic_slice(acc, at, out.shape)
         return jax.lax.dynamic_update_slice(acc, cur + out, at), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros(out_shape, jnp.float32), (y0s, x0s, jnp.asarray(masks)))
+    acc, _ = jax.lax.scan(body, jnp.zeros(out_shape, jnp.float32), tiles)
     return acc
 
 

@@ -16,14 +16,18 @@ import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from compiles import compiled_functions  # noqa: E402
+from mochi_jax.configs.common import DEMO_VAE  # noqa: E402
 from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.lib import sampling  # noqa: E402
 from mochi_jax.lib import variants as variants_lib  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
+from mochi_jax.models import vae as vae_lib  # noqa: E402
 from mochi_jax.models.dit import DiTConfig, abstract_variables  # noqa: E402
 from mochi_jax.models.sharding import make_mesh  # noqa: E402
+from mochi_jax.models.vae import VAEConfig  # noqa: E402
 
 assert len(jax.devices()) == 8
 # 8 heads, so that sequence 4 x tensor 2 (and fsdp 8 over the tokens) divide them
@@ -274,6 +278,24 @@ def main():
         refusal["seq2_accepted"] = True
     except Exception as e:  # noqa: BLE001
         refusal["seq2_accepted"] = f"{type(e).__name__}: {e}"
+
+    # ------------------------------------------------------------------ the VAE decode over the 8 devices
+    t1 = time.time()
+    dec = out["decode"] = {}
+    try:
+        vcfg = VAEConfig(**DEMO_VAE, tile_size=(32, 32), tile_overlap=(16, 16))
+        vparams = vae_lib.init(jax.random.PRNGKey(0), vcfg)
+        placed = jax.device_put(vparams, NamedSharding(make_mesh(dict(fsdp=8)), PartitionSpec()))
+        z = np.random.default_rng(1).standard_normal((1, 12, 3, 6, 10)).astype(np.float32)
+        for tiled in (False, True):
+            one = sampling.decode_frames(vcfg, vparams, z, tiled=tiled).astype(int)
+            eight = sampling.decode_frames(vcfg, placed, z, tiled=tiled)
+            diff = np.abs(one - eight)
+            dec["tiled" if tiled else "untiled"] = {"max": int(diff.max()), "frac": float((diff > 0).mean()),
+                                                    "shape": list(eight.shape)}
+    except Exception:  # noqa: BLE001
+        out["errors"]["decode"] = traceback.format_exc()
+    dec["seconds"] = time.time() - t1
 
     out["seconds"] = time.time() - t0
     print("RESULT " + json.dumps(out))
