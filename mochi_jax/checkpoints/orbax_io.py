@@ -165,6 +165,28 @@ def load_tree(path, dtype=None, shardings=None):
     return ocp.load(path, target)
 
 
+def block_settings(block, dtype_key: str, fields: Mapping[str, str]) -> dict:
+    """The keywords of `load_model`'s wrappers (load_vae, load_t5) from a command's config block:
+    block[dtype_key] -> dtype (the weights cast on load; '' keeps the stored dtype) and each
+    block[key] -> keyword `fields[key]` (a config field; lists become tuples). A key the block lacks
+    is left to the config class's default."""
+    out = {"dtype": block.get(dtype_key) or None}
+    for key, field in fields.items():
+        value = block.get(key)
+        if value is not None:
+            out[field] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def settings_config(cfg_cls, settings: dict, arch: dict, stored_dtype: str):
+    """The config `load_model` returns for `settings` (`block_settings`), without reading a weight: the
+    architecture `arch` (a checkpoint's metadata config); the weights are `stored_dtype` (the
+    checkpoint's) unless the settings' dtype casts them."""
+    kw = dict(settings)
+    dtype = kw.pop("dtype") or stored_dtype
+    return cfg_cls.from_dict({**arch, **kw, "param_dtype": jnp.dtype(dtype).name})
+
+
 def load_model(path, model: str, cfg_cls, dtype=None, shardings=None, overrides=None, stack=None):
     """(config, params) from a checkpoint written by tools/convert_weights.py.
 

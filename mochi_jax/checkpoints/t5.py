@@ -31,7 +31,7 @@ import numpy as np
 from safetensors import safe_open
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.orbax_io import Leaf, load_model, validate, write
+from mochi_jax.checkpoints.orbax_io import Leaf, block_settings, load_model, settings_config, validate, write
 from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource, json_beside, need_shape, vote
 from mochi_jax.models.t5 import T5Config
 
@@ -206,21 +206,20 @@ def load_t5(path, dtype=None, shardings=None, **overrides) -> tuple[T5Config, di
                       stack=lambda arch: ("blocks", int(arch["num_layers"])))
 
 
+# how T5 runs, as every command's config names it: config key -> load_t5 keyword (T5Config field)
+T5_SETTINGS = {"t5_compute_dtype": "compute_dtype"}
+
+
 def t5_settings(block) -> dict:
     """The keywords of `load_t5(path, **t5_settings(block))` (and of lib.text.TextEncoder.load) from a
     command's config block (the `model` block of configs/common.py, or prepare's flat config):
     `t5_dtype` -> dtype (the weights cast on load; '' keeps the stored dtype), `t5_compute_dtype` ->
     compute_dtype. A key the block lacks is left to T5Config's default."""
-    out = {"dtype": block.get("t5_dtype") or None}
-    if block.get("t5_compute_dtype") is not None:
-        out["compute_dtype"] = block.get("t5_compute_dtype")
-    return out
+    return block_settings(block, "t5_dtype", T5_SETTINGS)
 
 
 def t5_config(block, arch: dict, stored_dtype: str) -> T5Config:
     """The T5Config `load_t5(path, **t5_settings(block))` returns, without reading a weight: the
     architecture `arch` (a checkpoint's metadata config) and the block's settings; the weights are
     `stored_dtype` (the checkpoint's) unless the block's `t5_dtype` casts them."""
-    kw = t5_settings(block)
-    dtype = kw.pop("dtype") or stored_dtype
-    return T5Config.from_dict({**arch, **kw, "param_dtype": jnp.dtype(dtype).name})
+    return settings_config(T5Config, t5_settings(block), arch, stored_dtype)

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import jax.numpy as jnp
 
-from mochi_jax.checkpoints.orbax_io import Leaf, load_model, nest, validate, write
+from mochi_jax.checkpoints.orbax_io import Leaf, block_settings, load_model, nest, settings_config, validate, write
 from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource, need_shape
 from mochi_jax.models.vae import VAEConfig
 
@@ -351,21 +351,14 @@ def vae_settings(block) -> dict:
     block of configs/common.py, or prepare's flat config): `vae_dtype` -> dtype (the weights cast on
     load; '' keeps the stored dtype), `vae_compute_dtype` -> compute_dtype, `tile_size`, `tile_overlap`.
     A key the block lacks is left to VAEConfig's default."""
-    out = {"dtype": block.get("vae_dtype") or None}
-    for key, field in VAE_SETTINGS.items():
-        value = block.get(key)
-        if value is not None:
-            out[field] = tuple(value) if field.startswith("tile_") else value
-    return out
+    return block_settings(block, "vae_dtype", VAE_SETTINGS)
 
 
 def vae_config(block, arch: dict, stored_dtype: str) -> VAEConfig:
     """The VAEConfig `load_vae(path, **vae_settings(block))` returns, without reading a weight: the
     architecture `arch` (a checkpoint's metadata config) and the block's settings; the weights are
     `stored_dtype` (the checkpoint's) unless the block's `vae_dtype` casts them."""
-    kw = vae_settings(block)
-    dtype = kw.pop("dtype") or stored_dtype
-    return VAEConfig.from_dict({**arch, **kw, "param_dtype": jnp.dtype(dtype).name})
+    return settings_config(VAEConfig, vae_settings(block), arch, stored_dtype)
 
 
 def read_vae(src_path, dtype="float32") -> tuple[VAEConfig, dict]:
