@@ -41,13 +41,12 @@ from jax.experimental import multihost_utils
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
 from mochi_jax.checkpoints.files import writable_dir, write_atomically
-from mochi_jax.checkpoints.runs import expand_sweeps, parse_loras
 from mochi_jax.lib import cache, placement, sampling
 from mochi_jax.lib.clip import Scorer
 from mochi_jax.lib.metrics import video_metrics
 from mochi_jax.lib.report import contact_sheet, file_slug, json_safe, print_deltas, summarize, thumbnails, write_markdown
 from mochi_jax.lib.text import TextEncoder, read_prompts
-from mochi_jax.lib.variants import Variant, denoise_variants, load_variant, param_shapes, stack_adapters
+from mochi_jax.lib.variants import denoise_variants, load_variants, stack_adapters
 from mochi_jax.lib.video import VIDEO_SUFFIXES, evenly_spaced, read_clip, write_mp4
 from mochi_jax.models import sharding as sharding_lib
 
@@ -136,14 +135,7 @@ def check_inputs(cfg) -> Inputs:
     style_emb = text_emb[-1] if cfg.style_prompt else None
 
     dit_cfg = dit_config(m, remat="none", remat_groups="")
-    shapes = param_shapes(dit_cfg)
-    variants = [Variant("base")] + [load_variant(path, st, dit_cfg, shapes)
-                                    for path, st in expand_sweeps(parse_loras(cfg.loras))]
-    seen: dict[str, int] = {}
-    for v in variants:  # unique names
-        seen[v.name] = seen.get(v.name, 0) + 1
-        if seen[v.name] > 1:
-            v.name = f"{v.name}_{seen[v.name]}"
+    variants = load_variants(cfg.loras, dit_cfg)
     stacked, targets = stack_adapters(variants)
     place = sampling.placement(dit_cfg, targets, sharding_lib.make_mesh(cfg.mesh.to_dict()), variants=True)
     return Inputs(prompts, seeds, dit_cfg, variants, stacked, targets, scorer, text_emb, ref_emb, style_emb, place)
@@ -226,14 +218,11 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
         _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, shardings=inp.place.params, **dit_cfg.settings())
         stacked = jax.device_put(inp.stacked, inp.place.lora)
         vae_cfg, vae_params = load_vae(m.vae, shardings=inp.place.replicated, **vae_settings(m))
-        layout = {k: v for k, v in inp.place.mesh.shape.items() if v > 1}
         print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
               f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, "
-              f"cfg {s.guidance}, {'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}"
-              f"; {inp.place.mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else ""), flush=True)
-        note = sampling.idle_note(inp.place.mesh, cfg.batch_size * (2 if s.guidance > 1.0 else 1), dit_cfg.num_heads)
-        if note:
-            print(f"note: {note}", flush=True)
+              f"cfg {s.guidance}, {'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}; "
+              + sampling.describe_mesh(inp.place.mesh, sampling.dit_rows(cfg.batch_size, s.guidance),
+                                       dit_cfg.num_heads), flush=True)
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
     records, sheets, denoise_s, first_call_s, n_calls = [], [], 0.0, None, 0

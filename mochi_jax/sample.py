@@ -20,7 +20,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from mochi_jax import cli, demo
 from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, vae_settings
@@ -72,15 +71,11 @@ def render(cfg):
     del text  # T5 is freed before the DiT is loaded
     _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, shardings=place.params, **dit_cfg.settings())
     factors = jax.device_put(factors, place.lora)
-    vae_cfg, vae_params = load_vae(m.vae, shardings=NamedSharding(mesh, PartitionSpec()), **vae_settings(m))
-    layout = {k: v for k, v in mesh.shape.items() if v > 1}
+    vae_cfg, vae_params = load_vae(m.vae, shardings=place.replicated, **vae_settings(m))
     print(f"loaded models in {time.time() - t0:.1f}s; rendering {cfg.num_videos} video(s) of each of {len(prompts)} "
           f"prompt(s), {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, cfg {s.guidance}"
-          + (f", LoRAs {cfg.loras}" if lora else "")
-          + f"; {mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else ""), flush=True)
-    note = sampling.idle_note(mesh, cfg.batch_size * (2 if s.guidance > 1.0 else 1), dit_cfg.num_heads)
-    if note:
-        print(f"note: {note}", flush=True)
+          + (f", LoRAs {cfg.loras}" if lora else "") + "; "
+          + sampling.describe_mesh(mesh, sampling.dit_rows(cfg.batch_size, s.guidance), dit_cfg.num_heads), flush=True)
 
     seeds = [cfg.seed + i for i in range(cfg.num_videos)]
     for batch in jobs_of(len(prompts), seeds, cfg.batch_size):

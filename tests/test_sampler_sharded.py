@@ -121,3 +121,4 @@ def test_the_vae_decode_over_eight_devices_gives_one_device_frames(results):
     for how in ("untiled", "tiled"):
         assert dec[how]["shape"] == [1, 13, 48, 80, 3], dec
         assert dec[how]["max"] <= 1 and dec[how]["frac"] < 1e-3, (how, dec)
+    assert dec["mesh_latents_equal"], dec  # latents on a mesh, the VAE on one device (training's validation)

@@ -28,7 +28,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from mochi_jax.aot import targets as targets_lib
 from mochi_jax.aot.report import BadInput, Report, measure
 from mochi_jax.checkpoints import dit_config, read_metadata, t5_config, vae_config
-from mochi_jax.checkpoints.runs import expand_sweeps, load_loras, parse_loras
+from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.configs import common as common_config
 from mochi_jax.configs import dit as dit_presets
 from mochi_jax.configs import prepare as prepare_config
@@ -295,7 +295,7 @@ def _sample_config_program(cfg, what, target, devices) -> Program:
     program.resident["VAE weights"] = abstract(jax.eval_shape(lambda: vae_lib.init(jax.random.PRNGKey(0), vae_cfg)),
                                                place.replicated)
     program.details += [_sampler_line(batch, clip, s.guidance)]
-    note = sampling.idle_note(mesh, batch * (2 if s.guidance > 1.0 else 1), dit_cfg.num_heads)
+    note = sampling.idle_note(mesh, sampling.dit_rows(batch, s.guidance), dit_cfg.num_heads)
     if note:
         program.details.append(f"note     {note}")
     if variants:
@@ -352,12 +352,11 @@ def _stored_dtype(path) -> str:
 def _eval_lora_targets(cfg, dit_cfg) -> tuple[tuple, int]:
     """(targets of the stacked adapters, number of variants) of an eval config: the base and its LoRAs."""
     try:
-        shapes = variants_lib.param_shapes(dit_cfg)
-        loaded = [variants_lib.load_variant(path, st, dit_cfg, shapes) for path, st in expand_sweeps(parse_loras(cfg.loras))]
+        variants = variants_lib.load_variants(cfg.loras, dit_cfg)
     except (OSError, ValueError) as e:
         raise BadInput(f"loras={cfg.loras!r}: {e}") from e
-    _, targets = variants_lib.stack_adapters([variants_lib.Variant("base"), *loaded])
-    return tuple(targets), 1 + len(loaded)
+    _, targets = variants_lib.stack_adapters(variants)
+    return tuple(targets), len(variants)
 
 
 def _sample_lora_targets(cfg, dit_cfg):

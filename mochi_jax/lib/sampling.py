@@ -147,6 +147,20 @@ def idle_note(mesh: Mesh, rows: int, heads: int) -> str:
             f"--config.mesh.fsdp={best[1]} splits {'both' if best[0] > 1 else 'the tokens'}")
 
 
+def dit_rows(videos: int, guidance: float) -> int:
+    """The DiT batch that renders `videos` at a time: both guidance branches when guidance > 1."""
+    return 2 * videos if guidance > 1.0 else videos
+
+
+def describe_mesh(mesh: Mesh, rows: int, heads: int) -> str:
+    """'N device(s), mesh {axis: size}' for the commands' start line, with `idle_note`'s line after it
+    when an axis only computes copies."""
+    layout = {k: v for k, v in mesh.shape.items() if v > 1}
+    note = idle_note(mesh, rows, heads)
+    return (f"{mesh.devices.size} device(s)" + (f", mesh {layout}" if layout else "")
+            + (f"\nnote: {note}" if note else ""))
+
+
 def mesh_of(tree) -> Mesh | None:
     """The mesh a tree of arrays is placed on (NamedSharding), or None (one device, uncommitted)."""
     leaves = jax.tree_util.tree_leaves(tree)
@@ -320,18 +334,19 @@ def decode_frames(vae_cfg, vae_params, latents, tiled: bool = True) -> np.ndarra
     (latent width, then height, as prepare's encode; XLA exchanges the convolution halos and
     all-reduces the GroupNorm statistics); a tiled decode shares its tiles out between the devices
     (`tiled_decoder`; the blend adds the same terms in another order)."""
-    s = getattr(jax.tree_util.tree_leaves(vae_params)[0], "sharding", None)
-    if isinstance(s, NamedSharding) and s.mesh.size > 1 and not tiled:
+    leaf = jax.tree_util.tree_leaves(vae_params)[0]
+    s = getattr(leaf, "sharding", None)
+    several = isinstance(s, NamedSharding) and s.mesh.size > 1
+    if several and not tiled:
         split = NamedSharding(spatial_mesh(s.mesh.devices, *np.shape(latents)[-2:]), PIXELS)
         frames = decoder(split)(vae_params, jax.device_put(latents, split), cfg=vae_cfg, tiled=False)
-    elif isinstance(s, NamedSharding) and s.mesh.size > 1:
+    elif several:
         mesh = Mesh(s.mesh.devices.reshape(-1), ("tiles",))
         frames = tiled_decoder(mesh)(vae_params, jax.device_put(latents, NamedSharding(mesh, PartitionSpec())),
                                      cfg=vae_cfg)
-    else:
-        if isinstance(s, NamedSharding):
-            latents = jax.device_put(latents, NamedSharding(s.mesh, PartitionSpec()))
-        frames = decoder(None)(vae_params, jnp.asarray(latents, jnp.float32), cfg=vae_cfg, tiled=tiled)
+    else:  # the latents where the weights are (e.g. a training mesh's latents, the VAE on one device)
+        latents = jnp.asarray(latents, jnp.float32)
+        frames = decoder(None)(vae_params, jax.device_put(latents, replicated_like(leaf)), cfg=vae_cfg, tiled=tiled)
     return to_host(frames)
 
 

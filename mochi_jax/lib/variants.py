@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mochi_jax.checkpoints.lora_format import LoraFormatError
-from mochi_jax.checkpoints.runs import load_lora_or_run
+from mochi_jax.checkpoints.runs import expand_sweeps, load_lora_or_run, parse_loras
 from mochi_jax.lib import sampling
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig, abstract_variables
@@ -66,6 +66,20 @@ def load_variant(path, strength: float, dit_cfg: DiTConfig, shapes) -> Variant:
     name = p.stem if p.is_file() else p.name
     return Variant(name if strength == 1 else f"{name}@{strength:g}", str(p), strength,
                    {path: (node["a"], node["b"]) for path, node in layers_of(combined)})
+
+
+def load_variants(spec: str, dit_cfg: DiTConfig) -> list[Variant]:
+    """The base, then every LoRA of 'path[:strength],...' (a sweep's run directory: each of its LoRAs),
+    each checked against the base, with unique names (a repeated name gets _2, _3, ...)."""
+    shapes = param_shapes(dit_cfg)
+    variants = [Variant("base")] + [load_variant(path, st, dit_cfg, shapes)
+                                    for path, st in expand_sweeps(parse_loras(spec))]
+    seen: dict[str, int] = {}
+    for v in variants:
+        seen[v.name] = seen.get(v.name, 0) + 1
+        if seen[v.name] > 1:
+            v.name = f"{v.name}_{seen[v.name]}"
+    return variants
 
 
 def stack_adapters(variants) -> tuple[dict, tuple[LoraTarget, ...]]:

@@ -293,6 +293,10 @@ def main():
             diff = np.abs(one - eight)
             dec["tiled" if tiled else "untiled"] = {"max": int(diff.max()), "frac": float((diff > 0).mean()),
                                                     "shape": list(eight.shape)}
+        # a training mesh's latents (validation videos), the VAE's weights on one device
+        on_mesh = jax.device_put(z, NamedSharding(make_mesh(dict(data=8)), PartitionSpec()))
+        from_mesh = sampling.decode_frames(vcfg, jax.device_put(vparams, jax.devices()[0]), on_mesh, tiled=False)
+        dec["mesh_latents_equal"] = bool(np.array_equal(from_mesh, sampling.decode_frames(vcfg, vparams, z, tiled=False)))
     except Exception:  # noqa: BLE001
         out["errors"]["decode"] = traceback.format_exc()
     dec["seconds"] = time.time() - t1
