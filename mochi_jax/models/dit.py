@@ -69,7 +69,7 @@ class DiTConfig:
     # A remat policy per consecutive group of the depth-1 stacked blocks, e.g. "dots:16,full:31"
     # (counts sum to depth-1); '' = `remat` for every block. Needs scan_layers.
     remat_groups: str = ""
-    # The stacked blocks' weights ('blocks') live in pinned host memory (training.train_shardings
+    # The stacked blocks' weights ('blocks') live in pinned host memory (`variable_shardings`
     # places them there) and each block's weights are copied to the device inside the scan, where
     # that block runs (and again for its backward): about one block's weights on the device at a
     # time. Needs scan_layers. Without host-placed inputs the copy is a no-op.
