@@ -68,7 +68,9 @@ def sampling() -> ml_collections.ConfigDict:
         guidance=6.0,  # classifier-free guidance scale; 1 = no unconditional branch (diffusers' default is 4.5)
         threshold_noise=0.025,  # of the linear-quadratic sigma schedule
         negative_prompt="",
-        zero_empty_negative=False,  # True: genmo's original (zero features for an empty negative prompt)
+        # an empty negative prompt as zero features and mask: the unconditional branch caption dropout
+        # trains (and genmo's sampler's); False: T5("") as diffusers' MochiPipeline encodes it
+        zero_empty_negative=True,
         tiled_decode=True,  # bounded-memory VAE decoding
         fps=30,
     ))

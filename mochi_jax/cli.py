@@ -11,11 +11,15 @@ where a folder is needed or the other way round), a full or read-only file syste
 setting the project refuses (ValueError and its kinds: LoraFormatError, ConversionError,
 CacheError, VideoError, TargetError, the config checks) and flags the config cannot take.
 Anything else is a bug and shows its traceback (so do user errors with MOCHI_JAX_TRACEBACK=1).
+An outcome that is neither (training stopped early by a signal, or diverged) is one line with its
+own exit status (the exception's `exit_status`; the statuses are listed in the README).
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
+import importlib.util
 import os
 import sys
 import warnings
@@ -24,6 +28,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mochi_jax.lib import placement
 
 
 def resolve_config(spec: str) -> str:
@@ -37,6 +43,45 @@ def resolve_config(spec: str) -> str:
     if p.parent.name in ("configs", "") and installed.is_file():
         return str(installed) + sep + preset
     return spec
+
+
+class BadFlags(ValueError):
+    """A --config or --config.<field> flag the command cannot take."""
+
+
+def _load_config(spec: str):
+    """The ConfigDict that `--config=<file>[:preset]` names (the file run as the flag would run it)."""
+    path, _, preset = spec.partition(":")
+    if not Path(path).is_file():
+        known = sorted(p.name for p in Path(str(resources.files("mochi_jax.configs"))).glob("*.py")
+                       if not p.name.startswith("_") and p.name != "common.py")
+        raise BadFlags(f"--config={spec}: no such config file (the project's: configs/{', configs/'.join(known)})")
+    module_spec = importlib.util.spec_from_file_location(f"_mochi_jax_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(preset) if preset else module.get_config()
+    except ValueError as e:  # the config's own check, e.g. an unknown preset
+        raise BadFlags(f"--config={spec}: {e}") from None
+
+
+def check_fields(config, argv: list[str]) -> None:
+    """Refuse a `--config.<a.b.c>` that names no field of `config`, naming the nearest fields."""
+    for arg in argv[1:]:
+        name = arg.split("=", 1)[0]
+        if not name.startswith(("--config.", "--noconfig.")):
+            continue
+        node, where = config, []
+        for part in name.split(".", 1)[1].split("."):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in fields:
+                near = difflib.get_close_matches(part, fields, n=3, cutoff=0.6)
+                place = ".".join(where) or "the config"
+                hint = (f"did you mean {', '.join('.'.join([*where, f]) for f in near)}? " if near else "")
+                raise BadFlags(f"{name}: {place} has no field {part!r}; {hint}"
+                               f"{'its' if where else 'the'} fields: {', '.join(sorted(map(str, fields)))}"
+                               if fields else f"{name}: {place} is a value, not a block of fields")
+            node, where = node[part], where + [part]
 
 
 def _resolve_argv(argv: list[str], default: str) -> list[str]:
@@ -71,13 +116,15 @@ def user_error(e: BaseException) -> str | None:
 
 
 def fail(command: str, e: BaseException) -> int:
-    """Print `<command>: <message>` for a user error and return exit status 2; re-raise anything
-    else (a bug), or everything with MOCHI_JAX_TRACEBACK=1."""
-    message = user_error(e)
+    """Print `<command>: <message>` for a user error and return exit status 2, or for an outcome
+    with its own status (an exception's `exit_status`: training stopped early or diverged) return
+    that; re-raise anything else (a bug), or everything with MOCHI_JAX_TRACEBACK=1."""
+    status = getattr(e, "exit_status", None)
+    message = str(e) if status else user_error(e)
     if message is None or os.environ.get("MOCHI_JAX_TRACEBACK"):
         raise e
     print(f"{command}: {message}", file=sys.stderr, flush=True)
-    return 2
+    return status or 2
 
 
 def run(default_config: str, fn, help_text: str, command: str):
@@ -97,12 +144,28 @@ def run(default_config: str, fn, help_text: str, command: str):
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         started.append(True)
         try:
+            placement.start(config.value.get("distributed"))  # the processes joined, the devices up, quietly
             fn(config.value)
         except Exception as e:  # noqa: BLE001 - user errors become one line, bugs are re-raised
             sys.exit(fail(command, e))
 
+    def parse(args):  # absl's flag errors in one line too
+        try:
+            return flags.FLAGS(args)
+        except flags.Error as e:
+            print(f"{command}: bad flags: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    argv = _resolve_argv(list(sys.argv), default_config)
+    if not any(a in ("--help", "--helpfull", "--helpshort", "-h") for a in argv):
+        try:
+            spec = next(a for a in argv[1:] if a.startswith("--config=")).split("=", 1)[1]
+            check_fields(_load_config(spec), argv)
+        except BadFlags as e:
+            print(f"{command}: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
     try:
-        app.run(main, argv=_resolve_argv(list(sys.argv), default_config))
+        app.run(main, argv=argv, flags_parser=parse)
     except SystemExit as e:
         if not started and e.code not in (0, None):
             sys.exit(2)  # absl refused the flags or the config file, and said why

@@ -117,7 +117,8 @@ def check_inputs(cfg) -> Inputs:
     m, s = cfg.model, cfg.sampling
     for key in ("dit", "vae", "t5", "tokenizer"):
         if not Path(m[key]).exists():
-            raise FileNotFoundError(f"model.{key}: {m[key]} does not exist")
+            make = f" (make it with tools/convert_weights.py {key} <the official weights> {m[key]})" if key != "tokenizer" else ""
+            raise FileNotFoundError(f"model.{key}: {m[key]} does not exist{make}")
     prompts = read_prompts(cfg.prompt_file)
     seeds = parse_seeds(cfg.seeds)
     sampling.latent_shape(s.num_frames, s.height, s.width)
@@ -276,7 +277,7 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
 
 def run(cfg) -> dict:
     """Check the inputs, render base + LoRAs, score, write the report; returns report.json's dict."""
-    placement.join_processes(cfg.get("distributed"))  # several hosts: before any device is used
+    placement.start(cfg.get("distributed"))  # several hosts: joined before any device is used
     demo.ensure(cfg)
     t_start = time.time()
     inp = check_inputs(cfg)

@@ -92,7 +92,7 @@ def render(cfg):
 
 def run(cfg) -> list[Path]:
     """Render and write every video (process 0 writes); returns the paths."""
-    placement.join_processes(cfg.get("distributed"))  # several hosts: before any device is used
+    placement.start(cfg.get("distributed"))  # several hosts: joined before any device is used
     demo.ensure(cfg)
     writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     paths = []

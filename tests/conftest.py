@@ -48,3 +48,25 @@ def shared_compilations(tmp_path_factory):
     compilation_cache.reset_cache()
     for name, value in saved.items():
         jax.config.update(name, value)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib) -> a folder on a tmpfs of that size, to fill up (root with mount rights only;
+    skipped elsewhere)."""
+    import subprocess
+
+    mounted = []
+
+    def make(kib: int):
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(d)],
+                                               capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here")
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", str(d)], check=False)

@@ -242,6 +242,26 @@ def test_diffusers_export_has_one_rank_and_leaves_out_zero_adapters(base, tmp_pa
     assert info["layers"]["blocks/attn/proj_x"]["blocks"] == [0, 2]  # block 1 was not written
 
 
+def test_diffusers_reader_keeps_the_rank_of_a_qkv_with_a_zero_part(base, tmp_path, capsys):
+    """In the last block the text stream's q is unused, so training leaves that third of qkv_y's b
+    zero and save_diffusers leaves add_q_proj out; k and v still share one lora_A, so the reader
+    gives back one rank-4 adapter (not 8), and convert --to genmo writes the size of a genmo export."""
+    cfg, _, params, _, _ = base("h3d8")
+    tree, targets = random_lora(params, {r"attn/(qkv|proj)_[xy]$": (4, 4.0)}, seed=14)
+    tree["last_block"]["attn"]["qkv_y"]["b"][:, :cfg.width] = 0
+    d = lora_write.save_diffusers(tmp_path / "d.safetensors", tree, targets)
+    assert "transformer.transformer_blocks.3.attn1.add_q_proj.lora_A.weight" not in load_file(d)
+    back, back_targets, _ = lora_read.load_lora(d)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, tree)
+    assert {t.rank for t in back_targets} == {4}
+    assert cli.main(["info", str(d)]) == 0
+    assert re.search(r"last_block/attn/qkv_y +rank +4,", capsys.readouterr().out)
+    g = lora_write.save_genmo(tmp_path / "g.safetensors", tree, targets)
+    assert cli.main(["convert", str(d), str(tmp_path / "g2.safetensors"), "--to", "genmo"]) == 0
+    want, got = load_file(g), load_file(tmp_path / "g2.safetensors")
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+
+
 def test_convert_infers_the_depth_only_when_the_file_shows_it(base, tmp_path, capsys):
     """A LoRA of the first blocks of a deeper model must not be written with its highest block
     under the last block's names: without --depth the command asks for it."""
@@ -292,6 +312,45 @@ def test_info_says_when_the_scale_is_folded_and_convert_drops_zero_adapters(base
     keys = set(load_file(tmp_path / "d.safetensors"))
     assert not any("add_q_proj" in k or "to_out" in k for k in keys)  # the zero partners are gone
     assert {k.split(".")[4] for k in keys} == {"to_q", "to_k", "to_v", "to_add_out"}
+
+
+def test_convert_to_genmo_infers_the_text_width_or_names_the_flag(base, tmp_path, capsys):
+    """genmo's loader expects zero qkv_y / proj_y partners, whose shape needs the text stream's
+    width: read off the file where it shows it (mod_y's lora_B, a genmo file's zero partners),
+    else taken from --text-width, which the error names."""
+    cfg, _, params, _, _ = base("h3d8")
+    tree, targets = random_lora(params, {r"attn/(qkv|proj)_x$": (2, 2.0), r"mlp_x/w1$": (2, 2.0)}, seed=15)
+    d = lora_write.save_diffusers(tmp_path / "vis.safetensors", tree, targets)
+    out = tmp_path / "vis_g.safetensors"
+    assert cli.main(["convert", str(d), str(out), "--to", "genmo", "--depth", "4"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--text-width" in err and str(out) in err and not out.exists()
+    assert cli.main(["convert", str(d), str(out), "--to", "genmo", "--depth", "4", "--text-width", "16"]) == 0
+    assert load_file(out)["blocks.0.attn.qkv_y.lora_A"].shape == (2, cfg.text_width)
+    assert_same_deltas(deltas(*lora_read.load_lora(out, cfg=cfg)[:2]), deltas(tree, targets), 1e-6)
+    # a genmo file shows the width in its zero partners
+    assert cli.main(["convert", str(out), str(tmp_path / "again.safetensors"), "--to", "genmo"]) == 0
+    assert load_file(tmp_path / "again.safetensors")["blocks.3.attn.qkv_y.lora_A"].shape == (2, cfg.text_width)
+    # mod_y's lora_B shows it (4 x the text width, the last block's 1 x)
+    tree, targets = random_lora(params, {r"attn/qkv_x$": (2, 2.0), r"mod_[xy]$": (2, 2.0)}, seed=16)
+    d = lora_write.save_diffusers(tmp_path / "mod.safetensors", tree, targets)
+    assert cli.main(["convert", str(d), str(tmp_path / "mod_g.safetensors"), "--to", "genmo"]) == 0
+    assert_same_deltas(deltas(*lora_read.load_lora(tmp_path / "mod_g.safetensors", cfg=cfg)[:2]),
+                       deltas(tree, targets), 1e-6)
+    assert cli.main(["convert", str(d), str(tmp_path / "x.safetensors"), "--to", "genmo", "--text-width", "8"]) == 2
+    assert "--text-width" in capsys.readouterr().err
+
+
+def test_info_infers_the_depth_of_a_genmo_file_with_mod_targets(base, tmp_path, capsys):
+    """The last block's mod_y has text_width outputs, the other blocks' 4 x text_width: that shows
+    which block is the last, also in a genmo file (which names it like any other block)."""
+    cfg, _, params, _, _ = base("h3d8")
+    tree, targets = random_lora(params, {r"attn/qkv_[xy]$": (2, 2.0), r"mod_[xy]$": (2, 2.0)}, seed=17)
+    g = lora_write.save_genmo(tmp_path / "g.safetensors", tree, targets)
+    assert cli.main(["info", str(g)]) == 0
+    assert "genmo LoRA, depth 4 (inferred)" in capsys.readouterr().out
+    back, back_targets, _ = lora_read.load_lora(g)
+    assert_same_deltas(deltas(back, back_targets), deltas(tree, targets), 1e-6)
 
 
 def test_convert_reads_a_training_run_directory(base, tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ from tensorboardX.proto import event_pb2
 
 from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
-from mochi_jax import demo, train
+from mochi_jax import cli, demo, train
 from mochi_jax.aot import fit
 from mochi_jax.checkpoints import dit_config, runs
 from mochi_jax.checkpoints import lora_read, lora_write
@@ -133,14 +133,17 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from mochi_jax.configs import lora as lora_config
-    from mochi_jax import train
+    from mochi_jax import cli, train
     cfg = lora_config.demo(lora_config.get_config(), {demo!r})
     cfg.run_dir = {run!r}
     cfg.steps = {steps}
     cfg.log_every = 1
     cfg.checkpoint.every = 3
     cfg.validation.every = 0
-    train.train(cfg)
+    try:
+        train.train(cfg)
+    except Exception as e:
+        sys.exit(cli.fail("mochi_jax.train", e))  # as the command ends
 """)
 
 
@@ -177,7 +180,7 @@ def test_interrupted_run_resumes_bit_for_bit(demo_root, sig):
     proc.send_signal(sig)
     out1, _ = proc.communicate(timeout=300)
     if sig == signal.SIGTERM:
-        assert proc.returncode == 0 and "saved step" in out1, out1
+        assert proc.returncode == trainer.Stopped.exit_status and "which is saved" in out1, out1
     else:
         assert proc.returncode == -signal.SIGKILL
     resumed = _launch(demo_root, name, steps)
@@ -240,6 +243,29 @@ def test_run_log_drops_an_unfinished_validation_of_the_restored_step(tmp_path):
     assert sorted(_tensorboard(tmp_path / "tensorboard")) == sorted(
         [("loss", s) for s in (1, 2, 3, 4)] + [("val_loss", 2), ("val/clip_t", 2), ("val_loss", 4)])
     assert json.loads((tmp_path / "progress.json").read_text()) == {"validated": [2, 4]}
+
+
+def test_damaged_run_records_are_dropped_or_rebuilt_with_a_line_naming_the_file(tmp_path, capsys):
+    """A non-UTF-8 or torn last line of metrics.jsonl is dropped, a truncated progress.json rebuilt
+    (its only use: not validating the resumed step twice), each named in one line; the resume goes on."""
+    log = trainer.RunLog(tmp_path).open(0)
+    for step in (1, 2):
+        log.write(step, {"loss": float(step)})
+    log.write(2, {"val_loss": 0.5})
+    log.mark_validated(2)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": \xff\xfe}\n{"step": 3, "lo')
+    (tmp_path / "progress.json").write_text('{"validated": [')
+    capsys.readouterr()
+    log = trainer.RunLog(tmp_path)
+    assert not log.validated(2)
+    log.open(2, redo_validation=True).close()
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'progress.json'} is damaged; it is rebuilt" in out, out
+    assert f"{tmp_path / 'metrics.jsonl'}: 2 damaged lines (torn by a kill?) dropped" in out, out
+    assert _rows(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+    assert json.loads((tmp_path / "progress.json").read_text()) == {"validated": []}
 
 
 def test_end_of_run_work_is_redone_after_a_kill(demo_root, monkeypatch, capsys):
@@ -350,8 +376,9 @@ def test_run_stops_after_repeated_non_finite_losses(demo_root, monkeypatch):
     cfg.checkpoint.every = 2
     cfg.validation.every = 0
     cfg.optim.lr = 1e30  # the first update overflows the LoRA factors: every later loss is inf / nan
-    with pytest.raises(FloatingPointError, match="non-finite losses in a row"):
+    with pytest.raises(trainer.Diverged, match="non-finite losses in a row") as e:
         train.train(cfg)
+    assert cli.fail("mochi_jax.train", e.value) == 3  # one line, the status that means "diverged"
     run = Path(cfg.run_dir)
     factors, _ = runs.load_run_lora(run)  # the last checkpoint is intact and readable
     assert (run / "checkpoints").is_dir()
@@ -380,3 +407,160 @@ def test_the_fit_check_lowers_the_trainers_step(demo_root):
     program = fit.train_program(cfg, run.dit_cfg, jax.devices(), (6 * (t - 1) + 1, 8 * h, 8 * w),
                                 batch["t5_feats"].shape[1])
     assert program.lower().as_text() == real
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding the run directory's lock (as a trainer does)."""
+    script = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from mochi_jax.checkpoints import runs; "
+              f"lock = runs.RunLock({str(run_dir)!r}).__enter__(); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_trainer_on_a_run_is_refused_and_a_killed_ones_lock_is_not_stuck(demo_root):
+    """While a trainer holds the run directory, another is refused with one line naming the holder
+    and touches nothing; when the holder is SIGKILLed its lock goes with it."""
+    cfg = _cfg(demo_root, "locked", steps=2)
+    cfg.validation.every = 0
+    run = Path(cfg.run_dir)
+    run.mkdir()
+    holder = _hold_lock(run)
+    try:
+        with pytest.raises(runs.RunInUse, match=f"{run} is in use by another trainer \\(process {holder.pid} on "):
+            train.train(cfg)
+        assert sorted(p.name for p in run.iterdir()) == [runs.LOCK_FILE]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    train.train(cfg)
+    assert runs.complete_steps(run / "checkpoints") == [2]
+    assert (run / runs.LOCK_FILE).read_text() == ""  # released: no holder named
+
+
+def test_a_failed_start_leaves_no_run_directory_behind(demo_root):
+    cfg = _cfg(demo_root, "failed_start", steps=2, batch_size=3)
+    cfg.mesh.fsdp = 2  # one CPU device: refused at set-up
+    with pytest.raises(ValueError):
+        train.train(cfg)
+    assert not Path(cfg.run_dir).exists()
+    Path(cfg.run_dir).mkdir()  # a folder that was there before is left as it was
+    (Path(cfg.run_dir) / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError):
+        train.train(cfg)
+    assert sorted(p.name for p in Path(cfg.run_dir).iterdir()) == ["notes.txt", runs.LOCK_FILE]
+
+
+def _signal_at_step(monkeypatch, n: int, sig=signal.SIGTERM):
+    """A stop signal arrives while step n runs."""
+    make = training.make_train_step
+
+    def make_signalled(*args, **kwargs):
+        step_fn = make(*args, **kwargs)
+
+        def step(state, params, batch):
+            if int(state["step"]) + 1 == n:
+                os.kill(os.getpid(), sig)
+            return step_fn(state, params, batch)
+        return step
+    monkeypatch.setattr(training, "make_train_step", make_signalled)
+
+
+def test_a_stop_signal_anywhere_saves_and_ends_with_the_rerun_status(demo_root, monkeypatch, capsys):
+    """SIGTERM (or Ctrl-C's SIGINT) in a step: the step is finished and saved, and the run ends with
+    Stopped (exit status 75, "rerun to continue"); SIGTERM during the validation a resume runs again
+    stops at once with the same status; the next launch finishes the run, validation included."""
+    cfg = _cfg(demo_root, "stopped", steps=4, log_every=1)
+    cfg.checkpoint.every = 2
+    cfg.validation.every = 2
+    cfg.validation.prompts = []  # the held-out loss only: the same path, without videos
+    run = Path(cfg.run_dir)
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 3, signal.SIGINT)
+        with pytest.raises(trainer.Stopped, match="stopped by SIGINT after step 3, which is saved") as e:
+            train.train(cfg)
+    assert cli.fail("mochi_jax.train", e.value) == 75
+    assert runs.complete_steps(run / "checkpoints") == [2, 3]
+
+    cfg.steps = 6
+    call = Validator.__call__
+    with monkeypatch.context() as m:  # killed during the validation of step 4 ...
+        m.setattr(Validator, "__call__", lambda self, step, *a: _raise_killed() if step == 4 else call(self, step, *a))
+        with pytest.raises(Killed):
+            train.train(cfg)
+    with monkeypatch.context() as m:  # ... and SIGTERM during its rerun after the resume
+        m.setattr(Validator, "__call__", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(trainer.Stopped, match="stopped by SIGTERM before any new step"):
+            train.train(cfg)
+    assert runs.complete_steps(run / "checkpoints") == [2, 3, 4]
+    capsys.readouterr()
+    train.train(cfg)
+    assert "validation after this checkpoint did not finish" in capsys.readouterr().out
+    assert [x["step"] for x in _rows(run) if "val_loss" in x] == [2, 4, 6]
+    assert [x["step"] for x in _rows(run) if "loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(demo_root, damage, capsys):
+    """Files truncated or missing inside the newest checkpoint (its metadata intact): the trainer
+    resumes from the one before, moving the damaged one aside and naming it in one line; readers of
+    the run's LoRA (sample, evaluate, tools/lora.py) read the one before too."""
+    cfg = _cfg(demo_root, f"damaged_{damage}", steps=4, log_every=1)
+    cfg.checkpoint.every = 2
+    cfg.validation.every = 0
+    run = Path(train.train(cfg))
+    ckpts = run / "checkpoints"
+    for f in (ckpts / "4" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            os.truncate(f, f.stat().st_size // 2) if damage == "truncated" else f.unlink()
+    if damage == "missing":
+        (ckpts / "4" / "data" / "metadata").unlink()  # the loader's position too
+    capsys.readouterr()
+    factors, _ = runs.load_run_lora(run)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"checkpoint {ckpts / '4'} is damaged (" in err, err
+    assert "TensorStore(" not in err
+    with pytest.raises(ValueError, match=f"checkpoint {ckpts / '4'} is damaged"):
+        runs.load_run_lora(run, step=4)
+
+    cfg.steps = 6
+    train.train(cfg)
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpts / '4'} is damaged (" in out and "moved to 4.damaged" in out, out
+    assert f"resumed from {ckpts} at step 2" in out, out
+    assert runs.complete_steps(ckpts)[-1] == 6 and (ckpts / "4.damaged").is_dir()
+    assert [x["step"] for x in _rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_samplers_default_unconditional_branch_is_the_one_training_teaches(demo_root):
+    """Caption dropout gives the DiT zero features and an all-False mask; sample, evaluate and the
+    validation videos give it the same for their default (empty) negative prompt, so the guidance a
+    LoRA trained here is sampled with uses the branch it learned. diffusers' T5("") stays a setting."""
+    from mochi_jax.configs import eval as eval_config, sample as sample_config
+    from mochi_jax.lib.text import TextEncoder
+
+    text = TextEncoder.load(f"{demo_root}/models/t5", f"{demo_root}/models/tokenizer")
+    feats, mask = text(["a red ball rolls", ""])
+    batch = {"t5_feats": feats, "t5_mask": mask}
+    trained = training.condition(batch, np.array([True, True]))  # both captions dropped
+    for s in (sample_config.get_config().sampling, eval_config.get_config().sampling,
+              lora_config.get_config().validation.sampling):
+        assert s.negative_prompt == ""
+        f, m = text([s.negative_prompt], zero_empty=s.zero_empty_negative)
+        np.testing.assert_array_equal(f[0], trained[0][1])
+        np.testing.assert_array_equal(m[0], trained[1][1])
+    assert mask[1].any() and np.abs(feats[1]).max() > 0  # diffusers' encoding of "" is another branch
+
+
+def test_a_full_disk_ends_the_run_with_one_line_and_no_partial_checkpoint(demo_root, small_disk, capfd):
+    disk = small_disk(120)  # room for the records, not for a checkpoint
+    cfg = _cfg(demo_root, "unused", steps=2, log_every=1)
+    cfg.run_dir = str(disk / "run")
+    cfg.validation.every = 0
+    with pytest.raises(OSError) as e:
+        train.train(cfg)
+    assert cli.user_error(e.value) == f"{disk / 'run'}: No space left on device"
+    assert not list((disk / "run" / "checkpoints").iterdir())
+    printed = "".join(capfd.readouterr())
+    assert "Traceback" not in printed and "ERROR:absl" not in printed, printed[-3000:]

@@ -88,17 +88,8 @@ def read_only_dir(tmp_path):
 
 
 @pytest.fixture
-def full_dir(tmp_path):
-    """A 64 KiB tmpfs (root with mount rights only)."""
-    d = tmp_path / "full"
-    d.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(d)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=False)
+def full_dir(small_disk):
+    return small_disk(64)
 
 
 def _message(e) -> str:
@@ -149,6 +140,29 @@ def test_a_full_disk_is_named(full_dir):
     assert _message(e.value) == f"{full_dir / 'big.safetensors'}: No space left on device"
 
 
+def test_a_video_cut_short_by_a_full_disk_is_an_error_not_a_file(full_dir):
+    """ffmpeg on a full disk leaves a truncated mp4 (no index) and no exit status to read: the write
+    is checked, named as a full disk, and nothing is left."""
+    frames = np.random.default_rng(0).integers(0, 255, (30, 128, 128, 3), dtype=np.uint8)
+    with pytest.raises(OSError) as e:
+        write_mp4(full_dir / "clip.mp4", frames)
+    assert _message(e.value) == f"{full_dir / 'clip.mp4'}: No space left on device"
+    assert list(full_dir.iterdir()) == []
+
+
+def test_a_checkpoint_cut_short_by_a_full_disk_is_one_error_and_leaves_nothing(full_dir, capfd):
+    """What convert_weights.py and lora.py merge write (orbax_io.write): a full disk is one OSError
+    naming the checkpoint, orbax's thread tracebacks are not printed, no partial save is left."""
+    rng = np.random.default_rng(0)  # incompressible
+    params = {"w": rng.standard_normal((64, 1024), np.float32), "v": rng.standard_normal((64, 1024), np.float32)}
+    with pytest.raises(OSError) as e:
+        orbax_io.save_model(full_dir / "merged", params, "test", {}, progress=False)
+    assert _message(e.value) == f"{full_dir / 'merged'}: No space left on device"
+    assert list(full_dir.iterdir()) == []
+    printed = "".join(capfd.readouterr())
+    assert "Traceback" not in printed and "raised an exception" not in printed, printed
+
+
 def test_user_error_or_bug():
     assert cli.user_error(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y")) == \
         "/x/y: No such file or directory"
@@ -162,8 +176,28 @@ def test_user_error_or_bug():
 
 
 def _run(args, cwd):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    """The command as a user on a CPU machine runs it: no JAX_PLATFORMS, so libtpu (installed by the
+    test extra) looks for TPU chips, and what it prints must not reach the user."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=dict(env, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_config_files_presets_and_fields_that_do_not_exist_are_named():
+    with pytest.raises(cli.BadFlags, match=r"--config=configs/nope.py: no such config file \(the project's: "
+                                           r"configs/aot.py, "):
+        cli._load_config("configs/nope.py")
+    with pytest.raises(cli.BadFlags, match="unknown preset 'demoo'"):
+        cli._load_config(cli.resolve_config("configs/lora.py:demoo"))
+    config = cli._load_config(cli.resolve_config("configs/lora.py"))
+    cli.check_fields(config, ["train", "--config.optim.lr=1e-4", "--config.lora.qkv.rank=8", "--noconfig.resume"])
+    with pytest.raises(cli.BadFlags, match=r"--config.optim.learning_rate: optim has no field 'learning_rate'; "
+                                           r"its fields: .*, lr, "):
+        cli.check_fields(config, ["train", "--config.optim.learning_rate=1e-4"])
+    with pytest.raises(cli.BadFlags, match=r"--config.stpes: the config has no field 'stpes'; did you mean steps\?"):
+        cli.check_fields(config, ["train", "--config.stpes=3"])
+    with pytest.raises(cli.BadFlags, match="optim.lr is a value, not a block of fields"):
+        cli.check_fields(config, ["train", "--config.optim.lr.x=1"])
 
 
 @pytest.mark.slow
@@ -181,16 +215,24 @@ def test_every_command_reports_user_errors_in_one_line_with_status_2(tmp_path):
         (["-m", "mochi_jax.evaluate", f"--config.model.dit={tmp_path / 'nodit'}"],
          f"mochi_jax.evaluate: model.dit: {tmp_path / 'nodit'} does not exist"),
         (["-m", "mochi_jax.aot", "--config.aot.target=no-such-chip"], "mochi_jax.aot: "),
-        (["-m", "mochi_jax.train", "--config.no_such_field=1"], "mochi_jax.train: bad flags"),
+        (["-m", "mochi_jax.train", "--config.no_such_field=1"], "mochi_jax.train: --config.no_such_field: the config "
+                                                                 "has no field 'no_such_field'"),
+        (["-m", "mochi_jax.train", "--config.steps=abc"], "mochi_jax.train: bad flags: flag --config.steps=abc: "),
+        (["-m", "mochi_jax.sample", "--config=configs/nope.py"], "mochi_jax.sample: --config=configs/nope.py: no such"),
+        (["-m", "mochi_jax.sample", f"--config.model.dit={tmp_path / 'nodit'}"],
+         f"mochi_jax.sample: {tmp_path / 'nodit'}: No such checkpoint (make one with tools/convert_weights.py "),
         ([str(ROOT / "tools" / "convert_weights.py"), "dit", str(tmp_path / "nope.safetensors"), str(tmp_path / "o")],
          f"tools/convert_weights.py: {tmp_path / 'nope.safetensors'} does not exist"),
         ([str(ROOT / "tools" / "lora.py"), "info", str(f)], f"tools/lora.py: {f}: expected a .safetensors file"),
+        ([str(ROOT / "tools" / "lora.py"), "info", str(tmp_path)], f"tools/lora.py: {tmp_path} is a folder; name "),
+        ([str(ROOT / "tools" / "lora.py"), "merge", str(f), str(f), str(tmp_path / "o")],
+         f"tools/lora.py: {f} is not a checkpoint written by tools/convert_weights.py (make one with "),
     ]
     for args, expect in cases:
         r = _run(args, tmp_path)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr, (args, r.stderr)
-        last = r.stderr.strip().splitlines()[-1]
+        last, = r.stderr.strip().splitlines()  # one line: no libtpu, absl or orbax lines around it
         assert last.startswith(expect), (args, r.stderr)
         assert ".tmp" not in last
     print(json.dumps([a[:2] for a, _ in cases]))

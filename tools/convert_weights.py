@@ -25,6 +25,7 @@ import sys
 
 from mochi_jax import checkpoints as convert
 from mochi_jax import cli
+from mochi_jax.lib import placement
 
 
 def main(argv=None):
@@ -45,6 +46,7 @@ def main(argv=None):
         ap.error(f"--dtype {args.dtype}: only the dit is written quantized; choose bfloat16, float32 or float16")
 
     try:
+        placement.start()  # the devices up, without libtpu's search for TPU chips on a machine with none
         if args.model == "dit":
             out, cfg = convert.convert_dit(args.src, args.out, args.dtype, args.overwrite, not args.quiet)
             print(f"wrote {out}: Mochi DiT depth {cfg.depth}, width {cfg.width}, {args.dtype}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Mochi LoRA files: convert between genmo/ComfyUI and diffusers naming, merge into a checkpoint, inspect.
 
-    python tools/lora.py convert SRC OUT --to genmo|diffusers [--depth N] [--dtype float32|bfloat16]
+    python tools/lora.py convert SRC OUT --to genmo|diffusers [--depth N] [--text-width N] [--dtype float32|bfloat16]
     python tools/lora.py merge BASE_DIR LORA OUT [--strength S] [--unmerge] [--format orbax|genmo] [--overwrite]
     python tools/lora.py info LORA [--depth N] [--json]
 
@@ -14,9 +14,13 @@ SRC may also be a training run directory (the LoRA of its newest complete checkp
 adapter). Neither tool reads the other's naming, so ship both. Adapters that are zero in every
 block (a genmo file's zero partners, zero padding) are left out.
 --depth: the model's number of blocks (Mochi 1: 48). Without it the file must show which block is
-the last (a last-block-only module, the last block lacking the text-stream layers every other
-block has, or block 47 of Mochi 1); otherwise the command asks for it, because writing a LoRA of
-the first N blocks as if block N-1 were the last would put it under the last block's names.
+the last (a last-block-only module, the last block's smaller mod_y, the last block lacking the
+text-stream layers every other block has, or block 47 of Mochi 1); otherwise the command asks for
+it, because writing a LoRA of the first N blocks as if block N-1 were the last would put it under
+the last block's names.
+--text-width: the model's text stream width (Mochi 1: 1536), for --to genmo of a LoRA that adapts
+no text-stream layer (genmo's loader expects zero qkv_y / proj_y adapters of that width); without
+it the file must show it (a text-stream layer, mod_y, a genmo file's zero partners).
 BASE_DIR: a checkpoint written by tools/convert_weights.py. merge writes OUT in its dtype: with
 --format orbax (default) a checkpoint folder mochi_jax.checkpoints.load_dit reads; with --format
 genmo one safetensors file with genmo's dit.safetensors key names, which ComfyUI loads.
@@ -31,6 +35,7 @@ from pathlib import Path
 from mochi_jax import cli
 from mochi_jax.checkpoints import lora_read, lora_write
 from mochi_jax.checkpoints.runs import load_run_lora
+from mochi_jax.lib import placement
 
 NAME = "tools/lora.py"
 
@@ -67,6 +72,8 @@ def main(argv=None):
     c.add_argument("out")
     c.add_argument("--to", required=True, choices=["genmo", "diffusers"])
     c.add_argument("--depth", type=int, default=None, help="number of DiT blocks (Mochi 1: 48)")
+    c.add_argument("--text-width", type=int, default=None,
+                   help="width of the text stream, for --to genmo when the file does not show it (Mochi 1: 1536)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     m = sub.add_parser("merge", help="fold a LoRA into a converted checkpoint")
     m.add_argument("base_dir")
@@ -84,16 +91,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     try:
+        placement.start()  # the devices up, without libtpu's search for TPU chips on a machine with none
         if args.cmd == "convert":
             src = Path(args.src)
             if src.is_dir():
                 tree, targets = load_run_lora(src)
-                depth, origin, dropped = args.depth, f"training run {src}", []
+                depth, origin, dropped, text_width = args.depth, f"training run {src}", [], args.text_width
             else:
                 tree, targets, about = lora_read.load_lora(src, depth=args.depth)
                 depth, origin, dropped = about["depth"], f"{about['format']} {src}", about["zero_layers"]
-            save = lora_write.save_genmo if args.to == "genmo" else lora_write.save_diffusers
-            out = save(args.out, tree, targets, depth=depth, dtype=args.dtype)
+                text_width = args.text_width or about["text_width"]
+            if args.to == "genmo":
+                out = lora_write.save_genmo(args.out, tree, targets, depth=depth, dtype=args.dtype,
+                                            text_width=text_width)
+            else:
+                out = lora_write.save_diffusers(args.out, tree, targets, depth=depth, dtype=args.dtype)
             print(f"wrote {out}: {args.to} LoRA, {len(targets)} layer groups"
                   + (f", depth {depth}" if depth else "") + f" (from {origin})"
                   + (f"; left out all-zero {', '.join(dropped)}" if dropped else ""))

@@ -363,8 +363,9 @@ def dit_config(model, arch: dict | None = None, **fixed) -> DiTConfig:
         path = block["dit"]
         try:
             arch = read_metadata(path)["config"]
-        except Exception as e:
-            raise ValueError(f"dit: {path} is not a converted DiT checkpoint ({type(e).__name__}: {e})") from e
+        except KeyError:
+            raise ValueError(f"dit: {path} is not a converted DiT checkpoint (its metadata holds no "
+                             f"architecture)") from None
     settings = {k: block[k] for k in DiTConfig.SETTING_FIELDS if k in block}
     return DiTConfig.from_dict({**arch, **settings, **fixed})
 

@@ -4,6 +4,7 @@ get (the umask), errors naming the real path, never a temporary file.
     make_dirs(folder)              mkdir -p, a file in the way named as such
     writable_dir(folder)           make it and check files can be created there, before any work
     write_atomically(path, data)   bytes, text or a writer function -> a temporary file renamed into place
+    as_disk_error(e, path)         a library's error for a full disk -> OSError(ENOSPC) naming `path`
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ from typing import Callable
 def _named(e: OSError, path) -> OSError:
     """The same OSError (same type, errno and reason) naming `path` instead of a temporary file."""
     return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno else OSError(f"{path}: {e}")
+
+
+def as_disk_error(e: BaseException, path) -> BaseException:
+    """`e`, or for an error that says the disk is full in a library's words (tensorstore's
+    RESOURCE_EXHAUSTED, a wrapped or unnamed ENOSPC / EDQUOT) the OSError naming `path`."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return e if e.filename else _named(e, path)
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text or "No space left on device" in text or "Disk quota exceeded" in text:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return e
 
 
 def make_dirs(folder) -> Path:

@@ -51,6 +51,18 @@ def layer_dims(layer: str, width: int, text_width: int, last: bool) -> tuple[int
             "mod_x": (w, 4 * w), "mod_y": (w, t if last else 4 * t)}[layer]
 
 
+def text_width_shown(layer: str, d_in: int, d_out: int, last: bool) -> int | None:
+    """The model's text stream width that an adapter of `layer` with (in, out) shows (out: of one
+    q/k/v third where the file splits it), None for a layer of the visual stream alone."""
+    if layer in ("attn/qkv_y", "mlp_y/w1"):
+        return d_in
+    if layer in ("attn/proj_y", "mlp_y/w2"):
+        return d_out
+    if layer == "mod_y":  # the last block's mod_y makes only the text stream's attention scale
+        return d_out if last else d_out // 4
+    return None
+
+
 def diffusers_modules(layer: str, last: bool) -> tuple[str, ...]:
     """The diffusers modules of `layer` in a block (the last block's mod_y is `norm1_context.linear_1`)."""
     return ("norm1_context.linear_1",) if (last and layer == "mod_y") else LAYERS[layer][0]

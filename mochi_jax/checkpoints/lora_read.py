@@ -13,8 +13,8 @@ The layers each spelling can name are in lora_format.py.
 Scale rules (what the real loaders do): an `.alpha` tensor wins (ComfyUI); else genmo's `kwargs`
 for genmo-named attn layers (genmo's loader); else diffusers' metadata for diffusers names;
 else scale 1. diffusers' separate q/k/v adapters become one fused adapter: rank r with
-b = [B_q | B_k | B_v] when A_q, A_k, A_v are bitwise equal, else rank r_q + r_k + r_v with
-stacked A and block-diagonal B. All of it is exact.
+b = [B_q | B_k | B_v] when A_q, A_k, A_v are bitwise equal (a part the file leaves out is zero),
+else rank r_q + r_k + r_v with stacked A and block-diagonal B. All of it is exact.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Mapping
 import numpy as np
 
 from mochi_jax.checkpoints.lora_format import (DIFFUSERS, GENMO, KOHYA, KWARGS_GROUP, LAYERS, LoraFormatError,
-                                               diffusers_modules, layer_dims, swap_halves)
+                                               diffusers_modules, layer_dims, swap_halves, text_width_shown)
 from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource, header_metadata
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models.dit import DiTConfig
@@ -101,6 +101,10 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     adapter in our layout with its scale) and `_assemble` (fused, stacked, padded, zeros dropped);
     the unusable keys of the first two are collected and reported together."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(f.name for f in path.glob("*.safetensors"))
+        raise LoraFormatError(f"{path} is a folder; name the LoRA .safetensors file"
+                              + (f" in it ({', '.join(inside)})" if inside else ""))
     try:
         src = TensorSource(path)
     except ConversionError as e:
@@ -116,7 +120,7 @@ def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     entries, fmt, bad = _classify(src, path)
     inferred = depth is None
     if inferred and entries:
-        depth = _infer_depth(entries, path)
+        depth = _infer_depth(entries, path, src)
     hint = f" (depth {depth} was inferred from the file; pass the model's depth)" if inferred else ""
 
     genmo_kwargs = _json_meta(meta, "kwargs", path) if fmt == "genmo" else None
@@ -252,8 +256,11 @@ def _assemble(path: Path, pieces: dict, depth: int, inferred: bool, fmt: str, ge
     """Step 3 of load_lora: fuse q/k/v pieces, stack the blocks, pad ranks, fold scales where they
     differ, drop rank components that are zero in every block. Returns (tree, targets, info)."""
     lora, targets = {}, []
+    shown = {text_width_shown(layer, p.a.shape[0], p.b.shape[1], group == "last_block")
+             for (group, layer), per_block in pieces.items() for ps in per_block.values() for p in ps} - {None}
     info = {"file": str(path), "format": fmt, "depth": depth, "depth_inferred": inferred, "layers": {},
-            "zero_layers": [], "notes": _notes(fmt, genmo_kwargs, meta, pieces)}
+            "zero_layers": [], "notes": _notes(fmt, genmo_kwargs, meta, pieces),
+            "text_width": shown.pop() if len(shown) == 1 else None}  # as the file's shapes show it
     for (group, layer), per_block in sorted(pieces.items()):
         fused = {n: _fuse(ps, path) for n, ps in per_block.items()}
         dims = {(a.shape[0], b.shape[1]) for a, b, _, _ in fused.values()}
@@ -313,21 +320,28 @@ class DepthUnknown(LoraFormatError):
         self.highest = highest
 
 
-def _infer_depth(entries, path) -> int:
+def _infer_depth(entries, path, src: TensorSource) -> int:
     """The model's depth when the file shows it: its highest block N is the last block if it
-    names a last-block-only module (diffusers' norm1_context.linear_1), or if a layer the last
-    block lacks (attn/proj_y, mlp_y) adapts every block before N but not N, or if N is Mochi 1's
-    last block (47). Otherwise raises DepthUnknown: writing block N under the last block's names
-    would be wrong whenever the model has more blocks (the file covers only some of them)."""
+    names a last-block-only module (diffusers' norm1_context.linear_1), or if its mod_y has a
+    quarter of the outputs mod_y has in a block before N (genmo names the last block's like any
+    other), or if a layer the last block lacks (attn/proj_y, mlp_y) adapts every block before N
+    but not N, or if N is Mochi 1's last block (47). Otherwise raises DepthUnknown: writing block
+    N under the last block's names would be wrong whenever the model has more blocks (the file
+    covers only some of them)."""
     layers: dict[int, set[str]] = {}
-    for n, fam, module in entries:
+    mod_y_out: dict[int, int] = {}  # block -> rows of its genmo/kohya-named mod_y lora_B
+    for (n, fam, module), slot in entries.items():
         if fam == "diffusers" and module == "norm1_context.linear_1":
             layer = "last-only"
         else:
             layer = DIFFUSERS[module][0] if fam == "diffusers" else GENMO[module]
         layers.setdefault(n, set()).add(layer)
+        if fam == "genmo" and layer == "mod_y" and "B" in slot and len(src.shape(slot["B"])) == 2:
+            mod_y_out[n] = src.shape(slot["B"])[0]
     top = max(layers)
     not_last = sorted(layer for layer in layers[top] if layer in LAYERS and not LAYERS[layer][1])
+    if top in mod_y_out and any(4 * mod_y_out[top] == rows for n, rows in mod_y_out.items() if n < top):
+        layers[top].add("last-only")
     if "last-only" in layers[top] and not not_last:
         return top + 1
     skipped = [layer for layer, (_, in_last, _) in LAYERS.items() if not in_last and layer not in layers[top]
@@ -344,7 +358,8 @@ def _fuse(pieces: list[_Piece], path):
     """The pieces of one layer in one block -> (a [in, r], b [r, out], scale, label).
 
     One piece, or q/k/v pieces sharing a bitwise-equal A with one scale: kept as they are
-    (b concatenated). Otherwise stacked A and block-diagonal B with each scale folded into its
+    (b concatenated, zeros for a part the file leaves out, as save_diffusers does with an
+    all-zero one). Otherwise stacked A and block-diagonal B with each scale folded into its
     block (scale 1, no label)."""
     nparts = pieces[0].nparts
     if nparts == 1:
@@ -352,10 +367,13 @@ def _fuse(pieces: list[_Piece], path):
         return p.a, p.b, p.scale, p.label
     ps = sorted(pieces, key=lambda p: p.part)
     width = ps[0].b.shape[1]
-    if (len(ps) == nparts and all(p.b.shape[1] == width for p in ps)
+    if (all(p.b.shape[1] == width for p in ps)
             and all(p.a.shape == ps[0].a.shape and np.array_equal(p.a, ps[0].a) for p in ps)
             and len({(p.scale, p.label) for p in ps}) == 1):
-        return ps[0].a, np.concatenate([p.b for p in ps], axis=1), ps[0].scale, ps[0].label
+        b = np.zeros((ps[0].a.shape[1], nparts * width), np.float32)
+        for p in ps:
+            b[:, p.part * width:(p.part + 1) * width] = p.b
+        return ps[0].a, b, ps[0].scale, ps[0].label
     a = np.concatenate([p.a for p in ps], axis=1)
     b = np.zeros((a.shape[1], nparts * width), np.float32)
     row = 0

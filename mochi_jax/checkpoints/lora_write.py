@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from mochi_jax.checkpoints.dit import load_dit, save_genmo_dit
 from mochi_jax.checkpoints.lora_format import (KWARGS_GROUP, LAYERS, LoraFormatError, diffusers_modules, layer_dims,
-                                               swap_halves)
+                                               swap_halves, text_width_shown)
 from mochi_jax.checkpoints.lora_read import load_lora
 from mochi_jax.checkpoints.orbax_io import save_model
 from mochi_jax.checkpoints.safetensors_io import ConversionError, write_safetensors
@@ -79,7 +79,7 @@ def _write(path, tensors: dict, metadata: dict, dtype):
 
 
 def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | None = None,
-               cfg: DiTConfig | None = None, dtype="float32"):
+               cfg: DiTConfig | None = None, dtype="float32", text_width: int | None = None):
     """Write a genmo-native LoRA that ComfyUI and genmo's own loader read identically.
 
     Keys `blocks.N.<layer>.lora_A` [r, in] / `.lora_B` [out, r], alpha/r folded into lora_B,
@@ -90,10 +90,14 @@ def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | 
     mlp/mod adapters are written 1:1 (ComfyUI applies them; genmo's loader has no such layers).
     With `cfg` (the DiT's config) a LoRA on one stream only (e.g. qkv_x and proj_x) and one on
     the last block only are written too; without it the text width and depth are read off the
-    factors, which such LoRAs do not show."""
+    factors, which such LoRAs do not show: then `text_width` (and `depth`) give them."""
     depth = _depth(depth, cfg)
     depth, layers, dropouts = _export_layers(lora, targets, depth)
-    width, text_width = _widths(layers, cfg)
+    width, shown = _widths(layers, depth, cfg)
+    if text_width is not None and shown is not None and text_width != shown:
+        raise LoraFormatError(f"{path}: text_width={text_width} (tools/lora.py --text-width) contradicts the "
+                              f"LoRA's text stream width {shown}")
+    text_width = shown or text_width
     kwargs = {}
     for g in ("qkv_proj", "out_proj"):
         members = [layer for layer, grp in KWARGS_GROUP.items() if grp == g]
@@ -107,8 +111,9 @@ def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | 
                 if (n, layer) in layers:
                     a, b = layers[(n, layer)]
                 elif text_width is None and layer in ("attn/qkv_y", "attn/proj_y"):
-                    raise LoraFormatError(f"cannot write the zero {layer} adapters genmo's loader expects "
-                                          f"without the text stream width: pass cfg=")
+                    raise LoraFormatError(f"{path}: cannot write the zero {layer} adapters genmo's loader expects: "
+                                          f"the LoRA does not show the model's text width; pass it (text_width=, "
+                                          f"tools/lora.py --text-width N; Mochi 1: {DiTConfig.text_width})")
                 else:
                     d_in, d_out = layer_dims(layer, width, text_width or 0, n == depth - 1)
                     a, b = np.zeros((d_in, 0), np.float32), np.zeros((0, d_out), np.float32)
@@ -128,20 +133,17 @@ def _depth(depth: int | None, cfg: DiTConfig | None) -> int | None:
     return cfg.depth
 
 
-def _widths(layers: dict, cfg: DiTConfig | None) -> tuple[int, int | None]:
+def _widths(layers: dict, depth: int, cfg: DiTConfig | None) -> tuple[int, int | None]:
     """(width, text_width) of the model, from cfg or from the LoRA's own factor shapes."""
     if cfg is not None:
         return cfg.width, cfg.text_width
     width = text_width = None
-    for (_, layer), (a, b) in layers.items():
+    for (n, layer), (a, b) in layers.items():
         if layer in ("attn/qkv_x", "attn/qkv_y"):
             width = b.shape[1] // 3
         elif layer in ("attn/proj_x", "attn/proj_y", "mlp_x/w1", "mod_x", "mod_y"):
             width = a.shape[0]
-        if layer in ("attn/qkv_y", "mlp_y/w1"):
-            text_width = a.shape[0]
-        elif layer in ("attn/proj_y", "mlp_y/w2"):
-            text_width = b.shape[1]
+        text_width = text_width_shown(layer, a.shape[0], b.shape[1], n == depth - 1) or text_width
     return width, text_width
 
 

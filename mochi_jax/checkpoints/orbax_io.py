@@ -15,8 +15,10 @@ import dataclasses
 import errno
 import gc
 import json
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -28,7 +30,7 @@ from orbax.checkpoint.experimental.v1 import partial
 from tqdm import tqdm
 import orbax.checkpoint.experimental.v1 as ocp
 
-from mochi_jax.checkpoints.files import writable_dir
+from mochi_jax.checkpoints.files import as_disk_error, writable_dir
 from mochi_jax.checkpoints.safetensors_io import ConversionError, TensorSource
 from mochi_jax.models.layers import stack_layers, unstack_shardings
 
@@ -105,22 +107,30 @@ def write(leaves: Sequence[Leaf], src: TensorSource, out_dir: str | os.PathLike,
             batch, size, first = {}, 0, False
             _release_freed_memory()
 
-    for leaf in tqdm(leaves, desc=f"converting -> {out_dir.name}", disable=not progress, unit="tensor"):
-        arr = leaf.build(src)
-        if tuple(arr.shape) != tuple(leaf.shape):
-            raise ConversionError(f"internal: {'/'.join(leaf.path)} built with shape {arr.shape}, "
-                                  f"expected {leaf.shape}")
-        shape = arr.shape  # np.ascontiguousarray makes 0-d arrays 1-d; keep scalars scalar
-        want = leaf.dtype if leaf.dtype is not None else dtype if arr.dtype.kind == "f" else arr.dtype
-        arr = np.ascontiguousarray(arr.astype(want, copy=False))
-        arr = arr.reshape(shape)
-        if batch and size + arr.nbytes > batch_bytes:
-            flush()
-        batch[leaf.path] = arr
-        size += arr.nbytes
-        del arr
-    flush()
-    partial.finalize(out_dir)
+    try:
+        for leaf in tqdm(leaves, desc=f"converting -> {out_dir.name}", disable=not progress, unit="tensor"):
+            arr = leaf.build(src)
+            if tuple(arr.shape) != tuple(leaf.shape):
+                raise ConversionError(f"internal: {'/'.join(leaf.path)} built with shape {arr.shape}, "
+                                      f"expected {leaf.shape}")
+            shape = arr.shape  # np.ascontiguousarray makes 0-d arrays 1-d; keep scalars scalar
+            want = leaf.dtype if leaf.dtype is not None else dtype if arr.dtype.kind == "f" else arr.dtype
+            arr = np.ascontiguousarray(arr.astype(want, copy=False))
+            arr = arr.reshape(shape)
+            if batch and size + arr.nbytes > batch_bytes:
+                flush()
+            batch[leaf.path] = arr
+            size += arr.nbytes
+            del arr
+        flush()
+        partial.finalize(out_dir)
+    except BaseException as e:
+        for stale in out_dir.parent.glob(out_dir.name + ".partial_save*"):
+            shutil.rmtree(stale, ignore_errors=True)  # nothing half written is left
+        failed = as_disk_error(e, out_dir)
+        if failed is e:
+            raise
+        raise failed from None
     return out_dir
 
 
@@ -136,9 +146,44 @@ def _release_freed_memory():
         pass
 
 
+class _ReRaisedInCaller(logging.Filter):
+    """orbax logs every exception of its writer threads with a traceback (ERROR:absl:...), then raises
+    it in the caller, where the commands name it in one line: those log records are dropped."""
+
+    RERAISED = ("raised an exception", "in background save thread", "thread (save_finalize) failed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.RERAISED)
+
+
+logging.getLogger("absl").addFilter(_ReRaisedInCaller())
+_unraisable = sys.unraisablehook
+
+
+def _closed_loop_is_quiet(unraisable) -> None:
+    """After a failed write, tensorstore's callbacks of the writes still in flight find orbax's event
+    loop closed and each prints a traceback ('Event loop is closed'); the failure itself is raised."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        _unraisable(unraisable)
+
+
+sys.unraisablehook = _closed_loop_is_quiet
+
+CONVERT = "tools/convert_weights.py {dit|t5|vae|clip} <the official weights> "  # how a checkpoint is made
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The custom metadata stored by `write` (e.g. the model architecture)."""
-    meta = ocp.metadata(Path(path).absolute())
+    """The custom metadata stored by `write` (e.g. the model architecture). A missing path or one
+    that holds no converted checkpoint is named, with the command that makes one."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, f"No such checkpoint (make one with {CONVERT}{path})", str(path))
+    try:
+        meta = ocp.metadata(path)
+    except Exception:  # noqa: BLE001 - orbax's own words are about its layouts, not about this project
+        raise ValueError(f"{path} is not a checkpoint written by tools/convert_weights.py (make one with "
+                         f"{CONVERT}{path})") from None
     cm = meta.custom_metadata
     return json.loads(cm) if isinstance(cm, str) else dict(cm or {})
 

@@ -15,19 +15,28 @@ train state; `runs/search/variants/<name>` names one of its LoRAs (the folder ne
 the newest checkpoint is read), and `expand_sweeps` turns the run directory into all of them.
 
 The trainer writes and restores its checkpoints through `checkpoint_manager`, `save_checkpoint`
-and `restore_checkpoint` here, so the layout is defined in this one file.
+and `restore_checkpoint` here, so the layout is defined in this one file. While it runs, it holds
+the run directory's lock (`RunLock`): a second trainer on the same directory is refused.
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import json
+import os
 import re
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mochi_jax.checkpoints import lora_read
 from mochi_jax.models import lora as lora_lib
@@ -55,6 +64,14 @@ def incomplete_steps(checkpoint_dir) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) not in done)
 
 
+def remove_partial(checkpoint_dir) -> None:
+    """Remove orbax's temporary folders of saves that did not finish (process 0 only)."""
+    d = Path(checkpoint_dir)
+    if jax.process_index() == 0 and d.is_dir():
+        for p in d.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def checkpoint_manager(checkpoint_dir, keep: int) -> ocp.CheckpointManager:
     """The trainer's orbax CheckpointManager: the last `keep` checkpoints are kept; orbax's temporary
     folders of an interrupted save are removed when it starts."""
@@ -75,6 +92,117 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                              data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
+
+
+LOCK_FILE = "run.lock"
+
+
+class RunInUse(ValueError):
+    """Another trainer holds the run directory."""
+
+
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process a lock file names may still run: False only when it was on this host and
+    no process of that pid is left."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class RunLock:
+    """The run directory's lock, held by the one trainer that writes it (`with RunLock(run_dir):`).
+
+    It is a kernel file lock (flock) on `run_dir/run.lock`, which names its holder (host, pid, start
+    time, command): the kernel releases it when the holder ends, however it ends (a SIGKILL too), so
+    a lock is never left stuck. A second trainer is refused with RunInUse naming the holder. On a
+    file system without flock the file alone is the lock: a holder that ended is taken over (the
+    file is emptied on the way out; one killed on this host is found by its pid)."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.file = None
+
+    def _refuse(self, holder: dict):
+        who = (f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}: "
+               f"{holder.get('command')}") if holder else "another process"
+        raise RunInUse(f"{self.path.parent} is in use by another trainer ({who}); wait for it to end or stop it "
+                       f"(it resumes from its checkpoints), or choose another --config.run_dir")
+
+    def _read(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def __enter__(self) -> "RunLock":
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            self._refuse(self._read())
+        except OSError as e:  # no flock on this file system: the file names a live holder or a dead one
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            holder = self._read()
+            if holder and holder.get("pid") != os.getpid() and _holder_alive(holder):
+                self.file.close()
+                self._refuse(holder)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300]}
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps(holder) + "\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.truncate(0)  # no holder named; the file stays (removing it would race a new holder)
+            self.file.close()  # releases the flock
+            self.file = None
+
+
+def damage(e: BaseException) -> str:
+    """What went wrong reading a checkpoint, in one short line (tensorstore's specs left out)."""
+    text = " ".join(str(e).split("See full TensorStore details")[0].split()) or type(e).__name__
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, say=print):
+    """(step, train state, data loader position) of the newest complete checkpoint that restores, or
+    (None, None, None). A damaged one (files missing or truncated inside it) is moved aside to
+    `<step>.damaged` (kept for a look; no step of orbax's any more), named by `say` in one line,
+    and the next older one is tried. Every process restores; a checkpoint any of them cannot read
+    is damaged for all."""
+    folder = Path(manager.directory)
+    for step in reversed(complete_steps(folder)):
+        why = None
+        try:
+            state, data = restore_checkpoint(manager, step, abstract_state)
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
+            why = damage(e)
+        if jax.process_count() > 1:
+            bad = multihost_utils.process_allgather(np.int32(why is not None))
+            why = why or ("unreadable on another process" if bad.any() else None)
+        if why is None:
+            return step, state, data
+        if jax.process_index() == 0:
+            shutil.rmtree(folder / f"{step}.damaged", ignore_errors=True)  # one set aside before, at this step
+            os.replace(folder / str(step), folder / f"{step}.damaged")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"mochi_jax: checkpoint {step} set aside")
+        say(f"checkpoint {folder / str(step)} is damaged ({why}); moved to {step}.damaged, trying the one before")
+        manager.reload()
+    return None, None, None
 
 
 def run_config(run_dir) -> ml_collections.ConfigDict:
@@ -198,25 +326,40 @@ def load_run_lora(run_dir, step: int | None = None):
                          f"(<name>: {', '.join(variants)})")
     targets = lora_lib.targets_from_config((variants[variant] if variant else cfg).lora.to_dict())
     steps = complete_steps(run_dir / "checkpoints")
-    if step is None and steps:
-        step = steps[-1]
-    if step is None or step not in steps:
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no complete checkpoint at step {step}; have {steps}")
+    state = None
+    for s in ([step] if step is not None else reversed(steps)):  # the newest that reads
+        try:
+            state = _read_state(run_dir / "checkpoints" / str(s) / "state")
+            break
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds for a damaged file
+            if step is not None:
+                raise ValueError(f"checkpoint {run_dir / 'checkpoints' / str(s)} is damaged ({damage(e)})") from None
+            print(f"checkpoint {run_dir / 'checkpoints' / str(s)} is damaged ({damage(e)}); reading the one before",
+                  file=sys.stderr, flush=True)
+    if state is None:
         raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no complete checkpoint"
-                                + (f" at step {step}; have {steps}" if step is not None else ""))
-    path = run_dir / "checkpoints" / str(step) / "state"
-    # the item's own handler: a Checkpointer would look for the step's metadata inside state/ (and
-    # warn that it is not there), a CheckpointManager would warn about the data/ item left unread
-    handler = ocp.StandardCheckpointHandler()
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = handler.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)  # orbax >= 0.11 wraps the tree
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), dict(meta))
-    state = handler.restore(path, args=ocp.args.StandardRestore(target))
-    handler.close()
+                                + (" that reads" if steps else ""))
     lora = jax.tree_util.tree_map(np.asarray, state["lora"])
     if variant:
         lora = lora_lib.variant_of(lora, list(variants).index(variant), targets)
     return lora, targets
+
+
+def _read_state(path: Path) -> dict:
+    """The train state saved at `path` (a checkpoint's state/), on this process's first device."""
+    # the item's own handler: a Checkpointer would look for the step's metadata inside state/ (and
+    # warn that it is not there), a CheckpointManager would warn about the data/ item left unread
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        meta = handler.metadata(path)
+        meta = getattr(meta, "item_metadata", meta)  # orbax >= 0.11 wraps the tree
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), dict(meta))
+        return handler.restore(path, args=ocp.args.StandardRestore(target))
+    finally:
+        handler.close()
 
 
 def parse_loras(spec) -> list[tuple[str, float]]:

@@ -18,6 +18,11 @@ fit check compiles exactly the program prepare runs.
 from __future__ import annotations
 
 import functools
+import glob
+import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -44,14 +49,41 @@ PIXELS = PartitionSpec(None, None, None, "height", "width")  # pixels [B, 3, T, 
 
 # ----------------------------------------------------------------------------- meshes and shardings
 
-def join_processes(block) -> None:
-    """Join the processes of a multi-host command (jax.distributed.initialize) when a config's
-    `distributed` block (configs/common.py) is enabled; before any device is used."""
-    if block is None or not block.enabled:
+# what libtpu prints when it looks for TPU chips on a machine that has none (the `tpu` and `test`
+# extras install it): noise that reads as an error, dropped by `start`
+_TPU_PROBE = re.compile(r"TPU|libtpu|InitGoogle|Source Location Trace|^learning/|^=+ *$")
+_started = False
+
+
+def start(block=None) -> None:
+    """Start the devices of a command, once per process, before any device is used: join the
+    processes of a multi-host command first (jax.distributed.initialize) when the config's
+    `distributed` block (configs/common.py) is enabled. On a machine without TPU chips, what libtpu
+    (when installed) prints while it looks for them is dropped; anything else printed is kept."""
+    global _started
+    if _started:
         return
-    jax.distributed.initialize(coordinator_address=block.coordinator or None,
-                               num_processes=block.num_processes or None,
-                               process_id=block.process_id if block.process_id >= 0 else None)
+    if block is not None and block.enabled:
+        jax.distributed.initialize(coordinator_address=block.coordinator or None,
+                                   num_processes=block.num_processes or None,
+                                   process_id=block.process_id if block.process_id >= 0 else None)
+    _started = True
+    if os.environ.get("JAX_PLATFORMS") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return  # platforms chosen, or TPU chips here: every line may matter
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as printed:
+        saved = os.dup(2)
+        os.dup2(printed.fileno(), 2)
+        try:
+            jax.devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            printed.seek(0)
+            kept = [line for line in printed.read().decode(errors="replace").splitlines()
+                    if not _TPU_PROBE.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 def prepare_mesh(cfg):

@@ -14,6 +14,7 @@ prompt ("</s>", "<pad>", "<unk>", "<extra_id_N>") become their ids, as in transf
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import re
 from pathlib import Path
@@ -42,6 +43,8 @@ def find_spiece(path) -> Path:
 def read_prompts(path) -> list[str]:
     """The non-empty lines of a text file (surrounding whitespace stripped; '#' starts a comment line)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory (a prompt file is needed: one prompt per line)", str(path))
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     prompts = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]

@@ -23,12 +23,15 @@ whenever the run ends, so a run killed and resumed reads as one uninterrupted ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import signal
+import threading
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -39,6 +42,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from mochi_jax.checkpoints import dit_config, load_dit, lora_write, runs
+from mochi_jax.checkpoints.files import as_disk_error, writable_dir
 from mochi_jax.lib import placement
 from mochi_jax.lib import program as program_lib
 from mochi_jax.lib import sweep as sweep_lib
@@ -67,6 +71,15 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _row(line: bytes) -> dict | None:
+    """A metrics.jsonl row, or None for a line that is not one (torn by a kill, damaged, not UTF-8)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 class RunLog:
     """The records of a run in its directory (only process 0 writes):
 
@@ -88,7 +101,14 @@ class RunLog:
         path = run_dir / "progress.json"
         self.progress = {"validated": []}
         if path.is_file():
-            self.progress.update(json.loads(path.read_text()))
+            try:
+                progress = json.loads(path.read_bytes())
+                if not (isinstance(progress, dict) and all(isinstance(s, int) for s in progress["validated"])):
+                    raise ValueError
+                self.progress.update(progress)
+            except (ValueError, KeyError, TypeError):
+                if main:  # the worst it costs: the restored step's validation is run again
+                    log(f"{path} is damaged; it is rebuilt (a validation of the step resumed from runs again)")
 
     def validated(self, step: int) -> bool:
         return step in self.progress["validated"]
@@ -103,13 +123,11 @@ class RunLog:
             return self
         path, rows = self.run_dir / "metrics.jsonl", []
         if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and keep(row):
-                    rows.append(row)
+            read = [_row(line) for line in path.read_bytes().splitlines()]
+            rows = [row for row in read if row is not None and keep(row)]
+            damaged = read.count(None)
+            if damaged:
+                log(f"{path}: {damaged} damaged line{'s' if damaged > 1 else ''} (torn by a kill?) dropped")
             _replace_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         self._save_progress()
         self.file = open(path, "a")
@@ -177,9 +195,8 @@ class Run:
 
 
 def setup(cfg) -> Run:
-    """Join the processes, make the run directory, build the mesh, data and model; check that the
-    LoRA files can hold the targets; remove incomplete checkpoint folders."""
-    placement.join_processes(cfg.distributed)
+    """Make the run directory, build the mesh, data and model; check that the LoRA files can hold
+    the targets; remove incomplete checkpoint folders. (train() first joins the processes.)"""
     run_dir = Path(cfg.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     main = jax.process_index() == 0
@@ -230,7 +247,7 @@ def setup(cfg) -> Run:
     if broken and jax.process_count() > 1:
         multihost_utils.sync_global_devices("mochi_jax.train: incomplete checkpoints removed")
     if main:
-        (run_dir / "config.json").write_text(cfg.to_json(indent=2))
+        _replace_text(run_dir / "config.json", cfg.to_json(indent=2))
     return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings, step_fn=parts.step,
                loader=loader, heldout=heldout, manager=runs.checkpoint_manager(ckpt_dir, cfg.checkpoint.keep),
                removed=broken, sweep=sweep)
@@ -355,19 +372,19 @@ def load_state(run: Run) -> None:
             log(f"  {name}: " + ", ".join(f"{t.pattern} r{t.rank} a{t.alpha:g}" for t in sw.targets[k])
                 + f"; lr {o.lr:g} {o.schedule}, seed {sw.seed(k)}")
     ckpt_dir = run.run_dir / "checkpoints"
-    complete = runs.complete_steps(ckpt_dir)
-    latest = complete[-1] if complete else None
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
+    latest, state, data = runs.restore_newest(run.manager, abstract, log)
     if run.removed:
         log(f"checkpoint step{'s' if len(run.removed) > 1 else ''} {', '.join(map(str, run.removed))} in {ckpt_dir} "
             f"{'were' if len(run.removed) > 1 else 'was'} incomplete (a save or a clean-up killed half way) and "
             f"removed; " + (f"resuming from step {latest}, the newest complete checkpoint" if latest is not None
                             else "no complete checkpoint is left: starting from step 0"))
     if latest is not None:
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-        run.state, data = runs.restore_checkpoint(run.manager, latest, abstract)
+        run.state = state
         run.loader.set_state(data)
         log(f"resumed from {ckpt_dir} at step {latest}")
+    elif ckpt_dir.is_dir() and any(p.name.endswith(".damaged") for p in ckpt_dir.iterdir()):
+        log(f"no checkpoint in {ckpt_dir} restores: starting from step 0")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -378,19 +395,62 @@ def save(run: Run, step: int) -> None:
     runs.save_checkpoint(run.manager, step, run.state, run.loader.get_state())
 
 
-def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
-    """Train from the state's step to cfg.steps; returns False when stopped early by SIGTERM."""
+class Interrupted(BaseException):
+    """A stop signal arrived during work a resume redoes anyway (set-up, loading, validation)."""
+
+
+class Signals:
+    """SIGTERM and SIGINT over a whole run (`with Signals() as signals:`): the signal is recorded;
+    in the training loop the step under way ends, is saved, and the run stops (Stopped); while
+    `interruptible` (set-up, loading, a validation, which a resume redoes) it raises Interrupted at
+    once. A second signal while saving takes the default action (SIGINT: KeyboardInterrupt)."""
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
+    def __init__(self):
+        self.signal, self.interruptible, self.old = None, True, {}
+
+    def _on_signal(self, signum, _frame):
+        if self.signal is not None:
+            signal.signal(signum, self.old.get(signum, signal.SIG_DFL))
+        self.signal = signum
+        if self.interruptible:
+            raise Interrupted(signum)
+
+    @property
+    def name(self) -> str:
+        return self.NAMES.get(self.signal, str(self.signal))
+
+    def __enter__(self) -> "Signals":
+        if threading.current_thread() is threading.main_thread():  # Python takes signals on the main thread only
+            self.old = {sig: signal.signal(sig, self._on_signal) for sig in self.NAMES}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(Exception):
+    """The run stopped early on a signal, its state saved: rerun the same command to continue."""
+    exit_status = 75  # sysexits' EX_TEMPFAIL: try again
+
+
+class Diverged(FloatingPointError):
+    """Non-finite losses, `max_bad_steps` in a row for every LoRA: the run stops, its last checkpoint intact."""
+    exit_status = 3
+
+
+def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals | None = None) -> bool:
+    """Train from the state's step to cfg.steps (True); a stop signal (`signals`) ends the step under
+    way, saves it and raises Stopped."""
     cfg, sw = run.cfg, run.sweep
+    signals = signals or Signals()
+    signals.interruptible = False
     names = sw.names if sw is not None else ("",)  # one LoRA: no variant names
     # compiled: run eagerly, optax's schedule would move its Python numbers to the device behind the
     # loop's back; compiled, it also gives the lr the step applies (the eager value can be 1 ulp off)
     schedules = [jax.jit(training.lr_schedule(c.optim)) for c in (sw.configs if sw is not None else (cfg,))]
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old_handler = signal.signal(signal.SIGTERM, on_signal)
     step = int(jax.device_get(run.state["step"]))
     bad, t_last, s_last = np.zeros(len(names), int), time.time(), step  # non-finite steps in a row, per LoRA
     compiled, c_time, c_steps = set(), 0.0, 0  # batch shapes seen; compile steps' time and count since t_last
@@ -424,10 +484,13 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
                         f"skipped ({bad[k]} in a row)")
                 metrics.write(step, {"nonfinite": int((~finite).sum())})
                 if (bad >= cfg.max_bad_steps).all():
-                    raise FloatingPointError(
+                    run.manager.wait_until_finished()
+                    last = run.manager.latest_step()
+                    raise Diverged(
                         f"{bad.min()} non-finite losses in a row up to step {step}"
-                        f"{' for every LoRA of the sweep' if sw is not None else ''}; stopping. The last checkpoint "
-                        f"({run.manager.latest_step()}) is intact; lower optim.lr or check the data.")
+                        f"{' for every LoRA of the sweep' if sw is not None else ''}; stopped. The last checkpoint "
+                        f"({'none' if last is None else f'step {last}'}) is intact; lower --config.optim.lr "
+                        f"or check the data")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.time()
                 counted = step - s_last - c_steps  # compile steps are left out of the rate
@@ -448,26 +511,39 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog) -> bool:
                     bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
                 else:
                     bar.set_postfix_str("loss " + " ".join(f"{n} {x:.4f}" for n, x in zip(names, losses)))
-            if step % cfg.checkpoint.every == 0 or step == cfg.steps or stop["signal"] is not None:
+            saved = step % cfg.checkpoint.every == 0 or step == cfg.steps or signals.signal is not None
+            if saved:
                 save(run, step)
-            if validator.due(step):
-                validate(run, validator, metrics, step)
-            if stop["signal"] is not None:
+            if validator.due(step) and signals.signal is None:
+                validate(run, validator, metrics, step, signals)  # a signal stops it; the resume redoes it
+            if signals.signal is not None:
+                if not saved:
+                    save(run, step)
                 run.manager.wait_until_finished()
-                log(f"signal {stop['signal']}: saved step {step}; resume with the same command")
-                return False
+                raise Stopped(f"stopped by {signals.name} after step {step}, which is saved in "
+                              f"{run.run_dir / 'checkpoints'}; rerun the same command to continue")
         bar.close()
         return True
     finally:
         run.manager.wait_until_finished()
-        signal.signal(signal.SIGTERM, old_handler)
 
 
 def _who(name: str) -> str:
     return f"variant {name}: " if name else ""
 
 
-def validate(run: Run, validator: Validator, metrics: RunLog, step: int) -> None:
+def validate(run: Run, validator: Validator, metrics: RunLog, step: int, signals: Signals | None = None) -> None:
+    """Run the validation of `step` and record it. With `signals`, a stop signal ends it at once
+    (Interrupted is caught; the step is left unmarked, so a resume validates it again)."""
+    if signals is not None:
+        signals.interruptible = True
+        try:
+            validate(run, validator, metrics, step)
+        except Interrupted:
+            log(f"step {step}: {signals.name} during the validation; it runs again on resume")
+        finally:
+            signals.interruptible = False
+        return
     values, videos = validator(step, run.params, run.state["lora"], run.run_dir)
     if videos:
         log(f"step {step}: validation videos {', '.join(videos)}")
@@ -504,26 +580,71 @@ def export(run: Run) -> None:
 
 
 def train(cfg) -> Path:
-    """Run (or resume) the training described by `cfg` (configs/lora.py); returns the run directory."""
-    run = setup(cfg)
-    validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets, run.sweep)  # T5 comes and goes before the DiT
-    load_state(run)
-    step = int(run.state["step"])
-    records = RunLog(run.run_dir, run.main)
-    # a checkpoint is saved before its step's validation runs, so a kill during that validation
-    # (the final one included) resumes from this step with the validation still to do
-    redo = step > 0 and validator.due(step) and not records.validated(step)
-    if jax.process_count() > 1:  # every process takes part in validation: one decision
-        redo = bool(multihost_utils.broadcast_one_to_all(np.int32(redo)))
-    records.open(step, redo_validation=redo)
+    """Run (or resume) the training described by `cfg` (configs/lora.py); returns the run directory.
+    Holds the run directory's lock throughout (runs.RunLock). remat='auto' is resolved here to the
+    setting the compiler says fits (recorded in the run directory and its config.json). Raises Stopped
+    (a stop signal; saved) or Diverged; a launch that fails before its first step leaves no run
+    directory it made."""
+    placement.start(cfg.distributed)
+    run_dir = Path(cfg.run_dir).absolute()
+    fresh = not run_dir.exists()
+    writable_dir(run_dir)  # a read-only or misplaced run folder fails now, not at the first checkpoint
+    with Signals() as signals, _lock(run_dir):
+        started = ended = False
+        try:
+            if cfg.model.remat == "auto":
+                choice = resolve_auto_remat(cfg, *largest_latent(Cache(cfg.cache)))
+                cfg.model.remat, cfg.model.remat_groups = choice.remat, choice.groups
+                log(f"remat auto -> {choice.describe()}" if choice.tried else
+                    f"remat auto -> {choice.groups or choice.remat} (picked for these settings before: "
+                    f"{REMAT_RECORD} in the run directory)")
+            run = setup(cfg)
+            validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets, run.sweep)  # T5 comes and goes first
+            load_state(run)
+            step = int(run.state["step"])
+            records = RunLog(run.run_dir, run.main)
+            # a checkpoint is saved before its step's validation runs, so a kill during that validation
+            # (the final one included) resumes from this step with the validation still to do
+            redo = step > 0 and validator.due(step) and not records.validated(step)
+            if jax.process_count() > 1:  # every process takes part in validation: one decision
+                redo = bool(multihost_utils.broadcast_one_to_all(np.int32(redo)))
+            records.open(step, redo_validation=redo)
+            started = True
+            try:
+                if redo:
+                    log(f"step {step}: the validation after this checkpoint did not finish; running it again")
+                    validate(run, validator, records, step)
+                run_steps(run, validator, records, signals)
+            finally:
+                records.close()
+                run.manager.close()
+            export(run)
+            ended = True
+        except Interrupted as e:
+            raise Stopped(f"stopped by {Signals.NAMES.get(e.args[0], e.args[0])} before any new step; "
+                          f"rerun the same command to continue") from None
+        except Exception as e:
+            failed = as_disk_error(e, run_dir)
+            if failed is e:
+                raise
+            runs.remove_partial(run_dir / "checkpoints")  # a checkpoint the full disk cut short
+            raise failed from None
+        finally:
+            if fresh and not started and not ended and jax.process_index() == 0:
+                shutil.rmtree(run_dir, ignore_errors=True)  # made by this launch, which did nothing in it
+    return run_dir
+
+
+def _lock(run_dir: Path):
+    """The run directory's lock, taken by process 0 for all (each process learns whether it got it)."""
+    lock = runs.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+    if jax.process_count() == 1:
+        return lock
+    refused = None
     try:
-        if redo:
-            log(f"step {step}: the validation after this checkpoint did not finish; running it again")
-            validate(run, validator, records, step)
-        finished = run_steps(run, validator, records)
-    finally:
-        records.close()
-        run.manager.close()
-    if finished:
-        export(run)
-    return run.run_dir
+        lock.__enter__()
+    except runs.RunInUse as e:
+        refused = e
+    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)):
+        raise refused or runs.RunInUse(f"{run_dir} is in use by another trainer (process 0 says which)")
+    return contextlib.closing(types.SimpleNamespace(close=lambda: lock.__exit__(None, None, None)))

@@ -41,6 +41,15 @@ def draw_noise(rng, batch, caption_dropout: float = 0.0) -> dict:
             "lora_rng": k_lora}
 
 
+def condition(batch, drop):
+    """The text the DiT is given: the batch's T5 features and mask, with dropped captions (`drop`
+    [B] bool) zeroed, features and mask, as genmo's fine-tuner does. This is the unconditional
+    branch a LoRA learns, and what the sampler's empty negative prompt is by default
+    (sampling.zero_empty_negative)."""
+    feats = jnp.where(drop[:, None, None], 0.0, batch["t5_feats"].astype(jnp.float32))
+    return feats, batch["t5_mask"].astype(bool) & ~drop[:, None]
+
+
 def flow_loss(model, params, lora, batch, noise, formulation: str = "normalized"):
     """The official fine-tuner's rectified-flow loss for one batch (noise from `draw_noise`).
 
@@ -64,9 +73,7 @@ def flow_loss(model, params, lora, batch, noise, formulation: str = "normalized"
     if formulation == "reference":
         target = vae_lib.vae_to_dit(target)  # (u - latents_mean) / latents_std
 
-    drop = noise["drop"]
-    feats = jnp.where(drop[:, None, None], 0.0, batch["t5_feats"].astype(jnp.float32))
-    mask = batch["t5_mask"].astype(bool) & ~drop[:, None]
+    feats, mask = condition(batch, noise["drop"])
     cdt = jnp.dtype(model.cfg.compute_dtype)
     pred = model.apply({"params": params, "lora": lora}, z_sigma.astype(cdt), feats.astype(cdt), mask,
                        1000.0 * (1.0 - sigma),

@@ -23,6 +23,7 @@ so memory stays at the size of the output clip.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 from pathlib import Path
@@ -323,18 +324,47 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.mp4'}")
     try:
+        # ffmpeg's own errors are not printed: a failed write is found below and named in one line
         writer = imageio_ffmpeg.write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, quality=quality,
-                                             codec="libx264", macro_block_size=1, ffmpeg_log_level="error")
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
+                                             codec="libx264", macro_block_size=1, ffmpeg_log_level="fatal")
+        try:
+            writer.send(None)
+            for frame in frames:
+                writer.send(np.ascontiguousarray(frame))
+        except OSError:  # ffmpeg died (a full disk): the check below says why
+            pass
         writer.close()
-        if not tmp.is_file() or tmp.stat().st_size == 0:
-            raise OSError(f"ffmpeg wrote nothing for {path}")
+        if not _whole_mp4(tmp):
+            full = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize < (1 << 20)
+            if full:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(errno.EIO, "ffmpeg could not write the video", str(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _whole_mp4(path: Path) -> bool:
+    """Whether `path` is an MP4 that was written to its end: its top-level boxes fill the file
+    exactly and one is the index ('moov'), which ffmpeg writes last."""
+    try:
+        size, boxes = path.stat().st_size, set()
+        with open(path, "rb") as f:
+            at = 0
+            while at + 8 <= size:
+                f.seek(at)
+                head = f.read(16)
+                n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+                if n == 1 and len(head) == 16:
+                    n = int.from_bytes(head[8:16], "big")  # a 64-bit size
+                if n < 8:
+                    return False
+                boxes.add(kind)
+                at += n
+        return at == size and b"moov" in boxes
+    except OSError:
+        return False
 
 
 def write_image(path, frame) -> Path:
