@@ -17,10 +17,12 @@ own exit status (the exception's `exit_status`; the statuses are listed in the R
 
 from __future__ import annotations
 
+import ast
 import difflib
 import errno
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from importlib import resources
@@ -43,6 +45,27 @@ def resolve_config(spec: str) -> str:
     if p.parent.name in ("configs", "") and installed.is_file():
         return str(installed) + sep + preset
     return spec
+
+
+class ListParser(flags.ArgumentParser):
+    """--config.<list field>='["a", "b"]' (or a tuple, or JSON): list and tuple fields of a config are
+    set from the command line as Python literals; a bare word is a list of one."""
+
+    syntactic_help = 'a Python list, e.g. \'["a dog surfing", "a cat"]\''
+
+    def parse(self, argument):
+        if isinstance(argument, (list, tuple)):
+            return list(argument)
+        try:
+            value = ast.literal_eval(argument)
+        except (ValueError, SyntaxError):
+            return [argument]  # a single string
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return [value]
+
+
+config_flags.register_flag_parser_for_type(list, ListParser())
 
 
 class BadFlags(ValueError):
@@ -82,6 +105,62 @@ def check_fields(config, argv: list[str]) -> None:
                                f"{'its' if where else 'the'} fields: {', '.join(sorted(map(str, fields)))}"
                                if fields else f"{name}: {place} is a value, not a block of fields")
             node, where = node[part], where + [part]
+
+
+def field_comments(*files) -> dict:
+    """Comments of config fields, read from config files: the comment on a field's line, else the
+    comment lines just above it. A `c.a.b = ...` line gives the field 'a.b'; a line with one
+    `name=...` keyword gives (block, 'name'), the block being the last name of the latest `c.<path> =`
+    or `def <block>(` line above it (common.py's block functions are named as the blocks)."""
+    out: dict = {}
+    block = ""
+    for path in files:
+        above: list[str] = []
+        for line in Path(path).read_text().splitlines():
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("# "))
+                continue
+            code, _, trailing = line.partition("  #")
+            comment, above = trailing.strip() or " ".join(above), []
+            target = re.match(r"\s*c\.([A-Za-z_][\w.]*)\s*=(?!=)", code)
+            function = re.match(r"\s*def ([A-Za-z_]\w*)\(", code)
+            if target or function:
+                block = target.group(1).rsplit(".", 1)[-1] if target else function.group(1)
+            keywords = re.findall(r"(?:^|[\s,(])([A-Za-z_]\w*)=(?!=)", code)
+            if not comment:
+                continue
+            if target:
+                out.setdefault(target.group(1), comment)
+            elif len(keywords) == 1:
+                out.setdefault((block, keywords[0]), comment)
+    return out
+
+
+def fields_help(spec: str, command: str) -> str:
+    """What --help prints: the config file's description and every field with its default and the
+    comment beside it in the config files."""
+    path = Path(spec.partition(":")[0])
+    config = _load_config(spec)
+    comments = field_comments(path, path.with_name("common.py"))
+    module = ast.get_docstring(ast.parse(path.read_text())) or ""
+    lines = [f"python -m {command} --config={path.parent.name}/{path.name}[:preset] [--config.<field>=<value> ...]",
+             "", module, "", "Fields (default; the comment beside it in the config file):"]
+
+    def walk(node, where):
+        for key in node.keys():
+            value, name = node[key], ".".join([*where, str(key)])
+            if hasattr(value, "keys") and len(value):
+                walk(value, [*where, str(key)])
+                continue
+            note = comments.get(name) or comments.get((where[-1] if where else "", str(key)), "")
+            note = note if len(note) <= 160 else note[:157] + "..."
+            shown = value.to_dict() if hasattr(value, "to_dict") else value  # an empty block: {}
+            lines.append(f"  --config.{name}={shown!r}" + (f"  # {note}" if note else ""))
+
+    walk(config, [])
+    lines += ["", "Lists and tuples are set as Python literals, e.g. --config.validation.prompts='[\"a\", \"b\"]'."]
+    return "\n".join(lines)
 
 
 def _resolve_argv(argv: list[str], default: str) -> list[str]:
@@ -157,13 +236,15 @@ def run(default_config: str, fn, help_text: str, command: str):
             sys.exit(2)
 
     argv = _resolve_argv(list(sys.argv), default_config)
-    if not any(a in ("--help", "--helpfull", "--helpshort", "-h") for a in argv):
-        try:
-            spec = next(a for a in argv[1:] if a.startswith("--config=")).split("=", 1)[1]
-            check_fields(_load_config(spec), argv)
-        except BadFlags as e:
-            print(f"{command}: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+    spec = next(a for a in argv[1:] if a.startswith("--config=")).split("=", 1)[1]
+    try:
+        if any(a in ("--help", "-h", "--helpshort") for a in argv[1:]):
+            print(fields_help(spec, command))
+            sys.exit(0)
+        check_fields(_load_config(spec), argv)
+    except BadFlags as e:
+        print(f"{command}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         app.run(main, argv=argv, flags_parser=parse)
     except SystemExit as e:

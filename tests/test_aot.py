@@ -170,7 +170,7 @@ def test_keeping_attn_skips_the_attention_forward_in_the_backward(target, attent
     (["--config.aot.target=v9-8"], "unknown TPU generation 'v9'"),
     (["--config.aot.target=h100", "--config.aot.what=t5"], "needs a prepare config"),
     (["--config.aot.target=h100", "--config.aot.num_frames=36"], "num_frames must be 6k+1"),
-    (["--config.aot.tagret=h100"], "bad flags"),
+    (["--config.aot.tagret=h100"], "aot has no field 'tagret'; did you mean aot.target?"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, words):
     p = aot("--config=configs/lora.py", *flags)

@@ -218,6 +218,11 @@ def test_every_command_reports_user_errors_in_one_line_with_status_2(tmp_path):
         (["-m", "mochi_jax.train", "--config.no_such_field=1"], "mochi_jax.train: --config.no_such_field: the config "
                                                                  "has no field 'no_such_field'"),
         (["-m", "mochi_jax.train", "--config.steps=abc"], "mochi_jax.train: bad flags: flag --config.steps=abc: "),
+        # list and tuple fields set as Python literals: the flags are taken, the missing input is named
+        (["-m", "mochi_jax.train", '--config.validation.prompts=["a dog surfing", "a cat"]',
+          f"--config.cache={tmp_path / 'nocache'}"], f"mochi_jax.train: {tmp_path / 'nocache' / 'manifest.json'}: "),
+        (["-m", "mochi_jax.prepare", "--config.buckets=((480,848),(848,480))", f"--config.input_dir={tmp_path / 'no'}"],
+         f"mochi_jax.prepare: {tmp_path / 'no'}: input_dir does not exist"),
         (["-m", "mochi_jax.sample", "--config=configs/nope.py"], "mochi_jax.sample: --config=configs/nope.py: no such"),
         (["-m", "mochi_jax.sample", f"--config.model.dit={tmp_path / 'nodit'}"],
          f"mochi_jax.sample: {tmp_path / 'nodit'}: No such checkpoint (make one with tools/convert_weights.py "),
