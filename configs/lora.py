@@ -62,7 +62,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         grad_clip=0.0,  # global-norm clipping; 0 = none (the reference does not clip)
         grad_accum=1,  # micro-batches per optimizer update
     ))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3))
+    # every `every` steps: a checkpoint (the last `keep` kept) and its LoRA file pair in run_dir/loras/
+    # (the last `keep_loras` kept; 0 = all)
+    c.checkpoint = ml_collections.ConfigDict(dict(every=200, keep=3, keep_loras=0))
     c.max_bad_steps = 10  # consecutive non-finite losses before the run stops
 
     c.validation = ml_collections.ConfigDict(dict(

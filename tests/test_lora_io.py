@@ -186,7 +186,8 @@ def test_diffusers_files_match_diffusers_loader(base, tmp_path, name):
     # 1. our export, read by diffusers
     spec = dict(SPEC, **{r"mlp_y/w2$": (1, 1.0), r"^blocks/mod_x$": (2, 3.0)})
     tree, targets = random_lora(params, spec, seed=5)
-    lora_write.save_diffusers(tmp_path / "ours.safetensors", tree, targets)
+    # with the trainer's metadata (`about`), which diffusers does not read
+    lora_write.save_diffusers(tmp_path / "ours.safetensors", tree, targets, about={"project": "mochi_jax", "step": 3})
     ref = diffusers_out(tmp_path, "ours.safetensors")
     ours = forward(cfg, params, inp, tree, targets)
     assert rel_l2(ref, ref_base) > 1e-2  # diffusers really applied the adapters

@@ -564,3 +564,29 @@ def test_a_full_disk_ends_the_run_with_one_line_and_no_partial_checkpoint(demo_r
     assert not list((disk / "run" / "checkpoints").iterdir())
     printed = "".join(capfd.readouterr())
     assert "Traceback" not in printed and "ERROR:absl" not in printed, printed[-3000:]
+
+
+def test_every_checkpoint_leaves_a_lora_file_pair_that_says_what_it_is(demo_root):
+    """loras/<run>-step<N>.safetensors (genmo / ComfyUI) and .diffusers.safetensors at each
+    checkpoint, the oldest beyond checkpoint.keep_loras removed; each holds that checkpoint's LoRA
+    and metadata naming the base, the step and the targets; `<run>/checkpoints/<step>` reads as a LoRA."""
+    cfg = _cfg(demo_root, "per_step", steps=6, log_every=1)
+    cfg.checkpoint.every = 2
+    cfg.checkpoint.keep_loras = 2
+    cfg.validation.every = 0
+    run = Path(train.train(cfg))
+    assert sorted(p.name for p in (run / trainer.LORAS).iterdir()) == [
+        "per_step-step000004.diffusers.safetensors", "per_step-step000004.safetensors",
+        "per_step-step000006.diffusers.safetensors", "per_step-step000006.safetensors"]
+    dit_cfg = dit_config(cfg.model)
+    want, want_targets = runs.load_run_lora(run / "checkpoints" / "4")
+    assert runs.complete_steps(run / "checkpoints") == [2, 4, 6]
+    path = ("blocks", "attn", "qkv_x")
+    for name in ("per_step-step000004.safetensors", "per_step-step000004.diffusers.safetensors"):
+        loaded, targets, info = lora_read.load_lora(run / trainer.LORAS / name, cfg=dit_cfg)
+        np.testing.assert_allclose(lora_delta64(loaded, targets, path), lora_delta64(want, want_targets, path),
+                                   rtol=1e-6, atol=1e-8)
+        assert info["about"]["step"] == 4 and info["about"]["base_model"] == cfg.model.dit
+        assert info["about"]["targets"] == [dict(pattern=t.pattern, rank=t.rank, alpha=t.alpha) for t in want_targets]
+    final, _ = runs.load_run_lora(run)
+    assert not np.array_equal(final["blocks"]["attn"]["qkv_x"]["b"], want["blocks"]["attn"]["qkv_x"]["b"])

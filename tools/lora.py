@@ -8,7 +8,9 @@
 SRC / LORA: a .safetensors LoRA in genmo/ComfyUI (`blocks.N.attn.qkv_x.lora_A`, optional
 `diffusion_model.` prefix), kohya (`lora_unet_blocks_N_...lora_down.weight`) or diffusers
 (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`) naming, detected from the keys;
-SRC may also be a training run directory (the LoRA of its newest complete checkpoint).
+SRC may also be a training run directory (the LoRA of its newest complete checkpoint) or one of
+its checkpoints, <run>/checkpoints/<step>. The trainer also writes a file pair per checkpoint in
+<run>/loras/; `info` shows what such a file says about itself (base model, step, targets, lr).
 --to genmo writes the file ComfyUI and genmo's loader read identically; --to diffusers the one
 `MochiPipeline.load_lora_weights` reads (diffusers 0.32 and later, exactly: one rank for every
 adapter). Neither tool reads the other's naming, so ship both. Adapters that are zero in every
@@ -68,7 +70,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="rewrite a LoRA file (or a training run's LoRA) in genmo or diffusers naming")
-    c.add_argument("src", help="a LoRA .safetensors file or a training run directory")
+    c.add_argument("src", help="a LoRA .safetensors file, a training run directory or <run>/checkpoints/<step>")
     c.add_argument("out")
     c.add_argument("--to", required=True, choices=["genmo", "diffusers"])
     c.add_argument("--depth", type=int, default=None, help="number of DiT blocks (Mochi 1: 48)")
@@ -120,6 +122,11 @@ def main(argv=None):
                 print(json.dumps(about, indent=1))
             else:
                 print(f"{about['file']}: {about['format']} LoRA, {depth_text}")
+                trained = about["about"]
+                if trained:
+                    print(f"  trained by {trained.get('project', '?')}: step {trained.get('step')} of run "
+                          f"{trained.get('run')!r} on {trained.get('base_model')}, lr {trained.get('lr')}, "
+                          f"seed {trained.get('seed')}, {trained.get('clips')} clips")
                 for name, d in about["layers"].items():
                     extra = "".join([f", {len(d['zero_blocks'])} all-zero blocks left out" if d["zero_blocks"] else "",
                                      f", {d['zero_rank_dropped']} all-zero rank components left out"

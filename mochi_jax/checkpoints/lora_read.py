@@ -84,6 +84,14 @@ def _peft_lookup(patterns: Mapping, name: str, default):
     return default
 
 
+def _about(meta: dict) -> dict:
+    try:
+        about = json.loads(meta.get("mochi_jax", "{}"))
+    except ValueError:
+        return {}
+    return about if isinstance(about, dict) else {}
+
+
 def load_lora(path, depth: int | None = None, cfg: DiTConfig | None = None):
     """Read a LoRA .safetensors file (genmo/ComfyUI, kohya or diffusers spelling).
 
@@ -260,7 +268,8 @@ def _assemble(path: Path, pieces: dict, depth: int, inferred: bool, fmt: str, ge
              for (group, layer), per_block in pieces.items() for ps in per_block.values() for p in ps} - {None}
     info = {"file": str(path), "format": fmt, "depth": depth, "depth_inferred": inferred, "layers": {},
             "zero_layers": [], "notes": _notes(fmt, genmo_kwargs, meta, pieces),
-            "text_width": shown.pop() if len(shown) == 1 else None}  # as the file's shapes show it
+            "text_width": shown.pop() if len(shown) == 1 else None,  # as the file's shapes show it
+            "about": _about(meta)}  # what the trainer wrote about the file (lora_write's `about`), or {}
     for (group, layer), per_block in sorted(pieces.items()):
         fused = {n: _fuse(ps, path) for n, ps in per_block.items()}
         dims = {(a.shape[0], b.shape[1]) for a, b, _, _ in fused.values()}

@@ -78,8 +78,12 @@ def _write(path, tensors: dict, metadata: dict, dtype):
                              {k: str(v) for k, v in metadata.items()})
 
 
+ABOUT_KEY = "mochi_jax"  # the safetensors metadata entry with what the file is (`about`: JSON)
+
+
 def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | None = None,
-               cfg: DiTConfig | None = None, dtype="float32", text_width: int | None = None):
+               cfg: DiTConfig | None = None, dtype="float32", text_width: int | None = None,
+               about: Mapping | None = None):
     """Write a genmo-native LoRA that ComfyUI and genmo's own loader read identically.
 
     Keys `blocks.N.<layer>.lora_A` [r, in] / `.lora_B` [out, r], alpha/r folded into lora_B,
@@ -90,7 +94,9 @@ def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | 
     mlp/mod adapters are written 1:1 (ComfyUI applies them; genmo's loader has no such layers).
     With `cfg` (the DiT's config) a LoRA on one stream only (e.g. qkv_x and proj_x) and one on
     the last block only are written too; without it the text width and depth are read off the
-    factors, which such LoRAs do not show: then `text_width` (and `depth`) give them."""
+    factors, which such LoRAs do not show: then `text_width` (and `depth`) give them. `about` (JSON:
+    base model, step, targets, ...) goes into the file's metadata as `mochi_jax`, which ComfyUI,
+    genmo and diffusers do not read."""
     depth = _depth(depth, cfg)
     depth, layers, dropouts = _export_layers(lora, targets, depth)
     width, shown = _widths(layers, depth, cfg)
@@ -122,7 +128,11 @@ def save_genmo(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | 
     for (n, layer), (a, b) in sorted(layers.items()):
         key = f"blocks.{n}.{layer.replace('/', '.')}"
         tensors[key + ".lora_A"], tensors[key + ".lora_B"] = a.T, b.T
-    return _write(path, tensors, {"kwargs": json.dumps(kwargs)}, dtype)
+    return _write(path, tensors, {"kwargs": json.dumps(kwargs), **_about(about)}, dtype)
+
+
+def _about(about: Mapping | None) -> dict:
+    return {ABOUT_KEY: json.dumps(dict(about), sort_keys=True)} if about else {}
 
 
 def _depth(depth: int | None, cfg: DiTConfig | None) -> int | None:
@@ -148,7 +158,7 @@ def _widths(layers: dict, depth: int, cfg: DiTConfig | None) -> tuple[int, int |
 
 
 def save_diffusers(path, lora: Mapping, targets: Sequence[LoraTarget], depth: int | None = None,
-                   cfg: DiTConfig | None = None, dtype="float32"):
+                   cfg: DiTConfig | None = None, dtype="float32", about: Mapping | None = None):
     """Write a diffusers LoRA (`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`, ...)
     that `MochiPipeline.load_lora_weights` of every diffusers release with Mochi LoRAs (0.32 on)
     applies exactly: the scale folded into lora_B, no alpha metadata (diffusers then takes alpha =
@@ -158,7 +168,8 @@ def save_diffusers(path, lora: Mapping, targets: Sequence[LoraTarget], depth: in
     to_q/to_k/to_v adapters sharing lora_A, with lora_B the row thirds. Adapters that add
     nothing (all-zero factors, as a genmo file's zero partners) are left out, and so are rank
     components whose a column or b row is zero (e.g. an earlier zero-padding). `cfg` (or `depth`) says
-    which block is the last, needed when the LoRA adapts only the last block."""
+    which block is the last, needed when the LoRA adapts only the last block. `about`: as in
+    save_genmo."""
     depth, layers, _ = _export_layers(lora, targets, _depth(depth, cfg))
 
     def modules(drop_zeros: bool) -> dict:
@@ -183,7 +194,7 @@ def save_diffusers(path, lora: Mapping, targets: Sequence[LoraTarget], depth: in
     for key, (a, b) in adapters.items():
         a_pad, b_pad = lora_lib.pad_rank(a, b, rank)
         tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a_pad.T, b_pad.T
-    return _write(path, tensors, {"format": "pt"}, dtype)
+    return _write(path, tensors, {"format": "pt", **_about(about)}, dtype)
 
 
 def merge_checkpoint(base_dir, lora, out, strength: float = 1.0, unmerge: bool = False,

@@ -315,10 +315,14 @@ def expand_sweeps(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
 
 def load_run_lora(run_dir, step: int | None = None):
     """(factors, targets) of a training run: the LoRA of checkpoint `step` (default: the newest
-    complete one) as numpy arrays on the host, with the targets of the run's config.json. Reads
+    complete one; `run_dir` may also name one, <run>/checkpoints/<step>) as numpy arrays on the
+    host, with the targets of the run's config.json. Reads
     only the train state's LoRA, whatever mesh or hosts wrote it. For a sweep, `run_dir` is
     <run>/variants/<name>: that variant's LoRA."""
-    run_dir, variant = split_variant(Path(run_dir).absolute())
+    run_dir = Path(run_dir).absolute()
+    if run_dir.parent.name == "checkpoints" and run_dir.name.isdigit() and step is None:
+        run_dir, step = run_dir.parent.parent, int(run_dir.name)  # <run>/checkpoints/<step>: that checkpoint
+    run_dir, variant = split_variant(run_dir)
     cfg = run_config(run_dir)
     variants = dict(sweep_variants(cfg))
     if variants and variant is None:

@@ -390,9 +390,11 @@ def load_state(run: Run) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 def save(run: Run, step: int) -> None:
+    """Checkpoint `step` (asynchronously) and write its LoRA files (write_loras)."""
     # every process has taken the same number of batches, so process 0's loader position (the one
     # orbax writes) is every process's position
     runs.save_checkpoint(run.manager, step, run.state, run.loader.get_state())
+    write_loras(run, step)
 
 
 class Interrupted(BaseException):
@@ -556,27 +558,64 @@ def validate(run: Run, validator: Validator, metrics: RunLog, step: int, signals
 
 # ----------------------------------------------------------------------------- export
 
-def export(run: Run) -> None:
-    """Write the LoRA as lora.safetensors (genmo / ComfyUI) and lora_diffusers.safetensors; a sweep
-    writes each variant's into variants/<name>/, with config.json, the config of that LoRA alone."""
+LORAS = "loras"  # the LoRA file pair of every checkpoint, beside config.json (or a sweep variant's)
+
+
+def about(run: Run, step: int, cfg, targets) -> dict:
+    """What a LoRA file of this run says about itself (safetensors metadata, `tools/lora.py info`)."""
+    return {"project": "mochi_jax", "base_model": str(run.cfg.model.dit), "step": step, "run": run.run_dir.name,
+            "targets": [dict(pattern=t.pattern, rank=t.rank, alpha=t.alpha) for t in targets],
+            "lr": cfg.optim.lr, "seed": cfg.seed, "batch_size": run.cfg.batch_size, "clips": run.loader.plan.num_clips}
+
+
+def write_loras(run: Run, step: int, final: bool = False) -> list[Path]:
+    """The LoRA as a genmo / ComfyUI file and a diffusers file: at a checkpoint, into loras/ as
+    <run>-step<N>.safetensors and <run>-step<N>.diffusers.safetensors (the oldest beyond
+    checkpoint.keep_loras removed; 0 keeps all); at the end (`final`) as lora.safetensors and
+    lora_diffusers.safetensors. A sweep writes each variant's into variants/<name>/ (with the config
+    of that LoRA alone). Every process takes part (the factors are gathered); process 0 writes."""
     lora = multihost_utils.process_allgather(run.state["lora"], tiled=True)  # whole factors on every host
     sw = run.sweep
     if sw is None:
-        outputs = [(run.run_dir, lora, run.targets, None)]
+        outputs = [(run.run_dir, run.run_dir.name, lora, run.targets, run.cfg, None)]
     else:
-        outputs = [(run.run_dir / "variants" / name, sweep_lib.unpad(sw, k, lora), sw.targets[k], sw.configs[k])
-                   for k, name in enumerate(sw.names)]
-    if run.main:
-        for folder, factors, targets, vcfg in outputs:
-            folder.mkdir(parents=True, exist_ok=True)
-            lora_write.save_genmo(folder / "lora.safetensors", factors, targets, cfg=run.dit_cfg)
-            lora_write.save_diffusers(folder / "lora_diffusers.safetensors", factors, targets, cfg=run.dit_cfg)
-            if vcfg is not None:
-                _replace_text(folder / "config.json", vcfg.to_json(indent=2))
+        outputs = [(run.run_dir / "variants" / name, f"{run.run_dir.name}-{name}", sweep_lib.unpad(sw, k, lora),
+                    sw.targets[k], sw.configs[k], sw.configs[k]) for k, name in enumerate(sw.names)]
+    written = []
+    if not run.main:
+        return written
+    for folder, stem, factors, targets, cfg, vcfg in outputs:
+        facts = about(run, step, cfg, targets)
+        if final:
+            genmo, diffusers = folder / "lora.safetensors", folder / "lora_diffusers.safetensors"
+        else:
+            genmo = folder / LORAS / f"{stem}-step{step:06d}.safetensors"
+            diffusers = genmo.with_name(f"{stem}-step{step:06d}.diffusers.safetensors")
+        genmo.parent.mkdir(parents=True, exist_ok=True)
+        lora_write.save_genmo(genmo, factors, targets, cfg=run.dit_cfg, about=facts)
+        lora_write.save_diffusers(diffusers, factors, targets, cfg=run.dit_cfg, about=facts)
+        written += [genmo, diffusers]
+        if vcfg is not None:
+            _replace_text(folder / "config.json", vcfg.to_json(indent=2))
+        keep = run.cfg.checkpoint.get("keep_loras", 0)
+        if not final and keep > 0:
+            saved = sorted(genmo.parent.glob(f"{stem}-step*.safetensors"))
+            steps = sorted({p.name[len(stem) + 5:len(stem) + 11] for p in saved})
+            for old in steps[:-keep]:
+                for f in genmo.parent.glob(f"{stem}-step{old}*.safetensors"):
+                    f.unlink()
+    return written
+
+
+def export(run: Run) -> None:
+    """The run's final LoRA files (write_loras), and the line that names them."""
+    sw = run.sweep
+    write_loras(run, int(run.state["step"]), final=True)
     where = (f"{run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) and {run.run_dir / 'lora_diffusers.safetensors'} "
              f"(diffusers)" if sw is None else
              f"{run.run_dir / 'variants'}/<{'|'.join(sw.names)}>/lora.safetensors and lora_diffusers.safetensors")
-    log(f"done: {int(run.state['step'])} steps; LoRA written to {where}")
+    log(f"done: {int(run.state['step'])} steps; LoRA written to {where}; one pair per checkpoint in "
+        f"{LORAS}/" + (" of each variant" if sw is not None else ""))
 
 
 def train(cfg) -> Path:

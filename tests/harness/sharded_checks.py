@@ -14,7 +14,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mochi_jax.lib import training
+from compiles import compiled_functions  # noqa: E402
+from mochi_jax.lib import training  # noqa: E402
 from mochi_jax.models import sharding  # noqa: E402
 from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
@@ -27,8 +28,10 @@ TARGETS = lora_lib.targets_from_config(
     {k: dict(v, rank=4, alpha=8.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
 OPTIM = ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
                                        schedule="constant", decay_steps=10, grad_clip=0.0, grad_accum=1))
-MESHES = {"data8": dict(data=8), "data2_fsdp4": dict(data=2, fsdp=4), "fsdp2_seq4": dict(fsdp=2, sequence=4),
-          "data2_seq4": dict(data=2, sequence=4)}
+# mesh -> (sizes, data): "even" clips have 2 * 2 * 4 = 16 visual tokens (4 per 'sequence' device), "uneven"
+# ones 1 * 2 * 3 = 6 (not divisible by the 4 'sequence' devices: padded); each against one device on the same data
+MESHES = {"data8": (dict(data=8), "even"), "data2_fsdp4": (dict(data=2, fsdp=4), "even"),
+          "fsdp2_seq4": (dict(fsdp=2, sequence=4), "even"), "data2_seq4": (dict(data=2, sequence=4), "uneven")}
 
 
 def batch(b=8, t=2, h=4, w=8, L=6, seed=0):
@@ -42,14 +45,20 @@ def batch(b=8, t=2, h=4, w=8, L=6, seed=0):
 
 
 def params():
+    """Random DiT weights, as numpy (drawn in one compiled program, not one per leaf; placed on each
+    mesh from the host, so no per-leaf slicing programs either)."""
     shapes = abstract_variables(CFG)["params"]
-    p = random_like(shapes, jax.random.PRNGKey(3))
-    p["pos_frequencies"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), shapes["pos_frequencies"].shape)
-    return p
+
+    def draw():
+        p = random_like(shapes, jax.random.PRNGKey(3))
+        p["pos_frequencies"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), shapes["pos_frequencies"].shape)
+        return p
+
+    return jax.tree_util.tree_map(np.asarray, jax.jit(draw)())
 
 
 def run(mesh_sizes, host_params, data, steps=2):
-    """Two training steps; returns (losses, grad norms, final LoRA as numpy, compiled memory)."""
+    """Two training steps; returns (losses, grad norms, final LoRA as numpy, final state, the step)."""
     model = MochiDiT(CFG, TARGETS)
     opt = training.make_optimizer(OPTIM)
     if mesh_sizes is None:
@@ -70,7 +79,7 @@ def run(mesh_sizes, host_params, data, steps=2):
         state, out = step(state, p, put(data[i]))
         losses.append(float(out["loss"]))
         norms.append(float(out["grad_norm"]))
-    return losses, norms, jax.tree_util.tree_map(np.asarray, state["lora"]), state
+    return losses, norms, jax.tree_util.tree_map(np.asarray, state["lora"]), state, step
 
 
 def rel(a, b):
@@ -80,22 +89,32 @@ def rel(a, b):
     return (num / den) ** 0.5
 
 
+def tokens(clip):
+    """Visual tokens per video: t * (h / p) * (w / p)."""
+    _, _, t, h, w = clip["mean"].shape
+    return t * (h // CFG.patch_size) * (w // CFG.patch_size)
+
+
 def main():
     out = {}
     hp = params()
-    data = [batch(seed=s) for s in range(2)]
-    ref_losses, ref_norms, ref_lora, _ = run(None, hp, data)
-    out["single"] = {"loss": ref_losses, "grad_norm": ref_norms}
-    for name, sizes in MESHES.items():
-        losses, norms, lora, state = run(sizes, hp, data)
-        out[name] = {"loss": losses, "grad_norm": norms, "lora_rel": rel(lora, ref_lora),
+    # two steps' batches of each kind: 8 videos, and 2 videos whose tokens the 'sequence' axis splits unevenly
+    data = {"even": [batch(seed=s) for s in range(2)],
+            "uneven": [batch(b=2, t=1, h=4, w=6, seed=5 + s) for s in range(2)]}
+    refs = {}
+    for kind, clips in data.items():
+        losses, norms, lora, _, _ = run(None, hp, clips)
+        refs[kind] = lora
+        out["single" if kind == "even" else "single_uneven"] = {"loss": losses, "grad_norm": norms,
+                                                                "tokens": tokens(clips[0])}
+    runs = {}  # mesh -> (final state, step), reused below
+    for name, (sizes, kind) in MESHES.items():
+        losses, norms, lora, state, step = run(sizes, hp, data[kind])
+        runs[name] = state, step
+        out[name] = {"data": kind, "loss": losses, "grad_norm": norms, "lora_rel": rel(lora, refs[kind]),
+                     "tokens": tokens(data[kind][0]), "sequence": sizes.get("sequence", 1),
                      "lora_kernel_sharding": str(state["lora"]["blocks"]["attn"]["qkv_x"]["a"].sharding.spec)}
 
-    # visual tokens that do not divide the 'sequence' axis: 1 * 2 * 3 = 6 tokens over 4 devices
-    uneven = [batch(b=2, t=1, h=4, w=6, seed=5)]
-    single, _, lora1, _ = run(None, hp, uneven, steps=1)
-    sharded, _, lora8, _ = run(dict(data=2, sequence=4), hp, uneven, steps=1)
-    out["uneven"] = {"loss": [single[0], sharded[0]], "lora_rel": rel(lora8, lora1)}
     # heads must divide sequence x tensor (4 heads over 8): a clear error
     try:
         run(dict(sequence=8), hp, [batch(b=1)], steps=1)
@@ -103,29 +122,33 @@ def main():
     except ValueError as e:
         out["heads_error"] = str(e)
 
-    # per-device parameter bytes of the compiled step fall as 1 / fsdp
+    # per-device parameter bytes of the compiled step fall as 1 / fsdp (data 8 / fsdp 1 and data 2 /
+    # fsdp 4 are the steps run above: their compiled programs are reused, not compiled again)
     model = MochiDiT(CFG, TARGETS)
     opt = training.make_optimizer(OPTIM)
+    ps = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), hp)
+    state = jax.eval_shape(lambda: training.init_state(model, opt, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+    b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data["even"][0].items()}
     mem = {}
     for f in (1, 2, 4, 8):
         mesh = sharding.make_mesh(dict(data=8 // f, fsdp=f))
         sh = training.train_shardings(model, opt, mesh)
-        ps = jax.eval_shape(params)
-        state = jax.eval_shape(lambda: training.init_state(model, opt, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
-        with sharding.activate(mesh):
-            compiled = training.make_train_step(model, opt, "normalized", 0.0, mesh, sh).jitted.lower(state, ps, b).compile()
+        ran = {1: "data8", 4: "data2_fsdp4"}.get(f)
+        step = runs[ran][1] if ran else training.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
+        with sharding.activate(mesh), compiled_functions() as names:
+            compiled = step.jitted.lower(state, ps, b).compile()
         params_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(ps))
         shard_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for s, x in
                           zip(jax.tree_util.tree_leaves(sh["params"]), jax.tree_util.tree_leaves(ps)))
         mem[f] = {"argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
-                  "param_shard_bytes": shard_bytes, "param_bytes": params_bytes}
+                  "param_shard_bytes": shard_bytes, "param_bytes": params_bytes, "compiled_again": len(names)}
     out["memory"] = mem
 
-    # a checkpoint written on a (2, 4) mesh restores on (4, 2) and on one device with equal values
+    # a checkpoint written on a (2, 4) mesh (the state after the data 2 / fsdp 4 run's two steps)
+    # restores on (4, 2) and on one device with equal values
     import orbax.checkpoint as ocp
 
-    _, _, _, state = run(dict(data=2, fsdp=4), hp, data, steps=1)
+    state = runs["data2_fsdp4"][0]
     d = tempfile.mkdtemp()
     mngr = ocp.CheckpointManager(d)
     mngr.save(1, args=ocp.args.StandardSave(state))
