@@ -28,6 +28,7 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -206,12 +207,13 @@ def fail(command: str, e: BaseException) -> int:
     return status or 2
 
 
-def run(default_config: str, fn, help_text: str, command: str):
+def run(default_config: str, fn, help_text: str, command: str, show_devices: bool = True):
     """Parse `--config` and call fn(config); `command` ('mochi_jax.train') prefixes error messages.
     absl logging is WARNING unless --verbosity is given (orbax logs every save and restore at
     INFO); JAX's os.fork warning is silenced because the only forks are ffmpeg subprocesses (fork +
     exec, no Python in the child). User errors exit with status 2 and one message (see above),
-    also flags absl or the config file refuse."""
+    also flags absl or the config file refuse. The first line names the devices (`show_devices`;
+    the fit check, which compiles for other devices, leaves it out)."""
     config = config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
     started = []
 
@@ -224,6 +226,8 @@ def run(default_config: str, fn, help_text: str, command: str):
         started.append(True)
         try:
             placement.start(config.value.get("distributed"))  # the processes joined, the devices up, quietly
+            if show_devices and jax.process_index() == 0:
+                print(f"{command}: {placement.describe_devices()}", flush=True)
             fn(config.value)
         except Exception as e:  # noqa: BLE001 - user errors become one line, bugs are re-raised
             sys.exit(fail(command, e))

@@ -136,6 +136,9 @@ def check_inputs(cfg) -> Inputs:
     style_emb = text_emb[-1] if cfg.style_prompt else None
 
     dit_cfg = dit_config(m, remat="none", remat_groups="")
+    note = placement.cpu_note(dit_cfg.width)
+    if note:
+        print(f"mochi_jax.evaluate: {note}", flush=True)
     variants = load_variants(cfg.loras, dit_cfg)
     stacked, targets = stack_adapters(variants)
     place = sampling.placement(dit_cfg, targets, sharding_lib.make_mesh(cfg.mesh.to_dict()), variants=True)

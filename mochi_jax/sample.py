@@ -61,6 +61,9 @@ def render(cfg):
         raise ValueError(f"batch_size ({cfg.batch_size}) and num_videos ({cfg.num_videos}) must be >= 1")
     prompts = prompts_of(cfg)
     dit_cfg = dit_config(m, remat="none", remat_groups="")
+    note = placement.cpu_note(dit_cfg.width)
+    if note:
+        print(f"mochi_jax.sample: {note}", flush=True)
     mesh = sharding_lib.make_mesh(cfg.mesh.to_dict())
     lora = load_loras(cfg.loras, dit_cfg)  # a bad LoRA file fails here, before any heavy work
     factors, targets = lora if lora is not None else ({}, ())

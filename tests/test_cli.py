@@ -53,3 +53,12 @@ def test_a_list_field_takes_a_python_literal_or_a_bare_word():
     assert parse('["a dog surfing", "a cat"]') == ["a dog surfing", "a cat"]
     assert parse("('a', 'b')") == ["a", "b"] and parse("[0.2, 0.8]") == [0.2, 0.8]
     assert parse("a dog surfing") == ["a dog surfing"]  # a bare word is a list of one
+
+
+def test_a_full_size_model_on_cpu_cores_gets_a_line_on_installing_a_gpu_or_tpu_runtime():
+    from mochi_jax.lib import placement
+
+    assert placement.describe_devices().startswith("devices: ") and "(cpu)" in placement.describe_devices()
+    note = placement.cpu_note(3072)  # Mochi 1's width, on this test's CPU devices
+    assert note and "pip install -e '.[cuda]'" in note and "pip install -e '.[tpu]'" in note
+    assert placement.cpu_note(32) is None  # the demo's tiny model runs on CPU as intended

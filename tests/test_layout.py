@@ -178,6 +178,7 @@ def test_commands_run_from_any_directory(tmp_path):
     out = run("mochi_jax.train", "--config=configs/lora.py:demo", "--config.run_dir=runs/demo/run",
               "--config.steps=4", "--config.checkpoint.every=4", "--config.validation.every=0")
     assert "done: 4 steps" in out and (tmp_path / "runs/demo/run/lora.safetensors").is_file()
+    assert out.startswith("mochi_jax.train: devices: 1 x cpu (cpu)\n"), out[:300]  # what the run runs on
     run("mochi_jax.sample", "--config=configs/sample.py:demo", "--config.sampling.steps=2",
         "--config.loras=runs/demo/run")
     assert list((tmp_path / "runs/demo/samples").glob("*.mp4"))

@@ -36,7 +36,7 @@ def main():
         sys.exit(0 if r.fits else 1)  # 0 fits, 1 does not, 2 bad input
 
     cli.run("configs/lora.py", command, "a configs/lora.py, sample.py or prepare.py config with an aot block",
-            command=PREFIX)  # flags it cannot take and user errors: one line, exit status 2
+            command=PREFIX, show_devices=False)  # flags it cannot take and user errors: one line, exit status 2
 
 
 if __name__ == "__main__":

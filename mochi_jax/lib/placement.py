@@ -86,6 +86,24 @@ def start(block=None) -> None:
                 print("\n".join(kept), file=sys.stderr, flush=True)
 
 
+def describe_devices() -> str:
+    """'devices: 8 x TPU v5 lite (tpu), 2 processes': what this command runs on."""
+    d = jax.devices()
+    procs = jax.process_count()
+    return (f"devices: {len(d)} x {d[0].device_kind} ({d[0].platform})"
+            + (f", {procs} processes" if procs > 1 else ""))
+
+
+def cpu_note(width: int) -> str | None:
+    """A line for a full-size model (width >= 1024; Mochi 1's is 3072) about to run on CPU cores only:
+    how to install the runtime of a GPU or TPU; None otherwise."""
+    if width < 1024 or jax.devices()[0].platform != "cpu":
+        return None
+    return ("the full-size model is running on CPU cores only, which takes hours per step; on an NVIDIA GPU "
+            "install jax's CUDA runtime (pip install -e '.[cuda]'), on a TPU VM libtpu (pip install -e '.[tpu]'), "
+            "then check that the devices line names the GPU or TPU")
+
+
 def prepare_mesh(cfg):
     """The device mesh of a prepare run (cfg.devices of this process's devices, -1 = all, shaped by
     cfg.mesh), or None when that is one device: then everything runs as on a single-device machine."""

@@ -225,6 +225,9 @@ def setup(cfg) -> Run:
     m = cfg.model
     # the config first (from the checkpoint's metadata), so the weights load straight into their shards
     dit_cfg = dit_config(m)
+    note = placement.cpu_note(dit_cfg.width)
+    if note:
+        log(note)
     parts = sweep_lib.training_parts(cfg, dit_cfg, mesh)
     sweep, targets, model, optimizer, shardings = (parts.sweep, parts.targets, parts.model, parts.optimizer,
                                                    parts.shardings)
