@@ -42,7 +42,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # none | full | dots | dots_no_batch | offload_dots | save:<names> | offload:<names> | auto (the least
     # recomputation whose compiled memory fits memory_budget_gb; mochi_jax/models/remat.py)
     c.model.remat = "full"
-    c.model.memory_budget_gb = 0.0  # remat='auto': per device; 0 = what the device reports it can hold
+    c.model.memory_budget_gb = 0.0  # remat='auto': GiB (2**30 bytes) per device; 0 = what the device reports it can hold
     c.model.remat_groups = ""  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = `remat` everywhere
     # LoRA targets: {name: {pattern (regex on module paths), rank, alpha, dropout}}; rank 0 disables one.
     c.lora = ml_collections.ConfigDict({k: dict(v) for k, v in REFERENCE_TARGETS.items()})

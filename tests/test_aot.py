@@ -236,3 +236,14 @@ def test_missing_compiler_says_how_to_install(monkeypatch):
 
 def test_frame_buckets_check_the_longest():
     assert fit._longest(37) == 37 and fit._longest((25, 61, 37)) == 61 and fit._longest([13]) == 13
+
+
+def test_a_close_fit_is_called_close():
+    def line(total):
+        r = report.Report(what="train step", target="rtx4090", hardware="GPU", num_devices=1, mesh={}, details=[],
+                          inputs={}, total_bytes=total, limit_bytes=24 * report.GIB, limit_source="test", fits=True)
+        return r.format()
+
+    close = line(24 * report.GIB - 5 * 2 ** 20)  # 5 MiB to spare
+    assert "FITS: 24.00 GiB of 24.00 GiB" in close and "a close fit: 5.0 MiB to spare" in close
+    assert "close fit" not in line(20 * report.GIB)

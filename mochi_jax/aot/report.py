@@ -23,6 +23,9 @@ from mochi_jax.models.remat import attention_reruns
 GIB = targets_lib.GIB
 
 
+CLOSE = 0.02  # a fit with less than this share of the limit to spare is called close
+
+
 class BadInput(ValueError):
     """A config, target or shape that cannot be compiled; the message is one line saying why."""
 
@@ -92,6 +95,10 @@ class Report:
         share = f"{self.total_bytes / GIB:.2f} GiB of {self.limit_bytes / GIB:.2f} GiB per {unit}"
         if self.fits:
             lines.append(f"FITS: {share} ({100 * self.total_bytes / self.limit_bytes:.0f} %)")
+            spare = self.limit_bytes - self.total_bytes
+            if spare < CLOSE * self.limit_bytes:
+                lines.append(f"  a close fit: {spare / 2 ** 20:.1f} MiB to spare; allocator fragmentation or another "
+                             f"jax / XLA version can tip it over (leave room: a stronger remat, fewer frames)")
         elif self.compiler_error:
             lines.append(f"DOES NOT FIT: the compiler needs at least {share}")
         else:
