@@ -590,3 +590,17 @@ def test_every_checkpoint_leaves_a_lora_file_pair_that_says_what_it_is(demo_root
         assert info["about"]["targets"] == [dict(pattern=t.pattern, rank=t.rank, alpha=t.alpha) for t in want_targets]
     final, _ = runs.load_run_lora(run)
     assert not np.array_equal(final["blocks"]["attn"]["qkv_x"]["b"], want["blocks"]["attn"]["qkv_x"]["b"])
+
+
+def test_the_logged_loss_is_the_mean_over_the_logging_interval(demo_root):
+    every = _cfg(demo_root, "log_each", steps=6, log_every=1)
+    every.validation.every = 0
+    third = _cfg(demo_root, "log_third", steps=6, log_every=3)
+    third.validation.every = 0
+    each = {r["step"]: r for r in _rows(train.train(every))}
+    rows = _rows(train.train(third))
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        for key in ("loss", "grad_norm"):
+            np.testing.assert_allclose(r[key], np.mean([each[s][key] for s in range(r["step"] - 2, r["step"] + 1)]),
+                                       rtol=1e-6)

@@ -458,6 +458,7 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals 
     schedules = [jax.jit(training.lr_schedule(c.optim)) for c in (sw.configs if sw is not None else (cfg,))]
     step = int(jax.device_get(run.state["step"]))
     bad, t_last, s_last = np.zeros(len(names), int), time.time(), step  # non-finite steps in a row, per LoRA
+    sums, counts = np.zeros((2, len(names))), np.zeros(len(names), int)  # loss and grad norm since the last row
     compiled, c_time, c_steps = set(), 0.0, 0  # batch shapes seen; compile steps' time and count since t_last
     bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True, disable=not run.main)
     try:
@@ -483,6 +484,8 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals 
             out = jax.device_get(out)
             finite, losses, norms = (np.atleast_1d(out[k]) for k in ("finite", "loss", "grad_norm"))
             bad = np.where(finite, 0, bad + 1)
+            sums += np.where(finite, np.stack([losses, norms]), 0.0)  # the interval's means: finite steps only
+            counts += finite
             if not finite.all():
                 for k in np.flatnonzero(~finite):
                     log(f"step {step}: {_who(names[k])}non-finite loss {losses[k]} / grad norm {norms[k]}; update "
@@ -501,9 +504,12 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals 
                 counted = step - s_last - c_steps  # compile steps are left out of the rate
                 rate = counted / max(now - t_last - c_time, 1e-9) if counted > 0 else None
                 vals = {}
+                mean_loss, mean_norm = sums / np.maximum(counts, 1)
                 for k, name in enumerate(names):
                     o = sw.configs[k].optim if sw is not None else cfg.optim
-                    one = {"loss": float(losses[k]), "grad_norm": float(norms[k]),
+                    finite_k = counts[k] > 0
+                    one = {"loss": float(mean_loss[k] if finite_k else losses[k]),
+                           "grad_norm": float(mean_norm[k] if finite_k else norms[k]),
                            "lr": float(jax.device_get(schedules[k](jax.device_put(max(step - 1, 0) // o.grad_accum))))}
                     vals.update({(f"variant/{name}/{key}" if name else key): v for key, v in one.items()})
                 if rate is not None:
@@ -512,10 +518,11 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals 
                     vals.update(compiles=c_steps, compile_s=c_time)
                 metrics.write(step, vals)
                 t_last, s_last, c_time, c_steps = now, step, 0.0, 0
+                sums[:], counts[:] = 0.0, 0
                 if sw is None:
                     bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
                 else:
-                    bar.set_postfix_str("loss " + " ".join(f"{n} {x:.4f}" for n, x in zip(names, losses)))
+                    bar.set_postfix_str("loss " + " ".join(f"{n} {vals[f'variant/{n}/loss']:.4f}" for n in names))
             saved = step % cfg.checkpoint.every == 0 or step == cfg.steps or signals.signal is not None
             if saved:
                 save(run, step)
@@ -617,8 +624,12 @@ def export(run: Run) -> None:
     where = (f"{run.run_dir / 'lora.safetensors'} (genmo / ComfyUI) and {run.run_dir / 'lora_diffusers.safetensors'} "
              f"(diffusers)" if sw is None else
              f"{run.run_dir / 'variants'}/<{'|'.join(sw.names)}>/lora.safetensors and lora_diffusers.safetensors")
-    log(f"done: {int(run.state['step'])} steps; LoRA written to {where}; one pair per checkpoint in "
-        f"{LORAS}/" + (" of each variant" if sw is not None else ""))
+    d = run.run_dir
+    log(f"done: {int(run.state['step'])} steps; LoRA written to {where}")
+    log(f"  per checkpoint: {d / LORAS if sw is None else d / 'variants' / '<name>' / LORAS}/ (LoRA files), "
+        f"{d / 'checkpoints'}/ (to resume)")
+    log(f"  curves: {d / 'metrics.jsonl'}, {d / 'tensorboard'}/ (tensorboard --logdir {d / 'tensorboard'})"
+        + (f"; validation videos: {d / 'samples'}/" if (d / "samples").is_dir() else ""))
 
 
 def train(cfg) -> Path:

@@ -94,7 +94,8 @@ class Validator:
         sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
         if self.sweep is None:
             zs, folders = [sampling.denoise(self.dit_cfg, params, noise, cond, uncond, sigmas, s.guidance,
-                                            lora=(lora, self.targets))], [run_dir / "samples"]
+                                            lora=(lora, self.targets), progress=jax.process_index() == 0)], \
+                [run_dir / "samples"]
         else:  # every variant in one vmapped denoising loop, as evaluate renders LoRAs
             zs = denoise_variants(self.dit_cfg, params, sweep_lib.effective(self.sweep, lora), self.targets, noise,
                                   cond, uncond, sigmas, s.guidance)

@@ -135,8 +135,11 @@ def main():
         sh = training.train_shardings(model, opt, mesh)
         ran = {1: "data8", 4: "data2_fsdp4"}.get(f)
         step = runs[ran][1] if ran else training.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
+        # the arguments as the step takes them (placed as train_shardings says: the programs run above)
+        args = [jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh[k])
+                for tree, k in ((state, "state"), (ps, "params"), (b, "batch"))]
         with sharding.activate(mesh), compiled_functions() as names:
-            compiled = step.jitted.lower(state, ps, b).compile()
+            compiled = step.jitted.lower(*args).compile()
         params_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(ps))
         shard_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for s, x in
                           zip(jax.tree_util.tree_leaves(sh["params"]), jax.tree_util.tree_leaves(ps)))
