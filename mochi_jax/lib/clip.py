@@ -48,7 +48,9 @@ import unicodedata
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
 from mochi_jax.checkpoints import load_clip
@@ -286,7 +288,8 @@ def preprocess(frames, size: int = 224, crop_size: int | None = None,
 # ----------------------------------------------------------------------------- scoring
 
 class Scorer:
-    """A converted CLIP and its tokenizer: (unnormalised) embeddings of prompts and frames."""
+    """A converted CLIP and its tokenizer: (unnormalised) embeddings of prompts and frames. The
+    weights are replicated on this process's devices and each batch of frames is split over them."""
 
     def __init__(self, weights, tokenizer, batch: int = 32):
         self.tokenizer = CLIPTokenizer(tokenizer)
@@ -301,7 +304,11 @@ class Scorer:
         if top >= self.cfg.vocab_size:
             raise ValueError(f"CLIP tokenizer {self.tokenizer.path} has token ids up to {top}, but the CLIP "
                              f"weights {weights} know {self.cfg.vocab_size} tokens")
-        self.batch = batch
+        devices = jax.local_devices()
+        mesh = Mesh(np.array(devices), ("frames",))
+        self.params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+        self.frames = NamedSharding(mesh, PartitionSpec("frames"))
+        self.batch = -(-batch // len(devices)) * len(devices)  # a multiple of the devices
 
     def text(self, prompts) -> np.ndarray:
         return np.asarray(encode_text(self.cfg, self.params, self.tokenizer(list(prompts))))
@@ -311,5 +318,6 @@ class Scorer:
         pixels = preprocess(frames, size=self.cfg.image_size)
         n, b = len(pixels), self.batch
         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], -n % b, axis=0)])
-        out = [np.asarray(encode_image(self.cfg, self.params, pixels[i:i + b])) for i in range(0, len(pixels), b)]
+        out = [np.asarray(encode_image(self.cfg, self.params, jax.device_put(pixels[i:i + b], self.frames)))
+               for i in range(0, len(pixels), b)]
         return np.concatenate(out)[:n]

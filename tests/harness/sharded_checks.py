@@ -1,5 +1,9 @@
 """Run by tests/test_sharded_train.py in a subprocess with 8 CPU devices (XLA_FLAGS must be set
-before jax is imported). Prints one JSON line of measurements; the test asserts on them."""
+before jax is imported): two training steps on each mesh of MESHES against one device, the refusal of
+heads the mesh does not divide, the compiled step's per-device argument bytes at fsdp 1, 2, 4 and 8,
+and a checkpoint restored onto other meshes. Prints one JSON line of measurements; the test asserts on
+them. Each distinct step program compiles once (seconds each on the CPU): the memory check and the
+checkpoint reuse the meshes' runs."""
 
 import os
 import sys
@@ -13,11 +17,11 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from compiles import compiled_functions  # noqa: E402
 from mochi_jax.lib import training  # noqa: E402
 from mochi_jax.models import sharding  # noqa: E402
-from mochi_jax.demo import random_like  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
 from mochi_jax.models.dit import DiTConfig, MochiDiT, abstract_variables  # noqa: E402
 
@@ -28,13 +32,16 @@ TARGETS = lora_lib.targets_from_config(
     {k: dict(v, rank=4, alpha=8.0) for k, v in lora_lib.REFERENCE_TARGETS.items()})
 OPTIM = ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
                                        schedule="constant", decay_steps=10, grad_clip=0.0, grad_accum=1))
-# mesh -> (sizes, data): "even" clips have 2 * 2 * 4 = 16 visual tokens (4 per 'sequence' device), "uneven"
-# ones 1 * 2 * 3 = 6 (not divisible by the 4 'sequence' devices: padded); each against one device on the same data
-MESHES = {"data8": (dict(data=8), "even"), "data2_fsdp4": (dict(data=2, fsdp=4), "even"),
-          "fsdp2_seq4": (dict(fsdp=2, sequence=4), "even"), "data2_seq4": (dict(data=2, sequence=4), "uneven")}
+# The clips (`batch`) have 2 * 3 * 3 = 18 visual tokens: 'sequence' 2 splits them evenly (9 a device),
+# 'sequence' 4 does not (5, 5, 5, 3: padded). One compiled program per mesh serves every check that
+# needs a step on it: the runs against one device, the compiled step's memory, the checkpoint's state.
+MESHES = {"data8": dict(data=8), "data2_fsdp4": dict(data=2, fsdp=4), "fsdp2_seq4": dict(fsdp=2, sequence=4),
+          "data4_seq2": dict(data=4, sequence=2)}
+# fsdp -> the mesh of the memory check: data x fsdp, or sequence x fsdp, over the 8 devices
+MEMORY = {1: "data8", 2: "fsdp2_seq4", 4: "data2_fsdp4", 8: "fsdp8"}
 
 
-def batch(b=8, t=2, h=4, w=8, L=6, seed=0):
+def batch(b=8, t=2, h=6, w=6, L=6, seed=0):
     rng = np.random.default_rng(seed)
     mask = np.zeros((b, L), bool)
     for i in range(b):
@@ -44,17 +51,29 @@ def batch(b=8, t=2, h=4, w=8, L=6, seed=0):
             "t5_feats": rng.standard_normal((b, L, CFG.t5_dim)).astype(np.float32), "t5_mask": mask}
 
 
+def random_like(shapes, seed):
+    """mochi_jax.demo.random_like's weights drawn with NumPy, as numpy: normal / sqrt(fan_in) for
+    matrices and kernels, ones for norm weights, zeros for biases (jax.random would compile a program
+    per leaf shape, or one slow one for the tree: seconds before any check starts)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, s in sorted(traverse_util.flatten_dict(shapes).items()):
+        if len(s.shape) >= 2:
+            fan_in = max(1, int(np.prod(s.shape[:-1])) // (s.shape[0] if path[0] == "blocks" else 1))
+            out[path] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+        else:
+            out[path] = (np.ones if path[-1] in ("scale", "weight") else np.zeros)(s.shape, s.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
 def params():
-    """Random DiT weights, as numpy (drawn in one compiled program, not one per leaf; placed on each
-    mesh from the host, so no per-leaf slicing programs either)."""
+    """Random DiT weights, as numpy (placed on each mesh from the host: a jax array would be sliced by
+    programs per leaf)."""
     shapes = abstract_variables(CFG)["params"]
-
-    def draw():
-        p = random_like(shapes, jax.random.PRNGKey(3))
-        p["pos_frequencies"] = 0.3 * jax.random.normal(jax.random.PRNGKey(4), shapes["pos_frequencies"].shape)
-        return p
-
-    return jax.tree_util.tree_map(np.asarray, jax.jit(draw)())
+    p = random_like(shapes, 3)
+    p["pos_frequencies"] = (0.3 * np.random.default_rng(4).standard_normal(shapes["pos_frequencies"].shape)
+                            ).astype(np.float32)
+    return p
 
 
 def run(mesh_sizes, host_params, data, steps=2):
@@ -95,24 +114,24 @@ def tokens(clip):
     return t * (h // CFG.patch_size) * (w // CFG.patch_size)
 
 
+def shard_bytes(abstract, shardings):
+    """Bytes of one device's shards of a tree of arrays placed with a tree of shardings."""
+    return sum(int(np.prod(sh.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, sh in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings)))
+
+
 def main():
     out = {}
     hp = params()
-    # two steps' batches of each kind: 8 videos, and 2 videos whose tokens the 'sequence' axis splits unevenly
-    data = {"even": [batch(seed=s) for s in range(2)],
-            "uneven": [batch(b=2, t=1, h=4, w=6, seed=5 + s) for s in range(2)]}
-    refs = {}
-    for kind, clips in data.items():
-        losses, norms, lora, _, _ = run(None, hp, clips)
-        refs[kind] = lora
-        out["single" if kind == "even" else "single_uneven"] = {"loss": losses, "grad_norm": norms,
-                                                                "tokens": tokens(clips[0])}
+    data = [batch(seed=s) for s in range(2)]  # two steps' batches
+    losses, norms, ref_lora, _, _ = run(None, hp, data)
+    out["single"] = {"loss": losses, "grad_norm": norms}
     runs = {}  # mesh -> (final state, step), reused below
-    for name, (sizes, kind) in MESHES.items():
-        losses, norms, lora, state, step = run(sizes, hp, data[kind])
+    for name, sizes in MESHES.items():
+        losses, norms, lora, state, step = run(sizes, hp, data)
         runs[name] = state, step
-        out[name] = {"data": kind, "loss": losses, "grad_norm": norms, "lora_rel": rel(lora, refs[kind]),
-                     "tokens": tokens(data[kind][0]), "sequence": sizes.get("sequence", 1),
+        out[name] = {"loss": losses, "grad_norm": norms, "lora_rel": rel(lora, ref_lora), "tokens": tokens(data[0]),
+                     "sequence": sizes.get("sequence", 1),
                      "lora_kernel_sharding": str(state["lora"]["blocks"]["attn"]["qkv_x"]["a"].sharding.spec)}
 
     # heads must divide sequence x tensor (4 heads over 8): a clear error
@@ -122,29 +141,29 @@ def main():
     except ValueError as e:
         out["heads_error"] = str(e)
 
-    # per-device parameter bytes of the compiled step fall as 1 / fsdp (data 8 / fsdp 1 and data 2 /
-    # fsdp 4 are the steps run above: their compiled programs are reused, not compiled again)
+    # per-device parameter bytes of the compiled step fall as 1 / fsdp: the steps run above (their
+    # programs reused, not compiled again) and fsdp 8 alone
     model = MochiDiT(CFG, TARGETS)
     opt = training.make_optimizer(OPTIM)
     ps = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), hp)
     state = jax.eval_shape(lambda: training.init_state(model, opt, 0, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-    b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data["even"][0].items()}
+    b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in data[0].items()}
     mem = {}
-    for f in (1, 2, 4, 8):
-        mesh = sharding.make_mesh(dict(data=8 // f, fsdp=f))
+    for f, name in MEMORY.items():
+        sizes = MESHES.get(name, dict(fsdp=8))
+        mesh = sharding.make_mesh(sizes)
         sh = training.train_shardings(model, opt, mesh)
-        ran = {1: "data8", 4: "data2_fsdp4"}.get(f)
-        step = runs[ran][1] if ran else training.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
-        # the arguments as the step takes them (placed as train_shardings says: the programs run above)
+        step = runs[name][1] if name in runs else training.make_train_step(model, opt, "normalized", 0.3, mesh, sh)
+        # the arguments as the step takes them (placed as train_shardings says, as in the runs)
         args = [jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh[k])
                 for tree, k in ((state, "state"), (ps, "params"), (b, "batch"))]
         with sharding.activate(mesh), compiled_functions() as names:
             compiled = step.jitted.lower(*args).compile()
-        params_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree_util.tree_leaves(ps))
-        shard_bytes = sum(int(np.prod(s.shard_shape(x.shape))) * 4 for s, x in
-                          zip(jax.tree_util.tree_leaves(sh["params"]), jax.tree_util.tree_leaves(ps)))
-        mem[f] = {"argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
-                  "param_shard_bytes": shard_bytes, "param_bytes": params_bytes, "compiled_again": len(names)}
+        mem[f] = {"mesh": name, "fsdp": mesh.shape["fsdp"],
+                  "argument_bytes": compiled.memory_analysis().argument_size_in_bytes,
+                  "batch_shard_bytes": shard_bytes(b, sh["batch"]), "param_shard_bytes": shard_bytes(ps, sh["params"]),
+                  "param_bytes": shard_bytes(ps, jax.tree_util.tree_map(lambda _: sh["replicated"], ps)),
+                  "compiled_again": len(names)}
     out["memory"] = mem
 
     # a checkpoint written on a (2, 4) mesh (the state after the data 2 / fsdp 4 run's two steps)
