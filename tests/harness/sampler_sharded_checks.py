@@ -17,10 +17,10 @@ import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from compiles import compiled_functions  # noqa: E402
+from host_weights import random_like  # noqa: E402
 from mochi_jax.configs.common import DEMO_VAE  # noqa: E402
 from mochi_jax.lib import sampling  # noqa: E402
 from mochi_jax.lib import variants as variants_lib  # noqa: E402
@@ -53,21 +53,6 @@ GUIDANCE = 4.5
 # weights whose split is reported (the big kernels, stacked over the scanned blocks, and one unstacked)
 WEIGHTS = ("blocks/attn/qkv_x/kernel", "blocks/attn/proj_x/kernel", "blocks/mlp_x/w1/kernel",
            "blocks/mlp_x/w2/kernel", "blocks/mod_x/kernel", "last_block/mlp_x/w1/kernel")
-
-
-def random_like(shapes, seed):
-    """mochi_jax.demo.random_like's weights drawn with NumPy, as numpy: normal / sqrt(fan_in) for
-    matrices and kernels, ones for norm weights, zeros for biases (jax.random would compile a program
-    per leaf shape, or one slow one for the tree: seconds before any check starts)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in sorted(traverse_util.flatten_dict(shapes).items()):
-        if len(s.shape) >= 2:
-            fan_in = max(1, int(np.prod(s.shape[:-1])) // (s.shape[0] if path[0] == "blocks" else 1))
-            out[path] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
-        else:
-            out[path] = (np.ones if path[-1] in ("scale", "weight") else np.zeros)(s.shape, s.dtype)
-    return traverse_util.unflatten_dict(out)
 
 
 def params():

@@ -17,9 +17,9 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
 
 from compiles import compiled_functions  # noqa: E402
+from host_weights import random_like  # noqa: E402
 from mochi_jax.lib import training  # noqa: E402
 from mochi_jax.models import sharding  # noqa: E402
 from mochi_jax.models import lora as lora_lib  # noqa: E402
@@ -49,21 +49,6 @@ def batch(b=8, t=2, h=6, w=6, L=6, seed=0):
     return {"mean": rng.standard_normal((b, 12, t, h, w)).astype(np.float32),
             "logvar": rng.uniform(-3, -1, (b, 12, t, h, w)).astype(np.float32),
             "t5_feats": rng.standard_normal((b, L, CFG.t5_dim)).astype(np.float32), "t5_mask": mask}
-
-
-def random_like(shapes, seed):
-    """mochi_jax.demo.random_like's weights drawn with NumPy, as numpy: normal / sqrt(fan_in) for
-    matrices and kernels, ones for norm weights, zeros for biases (jax.random would compile a program
-    per leaf shape, or one slow one for the tree: seconds before any check starts)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, s in sorted(traverse_util.flatten_dict(shapes).items()):
-        if len(s.shape) >= 2:
-            fan_in = max(1, int(np.prod(s.shape[:-1])) // (s.shape[0] if path[0] == "blocks" else 1))
-            out[path] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(s.dtype)
-        else:
-            out[path] = (np.ones if path[-1] in ("scale", "weight") else np.zeros)(s.shape, s.dtype)
-    return traverse_util.unflatten_dict(out)
 
 
 def params():
