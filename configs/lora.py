@@ -53,6 +53,12 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         # normalise only the target). See README "Training objective".
         formulation="normalized",
         caption_dropout=0.1,  # probability of zeroing a caption's T5 features and mask
+        # the noise levels trained: 'uniform' (the official fine-tuner's), 'logit_normal' (sigmoid of a
+        # normal: logit_mean, logit_std) or 'shifted' (uniform, then shift u / (1 + (shift - 1) u))
+        sigma_sampling="uniform",
+        logit_mean=0.0,  # sigma_sampling='logit_normal'
+        logit_std=1.0,  # sigma_sampling='logit_normal'
+        sigma_shift=3.0,  # sigma_sampling='shifted': > 1 trains more at high noise
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=2e-4, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8,

@@ -160,3 +160,26 @@ def test_overfits_two_clips(base):
     end = float(eval_loss(state["lora"]))
     print(f"overfit: fixed-noise loss {start:.3f} -> {end:.3f}")
     assert end < 0.5 * start, (start, end)
+
+
+def test_each_sigma_sampling_draws_its_distribution():
+    def draw(**loss):
+        cfg = ml_collections.ConfigDict(dict(sigma_sampling="uniform", logit_mean=0.0, logit_std=1.0, sigma_shift=3.0))
+        cfg.update(loss)
+        return np.asarray(training.sigma_sampler(cfg)(jax.random.PRNGKey(0), 200_000))
+
+    u = draw()
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.005 and abs(np.median(u) - 0.5) < 0.005
+    ln = draw(sigma_sampling="logit_normal", logit_mean=0.5, logit_std=1.2)
+    logits = np.log(ln / (1 - ln))
+    assert abs(logits.mean() - 0.5) < 0.01 and abs(logits.std() - 1.2) < 0.01
+    sh = draw(sigma_sampling="shifted", sigma_shift=3.0)
+    assert abs(np.median(sh) - 0.75) < 0.005  # 3 * 0.5 / (1 + 2 * 0.5)
+    assert abs(np.mean(sh > 0.5) - 0.75) < 0.005  # P(sigma > 1/2) = P(u > 1/4)
+    np.testing.assert_array_equal(draw(sigma_sampling="shifted", sigma_shift=1.0), u)  # shift 1 is uniform
+    with pytest.raises(ValueError, match="--config.loss.sigma_sampling='cosine': choose one of uniform, logit_normal"):
+        draw(sigma_sampling="cosine")
+    # the trainer's default draws what draw_noise always drew
+    batch = {"mean": np.zeros((4, 12, 1, 2, 2), np.float32)}
+    np.testing.assert_array_equal(training.draw_noise(jax.random.PRNGKey(3), batch)["sigma"],
+                                  jax.random.uniform(jax.random.split(jax.random.PRNGKey(3), 5)[2], (4,)))

@@ -168,13 +168,13 @@ def abstract_state(sweep: Sweep, model: MochiDiT, opts) -> dict:
 
 
 def make_step(sweep: Sweep, model: MochiDiT, opts, formulation: str, caption_dropout: float, mesh=None,
-              shardings=None):
+              shardings=None, draw_sigma=training.uniform_sigma):
     """step(state, params, batch) -> (state, metrics with a leading K axis: loss, grad_norm, finite),
     jitted like training.make_train_step. A variant whose loss or gradients are not finite keeps its
     LoRA and optimizer state for this step; the others step on."""
     def step(state, params, batch):
         t = state["step"]
-        noise = training.draw_noise(jax.random.fold_in(state["noise_rng"], t), batch, caption_dropout)
+        noise = training.draw_noise(jax.random.fold_in(state["noise_rng"], t), batch, caption_dropout, draw_sigma)
         # each variant's LoRA-dropout key, as training.draw_noise derives it from the variant's own rng
         lora_keys = jax.vmap(lambda r: training.draw_noise(jax.random.fold_in(r, t), batch)["lora_rng"])(
             state["rng"])
@@ -289,9 +289,11 @@ def training_parts(cfg, dit_cfg: DiTConfig, mesh) -> Parts:
             raise ValueError("no LoRA targets with rank > 0 in config.lora")
         model, optimizer = MochiDiT(dit_cfg, targets), training.make_optimizer(cfg.optim)
         sh = training.train_shardings(model, optimizer, mesh)
-        step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh)
+        step = training.make_train_step(model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh,
+                                        training.sigma_sampler(cfg.loss))
     else:
         targets, model, optimizer = sweep.union, model_of(sweep, dit_cfg), optimizers(sweep)
         sh = shardings(sweep, model, optimizer, mesh)
-        step = make_step(sweep, model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh)
+        step = make_step(sweep, model, optimizer, cfg.loss.formulation, cfg.loss.caption_dropout, mesh, sh,
+                         training.sigma_sampler(cfg.loss))
     return Parts(sweep, targets, model, optimizer, sh, step, mesh)

@@ -15,6 +15,8 @@ of the step, so no gradient, optimizer slot or fp32 copy of them ever exists.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,14 +31,42 @@ from mochi_jax.models.dit import abstract_variables, dummy_inputs, variable_shar
 # ----------------------------------------------------------------------------- loss
 
 
-def draw_noise(rng, batch, caption_dropout: float = 0.0) -> dict:
-    """The step's randomness: posterior noise n, flow noise eps, sigma ~ U(0, 1) per sample, which
-    captions to drop, and the key of LoRA dropout."""
+SIGMA_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+
+
+def uniform_sigma(key, n: int):
+    """n noise levels ~ U(0, 1) (sigma_sampling='uniform')."""
+    return jax.random.uniform(key, (n,), jnp.float32)
+
+
+def sigma_sampler(loss) -> Callable:
+    """draw(key, n) -> n noise levels sigma in (0, 1), as the loss block (configs/lora.py `loss`) says:
+      uniform       sigma ~ U(0, 1), the official fine-tuner's
+      logit_normal  sigma = sigmoid(logit_mean + logit_std * N(0, 1)): more steps at middle sigmas
+      shifted       u ~ U(0, 1), sigma = shift u / (1 + (shift - 1) u): shift > 1 puts more steps at
+                    high noise (as the samplers of SD3 and Flux shift their schedules)"""
+    kind = loss.get("sigma_sampling", "uniform")
+    if kind == "uniform":
+        return uniform_sigma
+    if kind == "logit_normal":
+        mean, std = float(loss.logit_mean), float(loss.logit_std)
+        return lambda key, n: jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,), jnp.float32))
+    if kind == "shifted":
+        shift = float(loss.sigma_shift)
+        if shift <= 0:
+            raise ValueError(f"--config.loss.sigma_shift={shift}: must be > 0 (1 = uniform)")
+        return lambda key, n: (lambda u: shift * u / (1 + (shift - 1) * u))(jax.random.uniform(key, (n,), jnp.float32))
+    raise ValueError(f"--config.loss.sigma_sampling={kind!r}: choose one of {', '.join(SIGMA_SAMPLINGS)}")
+
+
+def draw_noise(rng, batch, caption_dropout: float = 0.0, draw_sigma: Callable = uniform_sigma) -> dict:
+    """The step's randomness: posterior noise n, flow noise eps, sigma per sample (`draw_sigma`, from
+    `sigma_sampler`; default U(0, 1)), which captions to drop, and the key of LoRA dropout."""
     k_post, k_eps, k_sigma, k_drop, k_lora = jax.random.split(rng, 5)
     shape = batch["mean"].shape
     return {"n": jax.random.normal(k_post, shape, jnp.float32),
             "eps": jax.random.normal(k_eps, shape, jnp.float32),
-            "sigma": jax.random.uniform(k_sigma, shape[:1], jnp.float32),
+            "sigma": draw_sigma(k_sigma, shape[0]),
             "drop": jax.random.uniform(k_drop, shape[:1]) < caption_dropout,
             "lora_rng": k_lora}
 
@@ -105,7 +135,8 @@ def make_optimizer(o):
 # ----------------------------------------------------------------------------- one step
 
 
-def make_train_step(model, optimizer, formulation: str, caption_dropout: float, mesh=None, shardings=None):
+def make_train_step(model, optimizer, formulation: str, caption_dropout: float, mesh=None, shardings=None,
+                    draw_sigma: Callable = uniform_sigma):
     """step(state, params, batch) -> (state, metrics), jitted. A step whose loss or gradients are not
     finite is not applied (state unchanged except the step counter) and reported in metrics['finite'].
 
@@ -114,7 +145,7 @@ def make_train_step(model, optimizer, formulation: str, caption_dropout: float, 
     apply. `step.jitted` is the underlying jax.jit (lower it inside `sharding.activate(mesh)`)."""
 
     def step(state, params, batch):
-        noise = draw_noise(jax.random.fold_in(state["rng"], state["step"]), batch, caption_dropout)
+        noise = draw_noise(jax.random.fold_in(state["rng"], state["step"]), batch, caption_dropout, draw_sigma)
         loss, grads = jax.value_and_grad(lambda lo: flow_loss(model, params, lo, batch, noise, formulation))(
             state["lora"])
         gnorm = optax.tree.norm(grads)
