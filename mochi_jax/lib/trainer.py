@@ -31,7 +31,6 @@ import shutil
 import signal
 import threading
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -527,7 +526,13 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals 
             if saved:
                 save(run, step)
             if validator.due(step) and signals.signal is None:
-                validate(run, validator, metrics, step, signals)  # a signal stops it; the resume redoes it
+                signals.interruptible = True  # a stop signal ends the validation at once; a resume redoes it
+                try:
+                    validate(run, validator, metrics, step)
+                except Interrupted:
+                    log(f"step {step}: {signals.name} during the validation; it runs again on resume")
+                finally:
+                    signals.interruptible = False
             if signals.signal is not None:
                 if not saved:
                     save(run, step)
@@ -544,18 +549,7 @@ def _who(name: str) -> str:
     return f"variant {name}: " if name else ""
 
 
-def validate(run: Run, validator: Validator, metrics: RunLog, step: int, signals: Signals | None = None) -> None:
-    """Run the validation of `step` and record it. With `signals`, a stop signal ends it at once
-    (Interrupted is caught; the step is left unmarked, so a resume validates it again)."""
-    if signals is not None:
-        signals.interruptible = True
-        try:
-            validate(run, validator, metrics, step)
-        except Interrupted:
-            log(f"step {step}: {signals.name} during the validation; it runs again on resume")
-        finally:
-            signals.interruptible = False
-        return
+def validate(run: Run, validator: Validator, metrics: RunLog, step: int) -> None:
     values, videos = validator(step, run.params, run.state["lora"], run.run_dir)
     if videos:
         log(f"step {step}: validation videos {', '.join(videos)}")
@@ -578,7 +572,7 @@ def about(run: Run, step: int, cfg, targets) -> dict:
             "lr": cfg.optim.lr, "seed": cfg.seed, "batch_size": run.cfg.batch_size, "clips": run.loader.plan.num_clips}
 
 
-def write_loras(run: Run, step: int, final: bool = False) -> list[Path]:
+def write_loras(run: Run, step: int, final: bool = False) -> None:
     """The LoRA as a genmo / ComfyUI file and a diffusers file: at a checkpoint, into loras/ as
     <run>-step<N>.safetensors and <run>-step<N>.diffusers.safetensors (the oldest beyond
     checkpoint.keep_loras removed; 0 keeps all); at the end (`final`) as lora.safetensors and
@@ -591,9 +585,8 @@ def write_loras(run: Run, step: int, final: bool = False) -> list[Path]:
     else:
         outputs = [(run.run_dir / "variants" / name, f"{run.run_dir.name}-{name}", sweep_lib.unpad(sw, k, lora),
                     sw.targets[k], sw.configs[k], sw.configs[k]) for k, name in enumerate(sw.names)]
-    written = []
     if not run.main:
-        return written
+        return
     for folder, stem, factors, targets, cfg, vcfg in outputs:
         facts = about(run, step, cfg, targets)
         if final:
@@ -604,7 +597,6 @@ def write_loras(run: Run, step: int, final: bool = False) -> list[Path]:
         genmo.parent.mkdir(parents=True, exist_ok=True)
         lora_write.save_genmo(genmo, factors, targets, cfg=run.dit_cfg, about=facts)
         lora_write.save_diffusers(diffusers, factors, targets, cfg=run.dit_cfg, about=facts)
-        written += [genmo, diffusers]
         if vcfg is not None:
             _replace_text(folder / "config.json", vcfg.to_json(indent=2))
         keep = run.cfg.checkpoint.get("keep_loras", 0)
@@ -614,7 +606,6 @@ def write_loras(run: Run, step: int, final: bool = False) -> list[Path]:
             for old in steps[:-keep]:
                 for f in genmo.parent.glob(f"{stem}-step{old}*.safetensors"):
                     f.unlink()
-    return written
 
 
 def export(run: Run) -> None:
@@ -643,7 +634,7 @@ def train(cfg) -> Path:
     fresh = not run_dir.exists()
     writable_dir(run_dir)  # a read-only or misplaced run folder fails now, not at the first checkpoint
     with Signals() as signals, _lock(run_dir):
-        started = ended = False
+        started = False
         try:
             if cfg.model.remat == "auto":
                 choice = resolve_auto_remat(cfg, *largest_latent(Cache(cfg.cache)))
@@ -672,7 +663,6 @@ def train(cfg) -> Path:
                 records.close()
                 run.manager.close()
             export(run)
-            ended = True
         except Interrupted as e:
             raise Stopped(f"stopped by {Signals.NAMES.get(e.args[0], e.args[0])} before any new step; "
                           f"rerun the same command to continue") from None
@@ -683,21 +673,28 @@ def train(cfg) -> Path:
             runs.remove_partial(run_dir / "checkpoints")  # a checkpoint the full disk cut short
             raise failed from None
         finally:
-            if fresh and not started and not ended and jax.process_index() == 0:
+            if fresh and not started and jax.process_index() == 0:  # failed before its first step
                 shutil.rmtree(run_dir, ignore_errors=True)  # made by this launch, which did nothing in it
     return run_dir
 
 
+@contextlib.contextmanager
 def _lock(run_dir: Path):
-    """The run directory's lock, taken by process 0 for all (each process learns whether it got it)."""
-    lock = runs.RunLock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
-    if jax.process_count() == 1:
-        return lock
+    """The run directory's lock (runs.RunLock), taken by process 0 for all: every process learns
+    whether it got it."""
+    lock = runs.RunLock(run_dir) if jax.process_index() == 0 else None
     refused = None
+    if lock is not None:
+        try:
+            lock.__enter__()
+        except runs.RunInUse as e:
+            refused = e
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(refused is not None)):
+        refused = refused or runs.RunInUse(f"{run_dir} is in use by another trainer (process 0 says which)")
+    if refused is not None:
+        raise refused
     try:
-        lock.__enter__()
-    except runs.RunInUse as e:
-        refused = e
-    if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)):
-        raise refused or runs.RunInUse(f"{run_dir} is in use by another trainer (process 0 says which)")
-    return contextlib.closing(types.SimpleNamespace(close=lambda: lock.__exit__(None, None, None)))
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)

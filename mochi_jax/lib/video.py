@@ -335,8 +335,8 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
             pass
         writer.close()
         if not _whole_mp4(tmp):
-            full = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize < (1 << 20)
-            if full:
+            disk = os.statvfs(path.parent)
+            if disk.f_bavail * disk.f_frsize < (1 << 20):  # less than 1 MiB left: the disk filled up
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             raise OSError(errno.EIO, "ffmpeg could not write the video", str(path))
         os.replace(tmp, path)
