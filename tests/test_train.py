@@ -604,3 +604,14 @@ def test_the_logged_loss_is_the_mean_over_the_logging_interval(demo_root):
         for key in ("loss", "grad_norm"):
             np.testing.assert_allclose(r[key], np.mean([each[s][key] for s in range(r["step"] - 2, r["step"] + 1)]),
                                        rtol=1e-6)
+
+
+def test_a_second_ctrl_c_quits_at_once():
+    """The first SIGINT is recorded (the loop saves and stops); the second takes Python's default
+    action, KeyboardInterrupt, so a user is never stuck waiting for a save."""
+    with trainer.Signals() as signals:
+        signals.interruptible = False  # as in the training loop
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

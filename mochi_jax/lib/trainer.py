@@ -415,8 +415,7 @@ class Signals:
         self.signal, self.interruptible, self.old = None, True, {}
 
     def _on_signal(self, signum, _frame):
-        if self.signal is not None:
-            signal.signal(signum, self.old.get(signum, signal.SIG_DFL))
+        signal.signal(signum, self.old.get(signum, signal.SIG_DFL))  # the next one takes the default action
         self.signal = signum
         if self.interruptible:
             raise Interrupted(signum)
