@@ -33,7 +33,9 @@ def model(root: str = "ckpt") -> ml_collections.ConfigDict:
         # device when the scan reaches it (training: ~one block's weights on the device; costs PCIe traffic)
         weights_on_host=False,
         compute_dtype="bfloat16",  # matmuls; norms, softmax and the loss run in float32
-        attention="xla",  # 'cudnn' on NVIDIA GPUs, 'splash' on TPU
+        # 'auto': the platform's kernel (splash on TPUs, cudnn on NVIDIA GPUs with bfloat16 compute, xla on
+        # CPUs and elsewhere; the fit check uses its target's), or one of xla | cudnn | splash
+        attention="auto",
         splash_block=512,  # attention='splash': the kernels' q / kv tile, in tokens (a multiple of 128)
         scan_layers=True,  # False: the blocks run as an unrolled Python loop (debugging; compiles per block)
         vae_dtype="",  # VAE weights cast on load: bfloat16 | float32; '' keeps the stored dtype

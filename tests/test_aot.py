@@ -25,6 +25,12 @@ need_cuda = pytest.mark.skipif(
 
 
 def aot(*flags, timeout=600):
+    """`python -m mochi_jax.aot *flags`. On a TPU target the DiT's attention is 'xla' unless the flags say:
+    'auto' picks splash there, whose Pallas kernels take over a minute to compile even at the demo's size
+    (tests/test_splash.py checks the kernel; test_auto_attention_follows_the_platform the choice)."""
+    tpu = any(f.startswith("--config.aot.target=v") for f in flags)
+    if tpu and not any("prepare.py" in f or "model.attention" in f for f in flags):
+        flags = (*flags, "--config.model.attention=xla")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "mochi_jax.aot", *flags], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -247,3 +253,21 @@ def test_a_close_fit_is_called_close():
     close = line(24 * report.GIB - 5 * 2 ** 20)  # 5 MiB to spare
     assert "FITS: 24.00 GiB of 24.00 GiB" in close and "a close fit: 5.0 MiB to spare" in close
     assert "close fit" not in line(20 * report.GIB)
+
+
+def test_auto_attention_follows_the_platform():
+    """model.attention='auto' is the platform's kernel, the fit check's target's when it compiles for one;
+    a kernel named explicitly is kept."""
+    from mochi_jax.checkpoints import dit_config
+    from mochi_jax.configs import common
+    from mochi_jax.configs import lora as lora_config
+
+    m = lora_config.get_config().model
+    assert m.attention == "auto"
+    picks = {p: dit_config(m, common.DEMO_DIT, p).attention for p in ("tpu", "cuda", "gpu", "rocm", "cpu")}
+    assert picks == {"tpu": "splash", "cuda": "cudnn", "gpu": "cudnn", "rocm": "xla", "cpu": "xla"}
+    assert dit_config(m, common.DEMO_DIT, "cuda", compute_dtype="float32").attention == "xla"  # cuDNN: 16-bit only
+    assert dit_config(m, common.DEMO_DIT).attention == "xla"  # this process: a CPU
+    m.attention = "xla"
+    assert dit_config(m, common.DEMO_DIT, "tpu").attention == "xla"
+    assert fit._attention(lora_config.get_config().model, dit_config(m, common.DEMO_DIT, "tpu")) == "xla (auto)"

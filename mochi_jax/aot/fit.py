@@ -227,7 +227,7 @@ def _lora_program(cfg, what, target, devices) -> Program:
     aot, m = cfg.aot, cfg.model
     arch, arch_src, _ = _arch("dit", aot.model, m.dit, _is_demo(cfg))
     auto = m.remat == "auto"
-    dit_cfg = dit_config(m, arch, **({"remat": "full", "remat_groups": ""} if auto else {}))
+    dit_cfg = dit_config(m, arch, target.platform, **({"remat": "full", "remat_groups": ""} if auto else {}))
     picked = ""
     if what == "train":
         f, h, w, src = _prepare_clip_defaults(cfg)
@@ -261,7 +261,7 @@ def _lora_program(cfg, what, target, devices) -> Program:
                             "         (the train state, resident meanwhile, is not counted)"]
     program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} "
                               f"weights" + (" (blocks in pinned host memory)" if dit_cfg.weights_on_host else "")
-                              + f", attention {m.attention}, remat {m.remat}"
+                              + f", attention {_attention(m, dit_cfg)}, remat {m.remat}"
                            + (f" ({m.remat_groups})" if m.remat_groups else ""))
     program.details.append(f"         (clip size from {src})")
     if picked:
@@ -275,7 +275,7 @@ def _sample_config_program(cfg, what, target, devices) -> Program:
     aot, m, s = cfg.aot, cfg.model, cfg.sampling
     demo = _is_demo(cfg)
     arch, arch_src, _ = _arch("dit", aot.model, m.dit, demo)
-    dit_cfg = dit_config(m, arch, remat="none", remat_groups="")
+    dit_cfg = dit_config(m, arch, target.platform, remat="none", remat_groups="")
     clip, _ = _clip(aot, s.num_frames, s.height, s.width, "the config")
     try:
         mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices())
@@ -301,7 +301,7 @@ def _sample_config_program(cfg, what, target, devices) -> Program:
     if variants:
         program.details.append(f"LoRAs    base and {variants - 1} LoRA(s) stacked, rendered in one vmapped step")
     program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, "
-                              f"{m.param_dtype} weights, attention {m.attention}"
+                              f"{m.param_dtype} weights, attention {_attention(m, dit_cfg)}"
                            + (f"; LoRAs {cfg.loras}" if targets else ""))
     return program
 
@@ -338,6 +338,11 @@ def _prepare_program(cfg, what, target, devices) -> Program:
         program.details.append(f"devices  {len(local_devices())} of {target.num_devices}: one host's (prepare runs "
                                "on each host alone)")
     return program
+
+
+def _attention(m, dit_cfg) -> str:
+    """The attention the program runs, and that 'auto' chose it."""
+    return f"{dit_cfg.attention} (auto)" if m.attention == "auto" else dit_cfg.attention
 
 
 def _stored_dtype(path) -> str:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from mochi_jax.checkpoints.orbax_io import Leaf, load_model, read_metadata, validate, write
 from mochi_jax.checkpoints.safetensors_io import ConversionError, LazyTensor, TensorSource, vote, write_safetensors
-from mochi_jax.models import quant
+from mochi_jax.models import layers, quant
 from mochi_jax.models.dit import DiTConfig
 from mochi_jax.models.layers import stack_layers, unstack_shardings
 
@@ -351,13 +351,15 @@ def save_genmo_dit(path, cfg: DiTConfig, params, dtype=None) -> Path:
     return write_safetensors(path, tensors, {"format": "pt"})
 
 
-def dit_config(model, arch: dict | None = None, **fixed) -> DiTConfig:
+def dit_config(model, arch: dict | None = None, platform: str = "", **fixed) -> DiTConfig:
     """The DiTConfig a command runs, from its `model` block (configs/common.py `model`): the architecture
     of the converted checkpoint at `model.dit` (its metadata; no weight is read) or `arch` when given,
     every setting field the block holds (DiTConfig.SETTING_FIELDS: param_dtype, compute_dtype, attention,
     splash_block, remat, remat_groups, scan_layers, weights_on_host), then `fixed` (e.g. remat='none'
     where nothing is differentiated). Every command builds its DiTConfig here, so every setting of the
-    block reaches the model. `model` may also be a checkpoint path: its architecture, then `fixed`."""
+    block reaches the model. `model` may also be a checkpoint path: its architecture, then `fixed`.
+    attention='auto' becomes the kernel of `platform` (layers.platform_attention; default: the platform
+    this process runs on, so the fit check passes its target's)."""
     block = model if hasattr(model, "keys") else {"dit": model}
     if arch is None:
         path = block["dit"]
@@ -366,8 +368,11 @@ def dit_config(model, arch: dict | None = None, **fixed) -> DiTConfig:
         except KeyError:
             raise ValueError(f"dit: {path} is not a converted DiT checkpoint (its metadata holds no "
                              f"architecture)") from None
-    settings = {k: block[k] for k in DiTConfig.SETTING_FIELDS if k in block}
-    return DiTConfig.from_dict({**arch, **settings, **fixed})
+    settings = {**{k: block[k] for k in DiTConfig.SETTING_FIELDS if k in block}, **fixed}
+    if settings.get("attention") == "auto":
+        settings["attention"] = layers.platform_attention(platform or layers.local_platform(),
+                                                          settings.get("compute_dtype", DiTConfig.compute_dtype))
+    return DiTConfig.from_dict({**arch, **settings})
 
 
 def load_dit(path, dtype=None, shardings=None, **overrides) -> tuple[DiTConfig, dict]:

@@ -167,6 +167,27 @@ def declared_axes(module: nn.Module, *args, collections=("params", "lora")) -> d
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
+def platform_attention(platform: str, compute_dtype: str = "bfloat16") -> str:
+    """The attention kernel `attention='auto'` runs on `platform` (a jax platform name, or an ahead-of-time
+    target's: 'tpu', 'gpu' / 'cuda', 'rocm', 'cpu'): Pallas splash on TPUs, cuDNN's fused attention on
+    NVIDIA GPUs when the matmuls are bfloat16 or float16 (the only inputs cuDNN takes), 'xla' otherwise
+    (CPUs, ROCm GPUs, float32 compute)."""
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda") and compute_dtype in ("bfloat16", "float16"):
+        return "cudnn"
+    return "xla"
+
+
+def local_platform() -> str:
+    """The platform this process computes on, as `platform_attention` names it ('rocm' for AMD GPUs,
+    which jax also calls 'gpu')."""
+    device = jax.devices()[0]
+    if device.platform == "gpu" and "rocm" in str(getattr(device.client, "platform_version", "")).lower():
+        return "rocm"
+    return device.platform
+
+
 def attention(q, k, v, key_mask=None, impl: str = "xla", splash_block: int | None = None, name: str = ""):
     """Softmax attention, [B, S, H, D] layout, scale 1/sqrt(D).
 
