@@ -2,12 +2,12 @@
 compiles ahead of time on a CPU host, and for which hardware.
 
     python -m mochi_jax.aot --config=configs/lora.py --config.aot.target=v5e-16
-    python -m mochi_jax.aot --config=configs/lora.py --config.aot.target=h100 --config.model.attention=cudnn
-    python -m mochi_jax.aot --config=configs/sample.py --config.aot.target=h100 --config.model.attention=cudnn
+    python -m mochi_jax.aot --config=configs/lora.py --config.aot.target=h100
+    python -m mochi_jax.aot --config=configs/sample.py --config.aot.target=h100
     python -m mochi_jax.aot --config=configs/prepare.py --config.aot.target=h100 --config.aot.what=t5
 
 Everything else (model, LoRA, optimizer, mesh, batch, attention, remat, dtypes) is the config's own,
-so the program compiled is the one the command would run.
+so the program compiled is the one the command would run (attention 'auto': the target's kernel).
 """
 
 import ml_collections
@@ -33,4 +33,7 @@ def section() -> ml_collections.ConfigDict:
         memory_gib=0.0,  # > 0: the memory per device to check against instead of the target's
         target_config="",  # a GpuTargetConfigProto text file for another NVIDIA GPU (target 'gpu' or 'gpu-N')
         json="",  # also write the report here
+        # a program that does not fit: also compile the settings that need less memory (remat full, an int8
+        # base, blocks in host memory; each on top of the one before) until one fits, and name it
+        suggest=True,
     ))

@@ -225,10 +225,10 @@ def test_a_target_config_file(tmp_path):
 def test_compiler_refusals_are_read():
     assert report.parse_out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
                                    "HLO temporaries (75.13G) exceeds available HBM (15.75G).") == (
-        int(75.13 * GIB), int(15.75 * GIB))
+        int(75.13 * GIB), int(15.75 * GIB), True)  # temporaries only: the arguments come on top
     assert report.parse_out_of_memory("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
                                    "Used 47.52G of 15.75G hbm. Exceeded hbm capacity by 31.77G.") == (
-        int(47.52 * GIB), int(15.75 * GIB))
+        int(47.52 * GIB), int(15.75 * GIB), False)
     assert report.parse_out_of_memory("INTERNAL: something else") is None
 
 
@@ -271,3 +271,44 @@ def test_auto_attention_follows_the_platform():
     m.attention = "xla"
     assert dit_config(m, common.DEMO_DIT, "tpu").attention == "xla"
     assert fit._attention(lora_config.get_config().model, dit_config(m, common.DEMO_DIT, "tpu")) == "xla (auto)"
+
+
+def test_the_ladder_of_settings_that_need_less_memory():
+    from mochi_jax.configs import lora as lora_config
+    from mochi_jax.configs import sample as sample_config
+
+    full = lora_config.get_config()  # remat full, bf16 weights already
+    assert fit.ladder(full, "train") == [{"model.param_dtype": "int8"}, {"model.weights_on_host": True}]
+    demo = lora_config.get_config("demo")  # remat none
+    assert fit.ladder(demo, "train")[0] == {"model.remat": "full", "model.remat_groups": ""}
+    assert fit.ladder(sample_config.get_config(), "sample") == [{"model.param_dtype": "int8"},
+                                                              {"model.weights_on_host": True}]
+    full.model.param_dtype, full.model.weights_on_host = "float8_e4m3fn", True
+    assert fit.ladder(full, "train") == [] and fit.ladder(full, "vae_encode") == []
+
+
+@pytest.mark.slow
+@need_tpu
+def test_a_program_that_does_not_fit_names_the_settings_that_would():
+    """The demo's step (remat none) against a limit between its memory and remat full's: the fit check
+    says no (exit 1), compiles remat full on top and names it; the suggestions are in the JSON."""
+    small = ("--config=configs/lora.py:demo", "--config.aot.target=v5e-1", "--config.aot.num_frames=25",
+             "--config.aot.height=96", "--config.aot.width=160")
+    none = report_json(*small)
+    full = report_json(*small, "--config.model.remat=full")
+    assert full["total_bytes"] < none["total_bytes"] and full["fits"]
+    limit = (full["total_bytes"] + none["total_bytes"]) / 2 / GIB
+    p = aot(*small, f"--config.aot.memory_gib={limit}")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "DOES NOT FIT" in p.stdout and "would fit with: --config.model.remat=full\n" in p.stdout + "\n", p.stdout
+    assert re.search(r"^  --config\.model\.remat=full: [\d.]+ GiB FITS$", p.stdout, re.M), p.stdout
+
+
+def report_json(*flags) -> dict:
+    """The fit check's JSON report of `flags` (suggestions off)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        p = aot(*flags, "--config.aot.suggest=False", f"--config.aot.json={tmp}/r.json")
+        assert p.returncode in (0, 1), p.stdout + p.stderr
+        return json.loads(Path(tmp, "r.json").read_text())

@@ -76,7 +76,52 @@ def check(cfg, what: str = "") -> Report:
         program.details.append("GPU      compiled with autotuning off (no GPU here): the kernels, not the memory, "
                                "may differ on the card")
     limit, source = memory_limit(aot, target, devices)
-    return measure(program, target, limit, source)
+    report = measure(program, target, limit, source)
+    if not report.fits and aot.suggest:
+        report.suggestions = _try_ladder(cfg, what, build, target, devices, limit, source)
+    return report
+
+
+def ladder(cfg, what: str) -> list[dict]:
+    """Settings that need less device memory than `cfg`'s, in the order they cost speed (each applied on
+    top of the ones before): a training step's remat 'full' (recompute each block in the backward),
+    then an int8 weight-only base (about half the bytes of bf16 weights), then the stacked blocks
+    waiting in pinned host memory (one block on the device at a time; PCIe traffic per step). The
+    ones the config already has are left out; prepare's programs have none."""
+    if what not in ("train", "sample"):
+        return []
+    m, rungs = cfg.model, []
+    if what == "train" and (m.remat not in ("full", "auto") or m.remat_groups):
+        rungs.append({"model.remat": "full", "model.remat_groups": ""})
+    if m.param_dtype in ("bfloat16", "float16", "float32"):
+        rungs.append({"model.param_dtype": "int8"})
+    if not m.weights_on_host and m.scan_layers:
+        rungs.append({"model.weights_on_host": True})
+    return rungs
+
+
+def _try_ladder(cfg, what, build, target, devices, limit, source) -> list[dict]:
+    """Compile `ladder(cfg, what)`'s settings one on top of the other until one fits: what each needs."""
+    tried, overrides = [], {}
+    for rung in ladder(cfg, what):
+        overrides.update(rung)
+        c = cfg.copy_and_resolve_references()
+        for path, value in overrides.items():
+            *parents, leaf = path.split(".")
+            node = c
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        flags = [f"--config.{k}={v}" for k, v in overrides.items() if not (k == "model.remat_groups" and not v)]
+        try:
+            r = measure(build(c, what, target, devices), target, limit, source)
+        except BadInput as e:  # a setting this target or model refuses
+            tried.append({"flags": flags, "total_bytes": 0, "fits": False, "error": str(e)})
+            continue
+        tried.append({"flags": flags, "total_bytes": r.total_bytes, "fits": r.fits})
+        if r.fits:
+            break
+    return tried
 
 
 def config_kind(cfg) -> str:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mochi_jax.aot import targets as targets_lib
+from mochi_jax.lib.placement import dropping_stderr
 from mochi_jax.lib.program import Program, device_bytes, memory
 from mochi_jax.models.remat import attention_reruns
 
@@ -24,6 +25,11 @@ GIB = targets_lib.GIB
 
 
 CLOSE = 0.02  # a fit with less than this share of the limit to spare is called close
+
+# XLA's GPU scheduler logs this when its own memory estimate disagrees with the buffer assignment's
+# (`gpu_hlo_schedule.cc ... This indicates an error in the calculation!`): it says nothing about the
+# program's memory, which the compiled program's analysis gives; dropped from a GPU compile's stderr
+_GPU_SCHEDULE_NOISE = re.compile(r"gpu_hlo_schedule\.cc")
 
 
 class BadInput(ValueError):
@@ -59,6 +65,9 @@ class Report:
     attention_reruns: int = -1
     compiler_error: str = ""  # the first line of the compiler's out-of-memory refusal
     compiler_message: str = ""  # all of it (TPU: the largest allocations), cut at 4000 characters
+    # a program that does not fit: the settings tried to make it fit, in order, each
+    # {"flags": [--config.x=y, ...], "total_bytes": ..., "fits": bool} (fit.check's ladder)
+    suggestions: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,26 +109,46 @@ class Report:
                 lines.append(f"  a close fit: {spare / 2 ** 20:.1f} MiB to spare; allocator fragmentation or another "
                              f"jax / XLA version can tip it over (leave room: a stronger remat, fewer frames)")
         elif self.compiler_error:
-            lines.append(f"DOES NOT FIT: the compiler needs at least {share}")
+            on_top = (f": {self.temp_bytes / GIB:.2f} GiB of temporaries (the compiler's figure) and "
+                      f"{(self.total_bytes - self.temp_bytes) / GIB:.2f} GiB of arguments" if self.temp_bytes else "")
+            lines.append(f"DOES NOT FIT: the compiler needs at least {share}{on_top}")
         else:
             lines.append(f"DOES NOT FIT: {share}, {(self.total_bytes - self.limit_bytes) / GIB:.2f} GiB over")
             if self.hardware.startswith("TPU") and self.limit_source == "the TPU compiler's HBM limit":
                 lines.append("  (the TPU compiler accepted the program, but its own memory analysis is over the "
                              "limit it enforces on simpler programs: not counted as fitting until run on a chip)")
+        lines += self._suggestion_lines()
         return "\n".join(lines)
+
+    def _suggestion_lines(self) -> list[str]:
+        if not self.suggestions:
+            return []
+        fit = next((s for s in self.suggestions if s["fits"]), None)
+        lines = ["settings tried, in order (each adds to the one before):"]
+        lines += [f"  {' '.join(s['flags'])}: " + (f"refused ({s['error']})" if s.get("error") else
+                                                   f"{s['total_bytes'] / GIB:.2f} GiB" + (" FITS" if s["fits"] else ""))
+                  for s in self.suggestions]
+        if fit is not None:
+            lines.append(f"would fit with: {' '.join(fit['flags'])}")
+        else:
+            lines.append("none of them fits: fewer frames, a smaller batch, or a target with more devices (FSDP and "
+                         "sequence parallelism split what is left)")
+        return lines
 
 
 _USED = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
 _REQUIRED = re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
 
 
-def parse_out_of_memory(message: str) -> tuple[int, int] | None:
-    """(bytes needed, bytes available) from a TPU compiler's out-of-memory error, if it is one."""
+def parse_out_of_memory(message: str) -> tuple[int, int, bool] | None:
+    """(bytes needed, bytes available, whether `needed` counts the temporaries only) from a TPU
+    compiler's out-of-memory error, if it is one. "Used X of Y hbm" is the whole program's; "the total
+    memory required for HLO temporaries (X) exceeds available HBM (Y)" leaves out the arguments."""
     for pattern in (_USED, _REQUIRED):
         m = pattern.search(message)
         if m:
             a, ua, b, ub = m.groups()
-            return targets_lib.parse_size(a, ua), targets_lib.parse_size(b, ub)
+            return targets_lib.parse_size(a, ua), targets_lib.parse_size(b, ub), pattern is _REQUIRED
     return None
 
 
@@ -140,13 +169,21 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     report.lower_s = time.time() - t0
     t0 = time.time()
     try:
-        compiled = lowered.compile()
+        if target.platform == "cuda":
+            with dropping_stderr(_GPU_SCHEDULE_NOISE):
+                compiled = lowered.compile()
+        else:
+            compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only an out-of-memory refusal is an answer; the rest is re-raised
         report.compile_s = time.time() - t0
         sizes = parse_out_of_memory(str(e))
         if sizes is None:
             raise
-        report.total_bytes, report.limit_bytes = sizes
+        report.total_bytes, report.limit_bytes, temporaries_only = sizes
+        if temporaries_only:  # the arguments (weights, state, batch) are on the device too
+            report.temp_bytes = report.total_bytes
+            report.argument_bytes = sum(v for k, v in inputs.items() if not k.endswith(" in host memory"))
+            report.total_bytes += report.argument_bytes + sum(report.resident.values())
         report.limit_source = "the compiler's limit"
         report.compiler_error = str(e).strip().splitlines()[0][:400]
         report.compiler_message = str(e).strip()[:4000]

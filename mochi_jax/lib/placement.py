@@ -17,6 +17,7 @@ fit check compiles exactly the program prepare runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -70,18 +71,25 @@ def start(block=None) -> None:
     _started = True
     if os.environ.get("JAX_PLATFORMS") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
         return  # platforms chosen, or TPU chips here: every line may matter
+    with dropping_stderr(_TPU_PROBE):
+        jax.devices()
+
+
+@contextlib.contextmanager
+def dropping_stderr(noise: re.Pattern):
+    """Run the body with what it prints on stderr (file descriptor 2: the C++ libraries' logs included)
+    held back, then print the lines that do not match `noise`."""
     sys.stderr.flush()
     with tempfile.TemporaryFile() as printed:
         saved = os.dup(2)
         os.dup2(printed.fileno(), 2)
         try:
-            jax.devices()
+            yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             printed.seek(0)
-            kept = [line for line in printed.read().decode(errors="replace").splitlines()
-                    if not _TPU_PROBE.search(line)]
+            kept = [line for line in printed.read().decode(errors="replace").splitlines() if not noise.search(line)]
             if kept:
                 print("\n".join(kept), file=sys.stderr, flush=True)
 
