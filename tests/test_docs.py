@@ -1,7 +1,9 @@
 """Every command the documentation gives parses: each `python -m mochi_jax.<command>` line of
 README.md and docs/*.md names a config file and preset that exist, fields its config has, and
-values of the fields' types (the demo's commands also run, in tests/test_layout.py)."""
+values of the fields' types, and each `python tools/<tool>.py` line is accepted by the tool's own
+command line (the demo's commands also run, in tests/test_layout.py)."""
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -16,9 +18,10 @@ DEFAULTS = {"train": "configs/lora.py", "sample": "configs/sample.py", "evaluate
             "prepare": "configs/prepare.py", "aot": "configs/lora.py"}
 
 
-def documented_commands() -> list[tuple[str, int, list[str]]]:
-    """(file, line, argv) of every `python -m mochi_jax.<command> ...` in the docs' code, with
-    continuation lines joined and shell comments, `&&` prefixes and ssh quoting taken off."""
+def documented_commands(pattern: str = r"python -m (mochi_jax\.\w+)(.*)") -> list[tuple[str, int, list[str]]]:
+    """(file, line, argv) of every `python -m mochi_jax.<command> ...` (or what `pattern` matches: the
+    command, then its arguments) in the docs' code, with continuation lines joined and shell comments,
+    `&&` suffixes and ssh quoting taken off."""
     out = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         lines = doc.read_text().splitlines()
@@ -29,10 +32,10 @@ def documented_commands() -> list[tuple[str, int, list[str]]]:
                 i += 1
                 text = text.rstrip()[:-1] + " " + lines[i].strip()
             i += 1
-            m = re.search(r"python -m (mochi_jax\.\w+)(.*)", text)
-            if not m or "`python -m" in text and "--config" not in text:
-                continue
-            rest = m.group(2).split("  #")[0].split(" # ")[0].strip().rstrip("'\"`").strip()
+            m = re.search(pattern, text)
+            if not m or re.search(r"`python (-m|tools)", text) and "--config" not in text:
+                continue  # a name in prose, not a command
+            rest = m.group(2).split("  #")[0].split(" # ")[0].split(" && ")[0].strip().rstrip("'\"`").strip()
             try:
                 argv = shlex.split(rest)
             except ValueError:
@@ -77,3 +80,19 @@ def test_documented_command_parses(where, line, argv):
             for part in field.split("."):
                 node = node[part]
             _parse(field, value, node)
+
+
+TOOL_COMMANDS = documented_commands(r"python (tools/\w+\.py)(.*)")
+
+
+def test_the_docs_give_tool_commands():
+    assert {argv[0] for _, _, argv in TOOL_COMMANDS} == {"tools/convert_weights.py", "tools/lora.py"}
+    assert len(TOOL_COMMANDS) > 15
+
+
+@pytest.mark.parametrize("where,line,argv", TOOL_COMMANDS, ids=[f"{f}:{n}" for f, n, _ in TOOL_COMMANDS])
+def test_documented_tool_command_parses(where, line, argv):
+    spec = importlib.util.spec_from_file_location(Path(argv[0]).stem, ROOT / argv[0])
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.parser().parse_args(argv[1:])  # argparse exits (status 2) on what the tool does not take

@@ -28,7 +28,8 @@ from mochi_jax import cli
 from mochi_jax.lib import placement
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs.py parses the documentation's commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=["dit", "t5", "vae", "clip"], help="which model the checkpoint holds")
     ap.add_argument("src", help="source checkpoint file or folder")
@@ -41,6 +42,11 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--vision-heads", type=int, help="clip: attention heads of the image tower (else from the config)")
     ap.add_argument("--text-heads", type=int, help="clip: attention heads of the text tower (else from the config)")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     if args.dtype in ("int8", "float8_e4m3fn") and args.model != "dit":
         ap.error(f"--dtype {args.dtype}: only the dit is written quantized; choose bfloat16, float32 or float16")

@@ -66,7 +66,8 @@ def info(path, depth) -> tuple[dict, str]:
     return about, depth_text
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line (tests/test_docs.py parses the documentation's commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="rewrite a LoRA file (or a training run's LoRA) in genmo or diffusers naming")
@@ -90,7 +91,11 @@ def main(argv=None):
     i.add_argument("lora")
     i.add_argument("--depth", type=int, default=None)
     i.add_argument("--json", action="store_true", help="print the info as JSON")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     try:
         placement.start()  # the devices up, without libtpu's search for TPU chips on a machine with none
