@@ -312,3 +312,19 @@ def report_json(*flags) -> dict:
         p = aot(*flags, "--config.aot.suggest=False", f"--config.aot.json={tmp}/r.json")
         assert p.returncode in (0, 1), p.stdout + p.stderr
         return json.loads(Path(tmp, "r.json").read_text())
+
+
+def test_gpu_compiler_noise_is_dropped_and_the_rest_kept(capfd):
+    """What the CUDA plugin and XLA print on a host without a GPU (lines as seen here) is dropped from a
+    GPU compile's stderr, at the C level (file descriptor 2); anything else comes through."""
+    from mochi_jax.stderr import dropping_stderr
+
+    seen = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+            "I0000 00:00:1796461295.129068   15922 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+            "GPU will not be used.",
+            "W1205 08:54:48.005636   30689 hlo_rematerialization.cc:3231] Can't reduce memory use below 296.16MiB",
+            "E1205 08:55:01.000000   30689 gpu_hlo_schedule.cc:1] ... This indicates an error in the calculation!"]
+    with dropping_stderr(targets.GPU_COMPILER_NOISE):
+        for line in seen + ["a real error"]:
+            os.write(2, (line + "\n").encode())
+    assert capfd.readouterr().err == "a real error\n"

@@ -1,4 +1,4 @@
-"""The package's shape: imports run one way (models < configs < checkpoints < lib < demo < cli <
+"""The package's shape: imports run one way (stderr < models < configs < checkpoints < lib < demo < cli <
 commands; the fit check's package mochi_jax.aot is a command), no import cycles, imports of the
 project at the top of a module (the commands' entry points excepted), no private names across
 modules, configs that are settings, one way from a command's `model` block to the DiT's config,
@@ -18,7 +18,7 @@ from mochi_jax.configs import dit as dit_configs
 
 PACKAGE = Path(mochi_jax.__file__).parent
 CONFIGS = Path(dit_configs.__file__).parent  # installed as mochi_jax.configs
-LAYERS = ["models", "configs", "checkpoints", "lib", "demo", "cli", "commands"]
+LAYERS = ["stderr", "models", "configs", "checkpoints", "lib", "demo", "cli", "commands"]  # stderr.py: stdlib only
 COMMANDS = {"train", "prepare", "sample", "evaluate", "aot"}
 
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 import sys
 
 from mochi_jax.aot import targets
+from mochi_jax.stderr import dropping_stderr
 
 PREFIX = "mochi_jax.aot"
 
 
 def main():
     targets.compile_only_environment()  # before jax is imported: the imports below load it
-    from mochi_jax import cli  # noqa: E402 - after the environment is set
-    from mochi_jax.aot import fit, report  # noqa: E402
+    with dropping_stderr(targets.GPU_COMPILER_NOISE):  # the CUDA plugin, when installed, looks for a driver
+        from mochi_jax import cli  # noqa: E402 - after the environment is set
+        from mochi_jax.aot import fit, report  # noqa: E402
 
     def command(cfg):
         try:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from mochi_jax.aot import targets as targets_lib
-from mochi_jax.lib.placement import dropping_stderr
 from mochi_jax.lib.program import Program, device_bytes, memory
 from mochi_jax.models.remat import attention_reruns
 
@@ -25,11 +24,6 @@ GIB = targets_lib.GIB
 
 
 CLOSE = 0.02  # a fit with less than this share of the limit to spare is called close
-
-# XLA's GPU scheduler logs this when its own memory estimate disagrees with the buffer assignment's
-# (`gpu_hlo_schedule.cc ... This indicates an error in the calculation!`): it says nothing about the
-# program's memory, which the compiled program's analysis gives; dropped from a GPU compile's stderr
-_GPU_SCHEDULE_NOISE = re.compile(r"gpu_hlo_schedule\.cc")
 
 
 class BadInput(ValueError):
@@ -126,7 +120,10 @@ class Report:
         fit = next((s for s in self.suggestions if s["fits"]), None)
         lines = ["settings tried, in order (each adds to the one before):"]
         lines += [f"  {' '.join(s['flags'])}: " + (f"refused ({s['error']})" if s.get("error") else
-                                                   f"{s['total_bytes'] / GIB:.2f} GiB" + (" FITS" if s["fits"] else ""))
+                                                   f"{s['total_bytes'] / GIB:.2f} GiB" + (" FITS" if s["fits"] else "")
+                                                   + (f" (fits in {s['fits_at']:.0%} of the card: XLA_CLIENT_MEM_FRACTION="
+                                                      f"{s['fits_at']:g} when training, --config.aot.gpu_memory_fraction="
+                                                      f"{s['fits_at']:g} here)" if s.get("fits_at") else ""))
                   for s in self.suggestions]
         if fit is not None:
             lines.append(f"would fit with: {' '.join(fit['flags'])}")
@@ -169,10 +166,7 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     report.lower_s = time.time() - t0
     t0 = time.time()
     try:
-        if target.platform == "cuda":
-            with dropping_stderr(_GPU_SCHEDULE_NOISE):
-                compiled = lowered.compile()
-        else:
+        with targets_lib.quiet(target):
             compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only an out-of-memory refusal is an answer; the rest is re-raised
         report.compile_s = time.time() - t0

@@ -20,10 +20,13 @@ one-process lock; `compile_only_environment()` sets all three and must run befor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+
+from mochi_jax.stderr import dropping_stderr
 
 GIB = 1 << 30
 
@@ -274,6 +277,19 @@ def have_compiler(platform: str) -> bool:
     if platform == "tpu":
         return installed("libtpu")
     return installed("jax_plugins.xla_cuda12") or installed("jax_cuda12_plugin")
+
+
+# What the CUDA plugin and XLA's GPU compiler log on a host without a GPU, none of it about the answer:
+# the missing driver (`cudart_stub.cc ... Could not find cuda drivers`, with absl's note on logging before
+# its start), the scheduler's own memory estimate disagreeing with the buffer assignment's
+# (`gpu_hlo_schedule.cc ... This indicates an error in the calculation!`), and rematerialisation that
+# could not shrink a program (its memory is the report's). Dropped from a GPU compile's stderr.
+GPU_COMPILER_NOISE = re.compile(r"gpu_hlo_schedule\.cc|cudart_stub\.cc|absl::InitializeLog|hlo_rematerialization\.cc")
+
+
+def quiet(target: Target):
+    """A context that drops GPU_COMPILER_NOISE from stderr for a GPU target (nothing for a TPU's)."""
+    return dropping_stderr(GPU_COMPILER_NOISE) if target.platform == "cuda" else contextlib.nullcontext()
 
 
 def compile_devices(target: Target) -> list:

@@ -17,13 +17,10 @@ fit check compiles exactly the program prepare runs.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import os
 import re
-import sys
-import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -41,6 +38,7 @@ from mochi_jax.lib.video import from_unit, to_unit
 from mochi_jax.models import sharding as sharding_lib
 from mochi_jax.models import t5 as t5_lib
 from mochi_jax.models import vae as vae_lib
+from mochi_jax.stderr import dropping_stderr
 from mochi_jax.models.layers import Dense, RMSNorm
 from mochi_jax.models.t5 import T5Encoder
 
@@ -74,24 +72,6 @@ def start(block=None) -> None:
     with dropping_stderr(_TPU_PROBE):
         jax.devices()
 
-
-@contextlib.contextmanager
-def dropping_stderr(noise: re.Pattern):
-    """Run the body with what it prints on stderr (file descriptor 2: the C++ libraries' logs included)
-    held back, then print the lines that do not match `noise`."""
-    sys.stderr.flush()
-    with tempfile.TemporaryFile() as printed:
-        saved = os.dup(2)
-        os.dup2(printed.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            printed.seek(0)
-            kept = [line for line in printed.read().decode(errors="replace").splitlines() if not noise.search(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 def describe_devices() -> str:
