@@ -8,6 +8,8 @@ Presets:
   demo     a tiny random model and synthetic clips made on the fly (no download): a few minutes
            on 2 CPU cores, leaving a checkpoint, metrics, a LoRA file and a sample video.
   sweep_demo  the demo as a search: three LoRAs (ranks 2 and 4, two learning rates) trained together.
+  search   the usual search for a Mochi LoRA in one run: ranks 4 and 8 (alpha = rank) x lr 1e-4, 3e-5,
+           1e-5, six LoRAs on the one frozen base; otherwise `default`.
 Any field is overridable: --config.optim.lr=5e-5 --config.steps=500 --config.run_dir=runs/mine.
 """
 
@@ -20,11 +22,18 @@ from mochi_jax.models.lora import REFERENCE_TARGETS
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    if arg not in ("default", "demo", "sweep_demo"):
-        raise ValueError(f"unknown preset {arg!r}; choose 'default', 'demo' or 'sweep_demo'")
+    if arg not in ("default", "demo", "sweep_demo", "search"):
+        raise ValueError(f"unknown preset {arg!r}; choose 'default', 'demo', 'sweep_demo' or 'search'")
     c = ml_collections.ConfigDict()
     c.run_dir = "runs/lora"
     c.cache = "cache"  # made by `python -m mochi_jax.prepare`
+    # Several caches trained together ({} = `cache` alone, as before): {name: {"cache": path, "repeats": n,
+    # "holdout": k}}. Each clip of a dataset is drawn `repeats` times per epoch (default 1), so the datasets
+    # are drawn in proportion to clips x repeats; the last `holdout` clips of each (default
+    # validation.holdout) are held out for validation. In a config file: c.datasets = {"clips": {"cache":
+    # "cache"}, "style": {"cache": "style_cache", "repeats": 3}}; on the command line the whole dict as a
+    # Python literal: --config.datasets='{"clips": {"cache": "cache"}, "style": {"cache": "s", "repeats": 3}}'
+    c.datasets = ml_collections.FieldReference({}, field_type=object)
     c.seed = 12345
     c.steps = 2000
     c.batch_size = 1  # per step, over all devices and processes
@@ -46,6 +55,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.model.remat_groups = ""  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = `remat` everywhere
     # LoRA targets: {name: {pattern (regex on module paths), rank, alpha, dropout}}; rank 0 disables one.
     c.lora = ml_collections.ConfigDict({k: dict(v) for k, v in REFERENCE_TARGETS.items()})
+    # Start from a LoRA instead of fresh factors (musubi-tuner's --network_weights): a LoRA .safetensors file
+    # (genmo / ComfyUI, kohya or diffusers layout) or a training run directory (its newest checkpoint, or
+    # <run>/checkpoints/<step>). Its layers and ranks must be those of `lora`. Read by a fresh run only: a
+    # resumed one continues from its checkpoint. The optimizer state starts fresh. '' = fresh factors.
+    c.init_lora = ""
 
     c.loss = ml_collections.ConfigDict(dict(
         # 'normalized': z is normalised to the DiT's latent space before noising (consistent with
@@ -98,6 +112,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # Empty: one LoRA, as without this block.
     c.sweep = ml_collections.ConfigDict(dict(rank="", lr="", variants={}))
     c.aot = aot_config.section()  # python -m mochi_jax.aot: the fit check (configs/aot.py)
+    if arg == "search":  # alpha / rank is kept by the grid: alpha 16 at rank 16 becomes alpha = rank
+        c.sweep.rank, c.sweep.lr = "4,8", "1e-4,3e-5,1e-5"
+        c.run_dir = "runs/search"
     if arg == "sweep_demo":
         c = demo(c)
         c.run_dir = f"{common.DEMO_ROOT}/sweep"

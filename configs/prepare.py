@@ -20,7 +20,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "default", "demo"):
         raise ValueError(f"unknown prepare preset {arg!r}; choose '' (default) or 'demo'")
     cfg = ml_collections.ConfigDict(dict(
-        input_dir="clips",          # videos (.mp4 .mov .webm .mkv) and images (.jpg .png .webp) with captions
+        # videos (.mp4 .mov .webm .mkv) and images (.jpg .png .webp) with captions, or a musubi-tuner metadata
+        # .jsonl ({"video_path" | "image_path": path, "caption": text} per line; paths absolute or relative to it)
+        input_dir="clips",
         output_dir="cache",         # manifest.json + clips/<name>.safetensors
         vae="ckpt/vae",             # converted checkpoints
         t5="ckpt/t5",
@@ -36,8 +38,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         windows=dict(mode="head", count=3, stride=0, max=0),
         buckets=((480, 848),),      # (H, W) pixel sizes; each clip takes the closest aspect ratio
         upscale=True,               # False: skip clips smaller than their bucket instead of enlarging
-        # Captions: clip.txt beside each file, else a row of a metadata.jsonl / .csv (columns file_name
-        # and caption or text); '' finds input_dir/metadata.jsonl or metadata.csv, or name a file.
+        # Captions: clip.txt beside each file, else a row of a metadata.jsonl / .csv (columns file_name (or
+        # video_path, image_path) and caption or text); '' finds input_dir/metadata.jsonl or metadata.csv, or
+        # name a file. A .jsonl input_dir holds its own captions.
         captions="",
         trigger="",                 # a word put before every caption ("sks" -> "sks a dog runs")
         max_length=256,             # T5 tokens; longer captions are truncated and reported

@@ -10,6 +10,10 @@ reference videos and a style probe. Outputs under cfg.out_dir:
     report.json                      every video's metrics; per variant (and per prompt) the mean and
                                      95% interval over seeds; paired deltas against the base
     report.md                        the same as tables, with the contact sheets
+    report.html                      per prompt the videos side by side (a row per seed, a column per
+                                     variant, playing), the tables, the LoRAs' training curves
+    posters/<variant>/<nn>_<prompt>_seed<seed>.png   each video's first frame (the page's posters)
+    curves/<run>.png                 each LoRA's training run's curves.png (or drawn from its metrics.jsonl)
     sheets/<nn>_<prompt>.png         per prompt, one row per (seed, variant), frames evenly spaced
     videos/<variant>/<nn>_<prompt>_seed<seed>.mp4
     .parts/                          finished batches (records, thumbnails): a killed evaluation, rerun
@@ -44,10 +48,11 @@ from mochi_jax.checkpoints.files import writable_dir, write_atomically
 from mochi_jax.lib import cache, placement, sampling
 from mochi_jax.lib.clip import Scorer
 from mochi_jax.lib.metrics import video_metrics
-from mochi_jax.lib.report import contact_sheet, file_slug, json_safe, print_deltas, summarize, thumbnails, write_markdown
+from mochi_jax.lib.report import (contact_sheet, file_slug, json_safe, poster_of, print_deltas, summarize, thumbnails,
+                                  training_curves, write_curves, write_html, write_markdown)
 from mochi_jax.lib.text import TextEncoder, read_prompts
 from mochi_jax.lib.variants import denoise_variants, load_variants, stack_adapters
-from mochi_jax.lib.video import VIDEO_SUFFIXES, evenly_spaced, read_clip, write_mp4
+from mochi_jax.lib.video import VIDEO_SUFFIXES, VideoReader, evenly_spaced, read_clip, write_image, write_mp4
 from mochi_jax.models import sharding as sharding_lib
 
 # ----------------------------------------------------------------------------- inputs
@@ -257,6 +262,7 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
                     video = out_dir / "videos" / file_slug(v.name) / f"{p + 1:02d}_{file_slug(prompt.lower())}_seed{seed}.mp4"
                     if parts.main:
                         write_mp4(video, clip, fps=s.fps)
+                        write_image(out_dir / poster_of(str(video.relative_to(out_dir))), clip[0])
                     scores = video_metrics(clip, inp.scorer.images(clip), inp.text_emb[p], inp.ref_emb, inp.style_emb)
                     recs.append(json_safe({"variant": v.name, "prompt_index": p, "prompt": prompt, "seed": seed,
                                            "video": str(video.relative_to(out_dir)), "metrics": scores}))
@@ -274,6 +280,18 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
     timing = {"denoise_s": denoise_s, "denoise_calls": n_calls, "first_call_s": first_call_s, "steady_call_s": steady,
               "batches_resumed": len(batches) - len(todo)}
     return records, sheets, timing
+
+
+def write_posters(records, out_dir: Path) -> None:
+    """The poster (first frame) of every video that has none yet: videos rendered before posters were
+    written, taken from an earlier run's finished batches."""
+    for r in records:
+        poster, video = out_dir / poster_of(r["video"]), out_dir / r["video"]
+        if not poster.is_file() and video.is_file():
+            with VideoReader(video) as v:
+                first = v.read([0], v.info.fps, (v.info.height, v.info.width)).get(0)
+            if first is not None:
+                write_image(poster, first)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -295,14 +313,24 @@ def run(cfg) -> dict:
                      for v in inp.variants],
         "lora_structure": {"layers": len(inp.targets), "ranks": sorted({t.rank for t in inp.targets})},
         "summary": summary, "deltas": deltas, "videos": records, "sheets": sheets,
+        "curves": training_curves(inp.variants),
         "timing": {"validate_s": t_inputs, **timing, "total_s": time.time() - t_start},
     })
     if jax.process_index() == 0:  # one writer
         write_atomically(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
         write_markdown(report, out_dir / "report.md")
+        write_posters(records, out_dir)
+        curves = write_curves(report["curves"], out_dir)
+        write_html(report, out_dir / "report.html")
+    else:
+        curves = []
     print_deltas(report)
-    print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {len(sheets)} contact sheet(s) and "
-          f"{len(records)} videos in {time.time() - t_start:.1f}s", flush=True)
+    print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {len(sheets)} contact sheet(s), "
+          f"{len(records)} videos (posters: {out_dir / 'posters'}/)"
+          + (f", {len(curves)} training curve(s) in {out_dir / 'curves'}/" if curves else "")
+          + f" in {time.time() - t_start:.1f}s", flush=True)
+    print(f"open {out_dir / 'report.html'} in a browser: the videos side by side, the tables and the curves",
+          flush=True)
     return report
 
 

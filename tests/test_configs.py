@@ -252,3 +252,16 @@ def test_a_cache_made_before_the_compute_dtype_settings_is_reused_and_a_changed_
     for key, value in (("vae_compute_dtype", "bfloat16"), ("t5_compute_dtype", "float32")):
         with pytest.raises(ValueError, match=f"{key}: cached .* vs now '{value}'.*overwrite"):
             prepare_lib._existing(tmp_path, cfg, {**now, key: value})
+
+
+def test_the_search_preset_is_ranks_4_and_8_by_three_learning_rates():
+    from mochi_jax.checkpoints.runs import sweep_variants
+    from mochi_jax.configs import lora as lora_config
+
+    variants = dict(sweep_variants(lora_config.get_config("search")))
+    assert list(variants) == [f"r{r}_lr{lr}" for r in (4, 8) for lr in ("1e-04", "3e-05", "1e-05")]
+    for name, v in variants.items():
+        rank = int(name[1])
+        assert {t.rank for t in v.lora.values() if t.rank > 0} == {rank}
+        assert {t.alpha for t in v.lora.values() if t.rank > 0} == {float(rank)}  # alpha / rank = 1, as default's
+        assert v.optim.lr == float(name.split("lr")[1])

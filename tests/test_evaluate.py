@@ -17,6 +17,7 @@ from mochi_jax.lib import variants as variants_lib
 from mochi_jax.checkpoints import lora_format, lora_read
 from mochi_jax.checkpoints.runs import load_run_lora
 from mochi_jax.lib import cache, sampling
+from mochi_jax.lib import report as report_lib
 from mochi_jax.demo import write_demo_clip, write_demo_models
 from mochi_jax.models.lora import LoraTarget
 from mochi_jax.lib.video import evenly_spaced, write_mp4
@@ -75,6 +76,12 @@ def test_end_to_end_and_no_recompile(setup, capsys):
     assert "Change against the base" in md and report["sheets"][1] in md
     printed = capsys.readouterr().out
     assert "LoRA - base (paired)" in printed and "\na " in printed and "\nb " in printed
+    # the HTML page: every video with its poster (the first frame), the tables; no training runs here
+    page = (out / "report.html").read_text()
+    for r in report["videos"]:
+        assert f'src="{r["video"]}"' in page and (out / report_lib.poster_of(r["video"])).is_file()
+    assert page.count("<video ") == 12 and 'class="metrics"' in page and report["curves"] == []
+    assert str(out / "report.html") in printed
 
     # another LoRA of the same shapes, in another slot: nothing is compiled again, and the
     # videos shared with the first run (same prompt, seed, LoRA) are the same

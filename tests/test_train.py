@@ -120,6 +120,13 @@ def test_demo_run_leaves_checkpoint_metrics_lora_and_video(demo_root):
     assert any((run / "tensorboard").iterdir())
     videos = list((run / "samples").glob("step000012_*.mp4"))
     assert len(videos) == 1 and videos[0].stat().st_size > 0
+    # the pictures: curves.png, and the validation video in tensorboard (a GIF, tagged by its prompt)
+    from PIL import Image
+
+    with Image.open(run / "curves.png") as im:
+        assert im.format == "PNG" and im.width >= 600
+    assert ("val_video/0_" + cfg.validation.prompts[0].lower().replace(" ", "_")[:48], 12) in \
+        _tensorboard(run / "tensorboard")
     # the exported LoRA (genmo format, alpha folded) is the trained one
     factors, targets = runs.load_run_lora(run)
     loaded, loaded_targets, _ = lora_read.load_lora(run / "lora.safetensors", depth=3)

@@ -23,15 +23,18 @@ Layout of a cache folder:
 
 Clips may have any mix of latent shapes (aspect buckets, frame counts, 1-frame images); the
 trainer batches each shape apart (mochi_jax/lib/data.py) and draws z = mean + exp(logvar / 2) * n
-with fresh noise n at every step. Every file is written under a temporary name
-(`.<name>.tmp<pid>`) and renamed into place, so a reader never sees half a file; files get the
-permissions of any new file (0o666 minus the umask).
+with fresh noise n at every step. Several caches train together as one (`open_datasets`,
+configs/lora.py `datasets`): a MixedCache, each dataset's clips drawn `repeats` times per epoch.
+Every file is written under a temporary name (`.<name>.tmp<pid>`) and renamed into place, so a
+reader never sees half a file; files get the permissions of any new file (0o666 minus the umask).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from safetensors.numpy import load_file
@@ -158,5 +161,167 @@ class Cache:
         """The distinct [12, t, h, w] bucket shapes in the cache."""
         return {tuple(e["latent_shape"]) for e in self.entries}
 
+    def clip_repeats(self, num_clips: int) -> list[int] | None:
+        """Draws per epoch of each of the first `num_clips` clips: None (once each) for one cache."""
+        return None
+
+    def fingerprint(self) -> dict:
+        """What the loader's saved position records about the data besides its plan: nothing here."""
+        return {}
+
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, {len(self)} clips, shapes {sorted(self.latent_shapes())})"
+
+
+# ----------------------------------------------------------------------------- several caches
+
+DATASET_FIELDS = ("cache", "repeats", "holdout")
+
+
+@dataclasses.dataclass
+class Dataset:
+    """One cache of a mixture: its first `train` clips train, each drawn `repeats` times per epoch."""
+    name: str
+    cache: Cache
+    repeats: int
+    train: int
+    holdout: int
+
+
+class MixedCache:
+    """Several caches as one, with Cache's interface (len, [i], entries, path, empty_prompt, source_of,
+    latent_shapes, clip_repeats, fingerprint). Its index order: every dataset's training clips
+    (datasets by name, each's clips in its cache's order), then every dataset's held-out clips in the
+    same order, so `num_train` leading clips train and the rest are the validation clips."""
+
+    def __init__(self, datasets: list[Dataset]):
+        if not datasets:
+            raise ValueError("MixedCache needs at least one dataset")
+        self.datasets = datasets
+        self.path = datasets[0].cache.path  # for messages that name "the" cache
+        self.index = [(k, j) for k, d in enumerate(datasets) for j in range(d.train)]
+        self.num_train = len(self.index)
+        self.index += [(k, j) for k, d in enumerate(datasets) for j in range(d.train, len(d.cache))]
+        self.entries = [datasets[k].cache.entries[j] for k, j in self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        k, j = self.index[i]
+        return self.datasets[k].cache[j]
+
+    def empty_prompt(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.datasets[0].cache.empty_prompt()
+
+    def source_of(self, i: int) -> str:
+        k, j = self.index[i]
+        return f"{self.datasets[k].name}:{self.datasets[k].cache.source_of(j)}"
+
+    def dataset_of(self, i: int) -> str:
+        return self.datasets[self.index[i][0]].name
+
+    def latent_shapes(self) -> set[tuple[int, ...]]:
+        return set().union(*(d.cache.latent_shapes() for d in self.datasets))
+
+    def clip_repeats(self, num_clips: int) -> list[int]:
+        return [self.datasets[k].repeats for k, _ in self.index[:num_clips]]
+
+    def fingerprint(self) -> dict:
+        """{'datasets': {name: [training clips, repeats]}}: saved with the loader's position."""
+        return {"datasets": {d.name: [d.train, d.repeats] for d in self.datasets}}
+
+    def describe(self) -> list[str]:
+        """One line per dataset: its training clips, repeats, share of the epoch's draws, held-out clips."""
+        draws = sum(d.train * d.repeats for d in self.datasets)
+        return [f"dataset {d.name!r}: {d.train} clips x {d.repeats} repeat{'s' if d.repeats > 1 else ''} = "
+                f"{d.train * d.repeats} draws per epoch ({d.train * d.repeats / draws:.1%} of the epoch), "
+                f"{len(d.cache) - d.train} held out; {d.cache.path}" for d in self.datasets]
+
+    def __repr__(self) -> str:
+        return f"MixedCache({', '.join(f'{d.name}={str(d.cache.path)!r} x{d.repeats}' for d in self.datasets)})"
+
+
+def _plain(value):
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def _integer(name: str, field: str, value, least: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"datasets.{name}.{field} = {value!r}: must be an integer >= {least} ({what})")
+    return int(value)
+
+
+def read_datasets(datasets: Mapping, holdout: int) -> list[Dataset]:
+    """configs/lora.py `datasets` ({name: {cache, repeats = 1, holdout = `holdout`}}) opened and
+    checked, by name. A missing or malformed cache, a repeats < 1, a holdout that leaves a dataset no
+    training clips, an unknown field, or caches whose captions cannot share a batch (T5 features of
+    other shapes) raise one ValueError naming the dataset and the field."""
+    datasets = _plain(datasets)
+    if not isinstance(datasets, Mapping):
+        raise ValueError(f"datasets must be {{name: {{'cache': path, 'repeats': n}}}}, got {datasets!r}")
+    out = []
+    for name in sorted(datasets, key=str):
+        spec = _plain(datasets[name])
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"datasets.{name} must be {{'cache': path, 'repeats': n}}, got {spec!r}")
+        unknown = sorted(set(map(str, spec)) - set(DATASET_FIELDS))
+        if unknown:
+            raise ValueError(f"datasets.{name}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                             f"(a dataset takes {', '.join(DATASET_FIELDS)})")
+        path = spec.get("cache")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"datasets.{name}.cache = {path!r}: must name a cache folder (made by "
+                             f"`python -m mochi_jax.prepare`)")
+        repeats = _integer(name, "repeats", spec.get("repeats", 1), 1,
+                           "each clip is drawn that many times per epoch")
+        held = _integer(name, "holdout", spec.get("holdout", holdout), 0, "clips held out for validation")
+        try:
+            cache = Cache(path)
+        except CacheError as e:
+            raise CacheError(f"datasets.{name}.cache = {path!r}: {e}") from None
+        if not len(cache):
+            raise CacheError(f"datasets.{name}.cache = {path!r}: the cache holds no clips")
+        try:
+            train = cache.training_clips(held)
+        except ValueError as e:
+            raise ValueError(f"datasets.{name}.holdout = {held}: {e}") from None
+        out.append(Dataset(str(name), cache, repeats, train, held))
+    if not out:
+        raise ValueError("datasets is empty")
+    shapes = {d.name: cache_text_shape(d.cache) for d in out}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("datasets " + ", ".join(f"{n}: T5 features {list(s)}" for n, s in shapes.items())
+                         + ": their captions cannot share a batch; prepare every dataset with the same t5 and "
+                           "max_length")
+    return out
+
+
+def cache_text_shape(cache: Cache) -> tuple[int, ...]:
+    """The shape [L, D] of the cache's T5 features (its first clip's)."""
+    return tuple(cache[0]["t5_feats"].shape)
+
+
+def open_datasets(cache: str, datasets: Mapping | None, holdout: int):
+    """The trainer's data: (cache, training clips, lines to log). Without `datasets`, the one cache
+    at `cache` with its last clips held out (Cache.training_clips); with them, a MixedCache of all of
+    them (read_datasets), the last `holdout` clips of every dataset held out unless the dataset sets its
+    own. Its first `training clips` clips train; the rest are held out for validation."""
+    datasets = _plain(datasets) or {}
+    if not datasets:
+        one = Cache(cache)
+        n_train = one.training_clips(holdout)  # the last clips (by name) are held out, whole sources
+        lines = []
+        if len(one) - n_train > holdout:
+            lines.append(f"validation.holdout = {holdout}: {len(one) - n_train} clips held out, so that no source "
+                         f"has frame windows on both sides")
+        return one, n_train, lines
+    mixed = MixedCache(read_datasets(datasets, holdout))
+    lines = [f"{len(mixed.datasets)} datasets (the `cache` field is not read when `datasets` is set):",
+             *("  " + line for line in mixed.describe())]
+    for key in ("vae", "t5", "tokenizer"):
+        used = {d.name: d.cache.manifest.get("config", {}).get(key) for d in mixed.datasets}
+        if len({json.dumps(v) for v in used.values()}) > 1:
+            lines.append(f"note: the datasets were prepared with different {key} settings ("
+                         + ", ".join(f"{n}: {v}" for n, v in used.items()) + "); mix caches of one model only")
+    return mixed, mixed.num_train, lines

@@ -41,7 +41,7 @@ from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.lib import cache as cache_lib
 from mochi_jax.lib.placement import Models
 from mochi_jax.lib.sources import (MEDIA_SUFFIXES, WINDOW_MODES, Captions, Skip, SourceRead, clip_name, find_sources,
-                                   frame_buckets, is_image, orphan_captions, read_source)
+                                   frame_buckets, is_image, is_metadata_input, orphan_captions, read_source)
 from mochi_jax.lib.video import write_image, write_mp4
 
 # Settings that change what a cached clip holds: an existing cache made with other values is not reused.
@@ -115,8 +115,8 @@ def prepare(cfg) -> dict:
     input_dir, out = Path(cfg.input_dir), Path(cfg.output_dir)
     if not input_dir.exists():
         raise FileNotFoundError(errno.ENOENT, "input_dir does not exist", str(input_dir))
-    if not input_dir.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "input_dir is a file, not a folder of clips", str(input_dir))
+    if not input_dir.is_dir() and not is_metadata_input(input_dir):
+        raise NotADirectoryError(errno.ENOTDIR, "input_dir is a file: give a folder of clips or a metadata .jsonl", str(input_dir))
     sources = find_sources(input_dir)
     orphans = orphan_captions(input_dir, sources)
     if not sources:  # before any model is loaded

@@ -2,7 +2,10 @@
 
 Inputs: videos (.mp4 .mov .webm .mkv) and images (.jpg .png .webp), searched recursively, hidden
 files ignored. Each needs a caption: a same-named .txt, else a row of the folder's metadata.jsonl /
-metadata.csv (or `captions`); `trigger` starts every caption. Each clip takes the bucket (H, W)
+metadata.csv (or `captions`); `trigger` starts every caption. Or input_dir names a musubi-tuner
+metadata file (a .jsonl of {"video_path" | "image_path": ..., "caption": ...} lines, paths absolute or
+relative to its folder): the sources are exactly the files its lines name, captioned by their lines
+(`read_metadata_input`; a malformed line is an error naming the file and line). Each clip takes the bucket (H, W)
 with the closest aspect ratio (distance of log(W/H)). An image is a 1-frame clip. A video gives
 one or more frame windows at `fps` (`windows.mode`: head, uniform, slide; `plan_windows`), each
 the longest of the `num_frames` buckets the clip fills, cover-resized and centre-cropped
@@ -34,20 +37,89 @@ class Skip(Exception):
 
 MEDIA_SUFFIXES = VIDEO_SUFFIXES + IMAGE_SUFFIXES
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
-FILE_COLUMNS = ("file_name", "file", "path", "video", "image")  # the first present names the file
+# the first present names the file (video_path / image_path: musubi-tuner's metadata)
+FILE_COLUMNS = ("file_name", "file", "path", "video", "image", "video_path", "image_path")
 TEXT_COLUMNS = ("caption", "text", "prompt")  # the first present holds its caption
 WINDOW_MODES = ("head", "uniform", "slide")
 
 
+MUSUBI_FILE_KEYS = ("video_path", "image_path")
+
+
+def is_metadata_input(input_dir) -> bool:
+    """Whether input_dir names a musubi-tuner metadata .jsonl file rather than a folder."""
+    p = Path(input_dir)
+    return p.suffix.lower() == ".jsonl" and p.is_file()
+
+
+def read_metadata_input(path) -> tuple[dict[Path, tuple[str, str]], list[tuple[str, str]]]:
+    """musubi-tuner's metadata as prepare's input: one JSON object per line, {"video_path": ...,
+    "caption": ...} or {"image_path": ..., "caption": ...} (other keys ignored), the path absolute or
+    relative to the file's folder; blank lines are passed over. Returns ({resolved file: (caption,
+    '<name> line N')}, skipped [(source, reason)]: a line naming a missing file, a file that is no
+    video or image, or a file named before), in line order. Malformed lines (not a JSON object, no or
+    both path keys, a path that is not a string, no caption string) raise one ValueError naming the
+    file and every bad line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable metadata file ({e})") from e
+    out: dict[Path, tuple[str, str]] = {}
+    skipped, bad = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(f"line {n}: not JSON ({e.msg} at column {e.colno})")
+            continue
+        keys = [k for k in MUSUBI_FILE_KEYS if isinstance(row, dict) and k in row]
+        if not isinstance(row, dict) or len(keys) != 1:
+            bad.append(f"line {n}: needs one of \"video_path\" or \"image_path\", got {line.strip()[:200]}")
+            continue
+        name, caption = row[keys[0]], row.get("caption")
+        if not isinstance(name, str) or not name.strip():
+            bad.append(f"line {n}: {keys[0]} must be a path, got {name!r}")
+            continue
+        if not isinstance(caption, str):
+            bad.append(f"line {n}: needs a \"caption\" string, got {caption!r}"[:300])
+            continue
+        suffix = Path(name).suffix.lower()  # the file's kind is its suffix's, whichever key names it
+        file = (path.parent / Path(name).expanduser()).resolve()
+        where, source = f"{path.name} line {n}", f"{path}:{n} ({name})"
+        if not file.is_file():
+            skipped.append((source, f"missing file: {name} named in {where} does not exist"
+                                    + (" (a folder of frames is not supported)" if file.is_dir() else "")))
+        elif suffix not in MEDIA_SUFFIXES:
+            skipped.append((source, f"not a video or image: {name} named in {where}"))
+        elif file in out:
+            skipped.append((source, f"duplicate metadata row: {name} already has a caption in {out[file][1]}"))
+        else:
+            out[file] = (caption.strip(), where)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} malformed line{'s' if len(bad) > 1 else ''} (musubi-tuner metadata: "
+                         f"one JSON object per line with \"video_path\" or \"image_path\" and \"caption\"):\n  "
+                         + "\n  ".join(bad))
+    return out, skipped
+
+
 def find_sources(input_dir) -> list[Path]:
-    """Videos and images under input_dir (recursive, sorted, hidden files and folders ignored)."""
+    """Videos and images under input_dir (recursive, sorted, hidden files and folders ignored), or
+    those a metadata .jsonl input names (read_metadata_input; resolved, in line order)."""
+    if is_metadata_input(input_dir):
+        return list(read_metadata_input(input_dir)[0])
     root = Path(input_dir)
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def orphan_captions(input_dir, sources) -> list[Path]:
-    """.txt files under input_dir (hidden ones ignored) that caption none of `sources`."""
+    """.txt files under input_dir (hidden ones ignored) that caption none of `sources` (none for a
+    metadata .jsonl input, whose lines hold the captions)."""
+    if is_metadata_input(input_dir):
+        return []
     root = Path(input_dir)
     captioned = {src.with_suffix("") for src in sources}
     return sorted(p for p in root.rglob("*.txt") if p.is_file() and p.with_suffix("") not in captioned
@@ -59,7 +131,14 @@ def is_image(source: Path) -> bool:
 
 
 def clip_name(source: Path, input_dir) -> str:
-    """'sub/clip' for input_dir/sub/clip.mp4."""
+    """'sub/clip' for input_dir/sub/clip.mp4. For a metadata .jsonl input, the path relative to the
+    file's folder; a source outside that folder is named by its absolute path under '_abs/'
+    ('/data/a.mp4' -> '_abs/data/a')."""
+    if is_metadata_input(input_dir):
+        root, source = Path(input_dir).resolve().parent, Path(source).resolve()
+        if source.is_relative_to(root):
+            return source.relative_to(root).with_suffix("").as_posix()
+        return "/".join(("_abs", *source.with_suffix("").parts[1:]))
     return source.relative_to(input_dir).with_suffix("").as_posix()
 
 
@@ -145,18 +224,29 @@ def read_captions_file(path: Path) -> tuple[dict[Path, tuple[str, str]], list[tu
 
 class Captions:
     """The caption of each source: its same-named .txt when there is one, else its row in the
-    metadata file; `trigger` (if set) starts every caption."""
+    metadata file; for a metadata .jsonl input, its line alone. `trigger` (if set) starts every
+    caption."""
 
     def __init__(self, input_dir, captions: str = "", trigger: str = ""):
-        self.metadata = find_metadata(input_dir, captions)
-        self.rows, self.skipped = read_captions_file(self.metadata) if self.metadata else ({}, [])
+        self.lines_only = is_metadata_input(input_dir)
+        if self.lines_only:
+            if captions:
+                raise ValueError(f"captions = {captions!r}: input_dir {input_dir} is a metadata file, whose lines "
+                                 "hold the captions; leave captions empty")
+            self.metadata = Path(input_dir)
+            self.rows, self.skipped = read_metadata_input(self.metadata)
+        else:
+            self.metadata = find_metadata(input_dir, captions)
+            self.rows, self.skipped = read_captions_file(self.metadata) if self.metadata else ({}, [])
         self.trigger = trigger.strip()
 
     def __call__(self, source: Path) -> str:
         """The caption, or Skip."""
         txt = source.with_suffix(".txt")
         row = self.rows.get(source.resolve())
-        if txt.is_file() or row is None:
+        if self.lines_only and row is None:
+            raise Skip(f"no caption: no line of {self.metadata.name} names {source}")
+        if not self.lines_only and (txt.is_file() or row is None):
             try:
                 caption = read_caption(source)
             except Skip as e:

@@ -40,13 +40,14 @@ from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from mochi_jax.checkpoints import dit_config, load_dit, lora_write, runs
+from mochi_jax.checkpoints import dit_config, load_dit, lora_read, lora_write, runs
 from mochi_jax.checkpoints.files import as_disk_error, writable_dir
 from mochi_jax.lib import placement
+from mochi_jax.lib import plots
 from mochi_jax.lib import program as program_lib
 from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
-from mochi_jax.lib.cache import Cache
+from mochi_jax.lib.cache import Cache, open_datasets
 from mochi_jax.lib.data import make_loader
 from mochi_jax.lib.validation import Validator, is_validation_row
 from mochi_jax.models import lora as lora_lib
@@ -84,19 +85,29 @@ class RunLog:
 
       metrics.jsonl   one JSON object per line, {"step": ..., name: value, ...}: training rows (loss,
                       lr, ...) and validation rows (val_loss, val/...)
-      tensorboard/    the same scalars, one tensorboardX event file per launch
+      curves.png      the training and validation loss and the learning rate against the step, one
+                      colour per sweep variant (lib/plots.py), redrawn atomically as rows come
+      tensorboard/    the same scalars, one tensorboardX event file per launch, and the validation
+                      videos (`videos`) as animated GIFs at their step, tagged by prompt
       progress.json   {"validated": [the steps whose validation finished]}
 
     `RunLog(run_dir, main)` reads progress.json; `open(step, redo_validation)` then cuts the records
     back to `step`, where the train state starts (0, or the restored checkpoint's): rows and marks of
     later steps, logged by a launch killed after its last checkpoint, are dropped (metrics.jsonl and
     progress.json are rewritten atomically; tensorboard purges its events from `step` on and is
-    given the kept rows of `step` again), and with `redo_validation` so are the validation rows of
-    `step` itself. A line torn by a kill is dropped too."""
+    given the kept rows of `step` again, and the videos of its finished validation), and with
+    `redo_validation` so are the validation rows of `step` itself. A line torn by a kill is dropped too.
 
-    def __init__(self, run_dir: Path, main: bool = True):
-        self.run_dir, self.main = run_dir, main
+    curves.png is redrawn after a validation row, on close, and after a training row unless the
+    drawing would take more than `plot_share` of the time (a fast run's rows are then drawn
+    together, at the next row after the pause). `prompts`: the validation prompts, for the video tags."""
+
+    plot_share = 0.1  # the most of the wall time that redrawing curves.png may take (1: after every row)
+
+    def __init__(self, run_dir: Path, main: bool = True, prompts=()):
+        self.run_dir, self.main, self.prompts = run_dir, main, tuple(prompts)
         self.file = self.tb = None
+        self.rows, self._plot = [], {"dirty": False, "end": 0.0, "took": 0.0, "failed": False}
         path = run_dir / "progress.json"
         self.progress = {"validated": []}
         if path.is_file():
@@ -137,7 +148,10 @@ class RunLog:
         for row in rows:
             if row["step"] == step:
                 self._scalars(row)
+        if step > 0 and self.validated(step):  # the purge took the videos of the kept validation too
+            self.videos(step, sorted((self.run_dir / "samples").rglob(f"step{step:06d}_prompt*_seed*.mp4")))
         self.tb.flush()
+        self.rows, self._plot["dirty"] = rows, bool(rows)
         return self
 
     def _save_progress(self):
@@ -156,6 +170,43 @@ class RunLog:
         self.file.flush()
         self._scalars({"step": step, **values})
         self.tb.flush()
+        self.rows.append({"step": step, **values})
+        self._plot["dirty"] = True
+        p = self._plot
+        if is_validation_row(self.rows[-1]) or time.time() - p["end"] >= p["took"] * (1 / self.plot_share - 1):
+            self.plot()
+
+    def plot(self) -> Path | None:
+        """Redraw curves.png from the rows so far (process 0); a failure is told once and never
+        stops the run."""
+        p = self._plot
+        if self.file is None or not p["dirty"] or p["failed"]:
+            return None
+        t0 = time.time()
+        try:
+            path = plots.plot_curves(self.rows, self.run_dir / plots.CURVES, title=self.run_dir.name)
+        except Exception as e:  # noqa: BLE001 - a picture is not worth a run
+            p["failed"] = True
+            log(f"{self.run_dir / plots.CURVES} cannot be drawn ({type(e).__name__}: {e}); it is no longer updated")
+            return None
+        p.update(dirty=False, end=time.time(), took=time.time() - t0)
+        return path
+
+    def videos(self, step: int, paths) -> None:
+        """The validation videos of `step` (samples/[<variant>/]step<N>_prompt<i>_seed<s>.mp4, read
+        back, scaled down) into tensorboard as animated GIFs, one tag per prompt (and variant)."""
+        if self.tb is None:
+            return
+        for path in paths:
+            tag = plots.video_tag(path, self.prompts)
+            if tag is None:
+                continue
+            try:
+                frames, fps = plots.read_video(path)
+                self.tb._get_file_writer().add_summary(plots.gif_summary(tag, frames, fps), step)
+            except Exception as e:  # noqa: BLE001 - the video is on disk; tensorboard goes without it
+                log(f"step {step}: {path} not added to tensorboard ({type(e).__name__}: {e})")
+        self.tb.flush()
 
     def mark_validated(self, step: int):
         """The validation of `step` finished: its videos and its row are written."""
@@ -164,6 +215,7 @@ class RunLog:
 
     def close(self):
         if self.file is not None:
+            self.plot()
             self.file.close()
             self.tb.close()
             self.file = self.tb = None
@@ -211,14 +263,13 @@ def setup(cfg) -> Run:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by data x fsdp = {n_batch} (mesh "
                          f"{dict(mesh.shape)}) and by the {n_proc} processes; change --config.batch_size or "
                          f"--config.mesh.*")
-    cache = Cache(cfg.cache)
-    holdout = cfg.validation.holdout
-    n_train = cache.training_clips(holdout)  # the last clips (by name) are held out, whole sources
+    # `cache`, or several (`datasets`, each with its repeats): the first n_train clips train, the rest
+    # (the last clips of each cache, by name, whole sources) are held out
+    cache, n_train, notes = open_datasets(cfg.cache, cfg.get("datasets"), cfg.validation.holdout)
     loader = make_loader(cache, cfg.batch_size, cfg.seed, num_clips=n_train)
     log("data: " + loader.plan.describe())
-    if len(cache) - n_train > holdout:
-        log(f"validation.holdout = {holdout}: {len(cache) - n_train} clips held out, so that no source has frame "
-            f"windows on both sides")
+    for line in notes:
+        log(line)
     heldout = [cache[i] for i in range(n_train, len(cache))]
 
     m = cfg.model
@@ -354,8 +405,15 @@ def check_exportable(lora_cfg: dict, targets, layers, who: str = "") -> None:
 
 
 def load_state(run: Run) -> None:
-    """The frozen base into its shardings, and the train state: fresh, or the newest checkpoint's."""
+    """The frozen base into its shardings, and the train state: fresh (its LoRA from cfg.init_lora when
+    set), or the newest checkpoint's."""
     cfg, m = run.cfg, run.cfg.model
+    init_from = cfg.get("init_lora", "")
+    if init_from and run.sweep is not None:
+        raise ValueError(f"init_lora = {init_from!r}: a sweep's LoRAs start fresh (each has its own targets); "
+                         f"train from a LoRA without `sweep`, or set --config.init_lora=''")
+    if init_from and not runs.complete_steps(run.run_dir / "checkpoints"):
+        init_lora_source(init_from)  # a wrong path fails before the base is loaded
     _, run.params = load_dit(m.dit, dtype=run.dit_cfg.param_dtype, shardings=run.shardings["params"],
                              **run.dit_cfg.settings())
     base = (f"mesh {dict(run.mesh.shape)} over {run.mesh.devices.size} devices, {jax.process_count()} process(es); "
@@ -385,8 +443,104 @@ def load_state(run: Run) -> None:
         run.state = state
         run.loader.set_state(data)
         log(f"resumed from {ckpt_dir} at step {latest}")
+        if init_from:
+            log(f"init_lora = {init_from} not read: the LoRA is the checkpoint's (step {latest})")
     elif ckpt_dir.is_dir() and any(p.name.endswith(".damaged") for p in ckpt_dir.iterdir()):
         log(f"no checkpoint in {ckpt_dir} restores: starting from step 0")
+    if latest is None and init_from:
+        lora, note = read_init_lora(init_from, run.dit_cfg, run.targets, cfg.lora.to_dict(), run.state["lora"])
+        run.state = {**run.state, "lora": place_like(lora, run.state["lora"])}  # optimizer state: fresh
+        log(note)
+
+
+def read_init_lora(spec: str, dit_cfg, targets, lora_cfg: dict, like) -> tuple[dict, str]:
+    """cfg.init_lora's factors as the train state's LoRA `like` holds them (a host tree of its
+    structure, shapes and dtypes), and a line saying what was read. `spec`: a LoRA file in any layout
+    lora_read reads (checked against `dit_cfg`), or a training run directory / <run>/checkpoints/<step>
+    (runs.load_run_lora). Each layer's factors must have the config's shapes: the file's scale
+    (alpha / rank) is converted to the config's (b rescaled: the same adapter); rank components a file
+    holds only as zeros (which lora_read drops: padding, an untrained layer) start as fresh ones (`like`'s,
+    b zero: nothing added). Every layer that differs in presence or shape is named, with both shapes,
+    in one ValueError."""
+    path, is_run = init_lora_source(spec)
+    info = None
+    if is_run:
+        tree, file_targets = runs.load_run_lora(path)
+        what = f"the training run {path}"
+    else:
+        tree, file_targets, info = lora_read.load_lora(path, cfg=dit_cfg)
+        what = f"{path} ({info['format']} layout)"
+    names = {}  # target -> its name in the config's `lora` block, for the messages
+    for name in sorted(lora_cfg):
+        for t in lora_lib.targets_from_config({name: lora_cfg[name]}):
+            names.setdefault(t, name)
+    host = jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(like, tiled=True))
+    mine = {"/".join(p): node for p, node in lora_lib.layers_of(host)}
+    theirs = {"/".join(p): node for p, node in lora_lib.layers_of(tree)}
+    stored = {k: max(v["file_ranks"]) for k, v in info["layers"].items()} if info else {}
+    zeros = set(info["zero_layers"]) if info else set()
+    bad, fresh, partly, rescaled = [], [], [], []
+    for name in sorted(set(mine) | set(theirs)):
+        m, t = mine.get(name), theirs.get(name)
+        if m is None:
+            bad.append(f"{name}: the file has a {list(t['a'].shape)} b {list(t['b'].shape)}; the config adapts no "
+                       f"such layer")
+            continue
+        target = lora_lib.find_target(targets, name)
+        who = f" (lora.{names[target]})" if target in names else ""
+        if t is None:
+            if name in zeros:  # all zeros in the file: adds nothing, so it starts fresh
+                fresh.append(name)
+            else:
+                bad.append(f"{name}{who}: the config's LoRA has a {list(m['a'].shape)} b {list(m['b'].shape)}; "
+                           f"the file has no such layer")
+            continue
+        a, b = np.asarray(t["a"], np.float32), np.asarray(t["b"], np.float32)
+        r, rf = m["a"].shape[-1], a.shape[-1]
+        fits = (a.shape[:-1] == m["a"].shape[:-1] and b.shape[:-2] == m["b"].shape[:-2]
+                and b.shape[-1] == m["b"].shape[-1] and (rf == r or rf < r <= stored.get(name, rf)))
+        if not fits:
+            extra = f" (stored at rank {stored[name]}, {rf} of it nonzero)" if stored.get(name, rf) != rf else ""
+            bad.append(f"{name}{who}: the file has a {list(a.shape)} b {list(b.shape)}{extra}, the config's LoRA "
+                       f"a {list(m['a'].shape)} b {list(m['b'].shape)}")
+            continue
+        ratio = lora_lib.find_target(file_targets, name).scale / target.scale
+        if ratio != 1.0:
+            b = b * np.float32(ratio)
+            rescaled.append(name)
+        if rf < r:  # the file's zero components: fresh ones in their place
+            partly.append(f"{name} {rf} of {r}")
+        m["a"] = np.concatenate([a, m["a"][..., rf:]], axis=-1).astype(m["a"].dtype)
+        m["b"] = np.concatenate([b, m["b"][..., rf:, :]], axis=-2).astype(m["b"].dtype)
+    if bad:
+        raise ValueError(f"init_lora = {spec}: its LoRA does not fit the config's `lora` targets "
+                         f"({len(bad)} layer{'s' if len(bad) > 1 else ''}):\n  " + "\n  ".join(bad))
+    note = (f"LoRA initialised from init_lora = {what}: {len(mine) - len(fresh)} of {len(mine)} layers; "
+            f"the optimizer state starts fresh")
+    if fresh:
+        note += f"; all zeros in the file, so fresh: {', '.join(fresh)}"
+    if partly:
+        note += f"; nonzero rank components only in part (the rest fresh): {', '.join(partly)}"
+    if rescaled:
+        note += f"; b rescaled from the file's alpha / rank to the config's: {', '.join(rescaled)}"
+    return host, note
+
+
+def init_lora_source(spec: str) -> tuple[Path, bool]:
+    """(the path cfg.init_lora names, whether it is a training run rather than a LoRA file), or ValueError."""
+    path = Path(spec).expanduser()
+    if path.is_dir() or runs.split_variant(path)[1]:
+        return path, True
+    if path.is_file():
+        return path, False
+    raise ValueError(f"init_lora = {spec!r}: no such LoRA file or training run directory")
+
+
+def place_like(host: dict, like: dict) -> dict:
+    """The host tree `host` as arrays of `like`'s shardings and dtypes (every process gives the same values)."""
+    return jax.tree_util.tree_map(
+        lambda h, x: jax.make_array_from_callback(x.shape, x.sharding, lambda idx: np.asarray(h[idx], x.dtype)),
+        host, like)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -552,6 +706,7 @@ def validate(run: Run, validator: Validator, metrics: RunLog, step: int) -> None
     values, videos = validator(step, run.params, run.state["lora"], run.run_dir)
     if videos:
         log(f"step {step}: validation videos {', '.join(videos)}")
+        metrics.videos(step, videos)
     if values:
         metrics.write(step, values)
         shown = {k: x for k, x in values.items() if run.sweep is None or "/sigma_" not in k}  # all in metrics.jsonl
@@ -618,7 +773,9 @@ def export(run: Run) -> None:
     log(f"done: {int(run.state['step'])} steps; LoRA written to {where}")
     log(f"  per checkpoint: {d / LORAS if sw is None else d / 'variants' / '<name>' / LORAS}/ (LoRA files), "
         f"{d / 'checkpoints'}/ (to resume)")
-    log(f"  curves: {d / 'metrics.jsonl'}, {d / 'tensorboard'}/ (tensorboard --logdir {d / 'tensorboard'})"
+    log(f"  curves: {d / plots.CURVES} (loss, validation loss, lr), {d / 'metrics.jsonl'}, {d / 'tensorboard'}/ "
+        f"(tensorboard --logdir {d / 'tensorboard'}"
+        + ("; the validation videos under IMAGES" if (d / "samples").is_dir() else "") + ")"
         + (f"; validation videos: {d / 'samples'}/" if (d / "samples").is_dir() else ""))
 
 
@@ -636,7 +793,8 @@ def train(cfg) -> Path:
         started = False
         try:
             if cfg.model.remat == "auto":
-                choice = resolve_auto_remat(cfg, *largest_latent(Cache(cfg.cache)))
+                data = open_datasets(cfg.cache, cfg.get("datasets"), cfg.validation.holdout)[0]
+                choice = resolve_auto_remat(cfg, *largest_latent(data))
                 cfg.model.remat, cfg.model.remat_groups = choice.remat, choice.groups
                 log(f"remat auto -> {choice.describe()}" if choice.tried else
                     f"remat auto -> {choice.groups or choice.remat} (picked for these settings before: "
@@ -645,7 +803,7 @@ def train(cfg) -> Path:
             validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets, run.sweep)  # T5 comes and goes first
             load_state(run)
             step = int(run.state["step"])
-            records = RunLog(run.run_dir, run.main)
+            records = RunLog(run.run_dir, run.main, prompts=cfg.validation.prompts)
             # a checkpoint is saved before its step's validation runs, so a kill during that validation
             # (the final one included) resumes from this step with the validation still to do
             redo = step > 0 and validator.due(step) and not records.validated(step)
