@@ -139,13 +139,30 @@ def test_convert_memory(tmp_path):
 
 
 def test_prepare_throughput(tmp_path):
-    res, _ = smoke(tmp_path, "prepare_throughput", "--work-dir", str(tmp_path / "work"))
+    res, stdout = smoke(tmp_path, "prepare_throughput", "--work-dir", str(tmp_path / "work"))
     # README's table: clips/s, speed-up and stage times per path; identical caches; the resize timing
     assert [r["workers"] for r in res["runs"]][0] == 0 and len(res["runs"]) >= 2
     for r in res["runs"]:
-        has(r, "clips_per_s", "speedup", "stages", "steady_s")
+        has(r, "clips_per_s", "speedup", "stages", "steady_s", "load_1min")
+        assert r["scaler"] == "ffmpeg"
     assert res["max_cache_difference"] == 0
     has(res["resize_1_frame"], "banded_s", "dense_einsum_s", "max_difference")
+    # the scalers: numpy (before) vs ffmpeg at the same threads, the ratio, and how close the caches and frames are
+    assert [c["workers"] for c in res["scalers"]] == [1] and res["scale_flags"]
+    for c in res["scalers"]:
+        assert c["numpy"]["scaler"] == "numpy" and c["numpy"]["clips"] == res["clips"]
+        has(c["numpy"], "clips_per_s", "stages", "load_1min")
+        has(c["ffmpeg"], "clips_per_s", "stages")
+        assert c["ratio"] == pytest.approx(c["ffmpeg"]["clips_per_s"] / c["numpy"]["clips_per_s"])
+        for k in ("mean", "logvar"):
+            has(c["latents"][k], "max", "mean", "mean_abs_value")
+            assert 0 <= c["latents"][k]["mean"] <= c["latents"][k]["max"]
+        assert c["latents"]["t5_feats_max"] == 0  # the captions are the same text
+    assert [(f["bucket"], f["clips"]) for f in res["frames"]] == [([16, 16], 2), ([480, 848], 1)]
+    assert all(f["mean"] < 3 for f in res["frames"])
+    for k in ("plus_minus_1", "ffmpeg_scaler"):  # the VAE's latent change for a nudge, beside the scalers' change
+        has(res["latent_noise_floor"][k], "frames_mean", "latent_max", "latent_mean")
+    assert "ffmpeg clips/s" in stdout and "ratio" in stdout
 
 
 def test_quant_accuracy(tmp_path):

@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ from mochi_jax.lib import preparation as prepare_lib
 from mochi_jax.lib import sources
 from mochi_jax.demo import clips as synthetic
 from mochi_jax.lib.cache import Cache, CacheError
-from mochi_jax.lib.video import VideoError, read_clip, resize_cover, to_unit, from_unit, write_mp4
+from mochi_jax.lib.video import VideoError, VideoReader, read_clip, resize_cover, to_unit, from_unit, write_mp4
 
 SIZE = (48, 80)
 
@@ -78,13 +80,80 @@ def test_read_clip_crops_the_centre_and_refuses_upscaling_when_asked(tmp_path):
     assert read_clip(path, 13, fps=30, size=(64, 96)).shape == (13, 64, 96, 3)  # upscaling allowed by default
 
 
+def moving_clip(path, n, size, fps):
+    """A clip whose every frame differs from the next by ~25/255 on average (two drifting luma waves over
+    colour ramps and a yellow bar moving right), so a frame read from the wrong index shows."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for t in range(n):
+        luma = (40 * np.sin(2 * np.pi * (3 * xx + 2 * yy - 0.15 * t))
+                + 25 * np.sin(2 * np.pi * (5 * yy - 4 * xx + 0.1 * t)))
+        rgb = np.stack([60 + 120 * xx, 70 + 100 * yy, 180 - 80 * xx], -1) + luma[..., None]
+        x0 = int(3 * t * w / 100) % w
+        rgb[h // 4: h // 2, x0: x0 + max(2, w // 12)] = (240, 220, 40)
+        frames[t] = np.clip(np.round(rgb), 0, 255)
+    return write_mp4(path, frames, fps=fps, quality=9)
+
+
+# name: (source (H, W), source fps, bucket (H, W), fps read at, upscale)
+SCALER_CASES = {
+    "downscale": ((108, 192), 30, (48, 80), 30, True),  # 108x192 -> 48x85, crop 2 columns each side
+    "upscale": ((36, 64), 30, (48, 80), 30, True),  # 36x64 -> 48x85
+    "upscale=False": ((108, 192), 30, (48, 80), 30, False),
+    "portrait bucket": ((192, 108), 30, (80, 48), 30, True),
+    "landscape bucket, portrait source": ((192, 108), 30, (48, 80), 30, True),  # -> 142x80, crop from row 47
+    "60 fps source at 24 fps": ((108, 192), 60, (48, 80), 24, True),  # source 0, 2, 5, 7, 10, ...
+    "24 fps source at 30 fps": ((108, 192), 24, (48, 80), 30, True),  # source 0, 0, 1, 2, 3, 4, 4, ...
+}
+
+
+@pytest.mark.parametrize("case", list(SCALER_CASES))
+def test_the_ffmpeg_scaler_gives_the_numpy_frames_up_to_resampling_noise(tmp_path, case):
+    src, src_fps, size, fps, upscale = SCALER_CASES[case]
+    path = moving_clip(tmp_path / "moving.mp4", 40, src, src_fps)
+    n = 13
+    ref = read_clip(path, n, fps, size, upscale, scaler="numpy")
+    got = read_clip(path, n, fps, size, upscale, scaler="ffmpeg")
+    assert got.shape == ref.shape == (n, *size, 3) and got.dtype == np.uint8
+    per_frame = np.abs(got.astype(int) - ref).reshape(n, -1).mean(axis=1)
+    assert per_frame.max() < 2, per_frame  # measured ~1.2 (chroma: interpolated vs repeated)
+    # each frame is the source frame floor(i * src_fps / fps): the nearest of all source frames, resized
+    every = read_clip(path, 40, src_fps, size, scaler="numpy")
+    nearest = [int(np.abs(every.astype(int) - f).reshape(40, -1).mean(axis=1).argmin()) for f in got]
+    assert nearest == [math.floor(i * src_fps / fps + 1e-6) for i in range(n)]
+    if not upscale:
+        for scaler in ("ffmpeg", "numpy"):
+            with pytest.raises(VideoError, match=r"moving\.mp4: too small: 192x108 \(WxH\) is smaller than the 224x128"):
+                read_clip(path, n, fps, (128, 224), upscale=False, scaler=scaler)
+
+
+def test_both_scalers_read_the_same_windows_and_stop_at_the_last(tmp_path):
+    path = moving_clip(tmp_path / "moving.mp4", 40, (108, 192), 60)
+    wanted = [0, 1, 2, 9, 10, 11]  # at 24 fps: source frames 0, 2, 5, 22, 25, 27
+    got = {}
+    for scaler in ("ffmpeg", "numpy"):
+        with VideoReader(path, scaler) as r:
+            got[scaler] = r.read(wanted, 24, (48, 80))
+            assert r.source_frames == 28 and not r.ended  # decoding stopped after source frame 27
+    assert sorted(got["ffmpeg"]) == sorted(got["numpy"]) == wanted
+    for i in wanted:
+        assert np.abs(got["ffmpeg"][i].astype(int) - got["numpy"][i]).mean() < 2
+    with VideoReader(path) as r:  # the ffmpeg scaler may read twice; past the end the frames are missing
+        assert sorted(r.read([15, 16, 17], 24, (48, 80))) == [15] and r.ended and r.source_frames == 40
+        np.testing.assert_array_equal(r.read([9], 24, (48, 80))[9], got["ffmpeg"][9])
+    with pytest.raises(ValueError, match="scaler must be one of"):
+        VideoReader(path, "pil")
+
+
 def test_unreadable_files_name_themselves(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "junk.mov").write_bytes(b"not a video at all" * 50)
-    with pytest.raises(VideoError, match=r"empty\.mp4: zero-byte"):
-        read_clip(tmp_path / "empty.mp4", 13)
-    with pytest.raises(VideoError, match=r"junk\.mov: unreadable"):
-        read_clip(tmp_path / "junk.mov", 13)
+    for scaler in ("ffmpeg", "numpy"):
+        with pytest.raises(VideoError, match=r"empty\.mp4: zero-byte"):
+            read_clip(tmp_path / "empty.mp4", 13, scaler=scaler)
+        with pytest.raises(VideoError, match=r"junk\.mov: unreadable"):
+            read_clip(tmp_path / "junk.mov", 13, scaler=scaler)
     x = np.array([0, 1, 127, 128, 255], np.uint8)
     np.testing.assert_array_equal(from_unit(to_unit(x)), x)
     assert to_unit(x).min() == -1 and to_unit(x).max() == 1
@@ -361,3 +430,28 @@ def test_cache_reads_back_and_names_missing_or_corrupt_files(tmp_path):
     with pytest.raises(CacheError, match=r"clips/c\.safetensors: corrupt"):
         cache[2]
     assert not list(tmp_path.rglob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_a_musubi_jsonl_is_prepares_input(demo, tmp_path):
+    """--config.input_dir=meta.jsonl: musubi-tuner's metadata lines name the videos (relative to the
+    file, or absolute) with their captions; the cache holds exactly those clips with those captions,
+    the same latents as the folder gave, and a line whose file is missing is skipped with a reason."""
+    cfg, _ = demo
+    clips = sorted(Path(cfg.input_dir).glob("*.mp4"))[:2]
+    (tmp_path / "meta").mkdir()
+    shutil.copy(clips[0], tmp_path / "meta" / "a.mp4")
+    lines = [{"video_path": "a.mp4", "caption": "a clip beside the file"},
+             {"video_path": str(clips[1]), "caption": "a clip named by its absolute path"},
+             {"video_path": "missing.mp4", "caption": "gone"}]
+    meta = tmp_path / "meta" / "meta.jsonl"
+    meta.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = prepare_cmd.prepare(config_for(cfg, meta, tmp_path / "cache"))
+    assert len(report["new"]) == 2 and len(report["skipped"]) == 1 and "missing.mp4" in str(report["skipped"]), report
+    cache, folder = Cache(tmp_path / "cache"), Cache(cfg.output_dir)
+    captions = sorted(e["caption"] for e in cache.entries)
+    assert captions == ["a clip beside the file", "a clip named by its absolute path"]
+    by_source = {Path(e["source"]).name: i for i, e in enumerate(folder.entries)}
+    mine = {e["caption"]: i for i, e in enumerate(cache.entries)}
+    same = folder[by_source[clips[1].name]]["mean"], cache[mine["a clip named by its absolute path"]]["mean"]
+    np.testing.assert_array_equal(*same)
