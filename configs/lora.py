@@ -89,8 +89,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     c.validation = ml_collections.ConfigDict(dict(
         every=200,  # steps between validation videos (and at the end); 0 = never
+        # each a prompt, or a dict setting any of num_frames, height, width and seed for that video alone
+        # (the rest from `sampling` and `seed`), e.g. {"prompt": "a dog", "num_frames": 61, "height": 848,
+        # "width": 480}; videos of one shape are rendered together (each shape compiles its own sampler)
         prompts=["A close-up video of a cat playing a piano, cinematic lighting."],
-        seed=12345,
+        seed=12345,  # the noise of video i: seed + i (unless its entry sets `seed`)
         sampling=common.sampling(),
         # held-out clips (the last ones of the cache, by name; whole sources, so frame windows of one video
         # never fall on both sides) and the sigmas of the validation loss
@@ -99,6 +102,18 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         # CLIP-T and temporal consistency of the validation videos (see mochi_jax/lib/metrics.py) when
         # clip.checkpoint is set
         clip=common.clip(checkpoint="", tokenizer=""),
+    ))
+    # Weights & Biases (pip install -e '.[wandb]'): the scalars of metrics.jsonl at their step, the validation
+    # videos and this config sent to a wandb run too (process 0; metrics.jsonl and tensorboard/ are written
+    # either way). The run's wandb id is kept in run_dir/wandb_id: a resumed run continues the same wandb run.
+    c.wandb = ml_collections.ConfigDict(dict(
+        enabled=False,  # True: log to wandb as well
+        project="mochi_jax",  # the wandb project
+        entity="",  # the wandb team or user; '' = your default entity
+        name="",  # the wandb run's display name; '' = the run directory's name
+        mode="",  # online | offline (no network; `wandb sync` uploads it later) | disabled; '' = WANDB_MODE or online
+        tags=[],  # the wandb run's tags, e.g. ["rank8", "style"]
+        dir="",  # where wandb keeps its files (a wandb/ folder inside); '' = WANDB_DIR when set, else run_dir
     ))
     # Several LoRAs trained together on the one frozen base (README "A LoRA search in one run"); each
     # variant is this config with its own `lora`, `optim` and `seed` (mochi_jax/checkpoints/runs.py

@@ -13,6 +13,10 @@ A config with a `sweep` (configs/lora.py) trains several LoRAs together on the o
 metrics are named variant/<name>/..., and each variant's LoRA files go to variants/<name>/ with the
 config of that LoRA alone.
 
+With `wandb.enabled` (configs/lora.py) the records also go to a Weights & Biases run (WandbMirror):
+the same scalars at their steps, the validation videos and the config; its id is kept in the run
+directory, so a resumed run continues it.
+
 A checkpoint (orbax, atomic, keep-last-K; layout in mochi_jax/checkpoints/runs.py) holds the train
 state {step, lora, opt, rng} and the data loader's position, so a run killed at any point and
 restarted continues bit for bit where its newest complete checkpoint left off. Its records
@@ -27,8 +31,11 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
+import string
 import threading
 import time
 from pathlib import Path
@@ -49,7 +56,7 @@ from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
 from mochi_jax.lib.cache import Cache, open_datasets
 from mochi_jax.lib.data import make_loader
-from mochi_jax.lib.validation import Validator, is_validation_row
+from mochi_jax.lib.validation import Validator, is_validation_row, validation_prompts
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import remat as remat_lib
 from mochi_jax.models import sharding as sharding_lib
@@ -91,6 +98,10 @@ class RunLog:
                       videos (`videos`) as animated GIFs at their step, tagged by prompt
       progress.json   {"validated": [the steps whose validation finished]}
 
+    With `wandb` (a started WandbMirror, process 0) every row's scalars and the validation videos go
+    to the wandb run as well, at their step (rows it already holds, of a resumed wandb run, are not
+    sent again; what a killed launch logged after its last checkpoint stays there, as wandb keeps it).
+
     `RunLog(run_dir, main)` reads progress.json; `open(step, redo_validation)` then cuts the records
     back to `step`, where the train state starts (0, or the restored checkpoint's): rows and marks of
     later steps, logged by a launch killed after its last checkpoint, are dropped (metrics.jsonl and
@@ -104,8 +115,8 @@ class RunLog:
 
     plot_share = 0.1  # the most of the wall time that redrawing curves.png may take (1: after every row)
 
-    def __init__(self, run_dir: Path, main: bool = True, prompts=()):
-        self.run_dir, self.main, self.prompts = run_dir, main, tuple(prompts)
+    def __init__(self, run_dir: Path, main: bool = True, prompts=(), wandb: "WandbMirror | None" = None):
+        self.run_dir, self.main, self.prompts, self.wandb = run_dir, main, tuple(prompts), wandb
         self.file = self.tb = None
         self.rows, self._plot = [], {"dirty": False, "end": 0.0, "took": 0.0, "failed": False}
         path = run_dir / "progress.json"
@@ -149,7 +160,8 @@ class RunLog:
             if row["step"] == step:
                 self._scalars(row)
         if step > 0 and self.validated(step):  # the purge took the videos of the kept validation too
-            self.videos(step, sorted((self.run_dir / "samples").rglob(f"step{step:06d}_prompt*_seed*.mp4")))
+            self.videos(step, sorted((self.run_dir / "samples").rglob(f"step{step:06d}_prompt*_seed*.mp4")),
+                        mirror=False)  # tensorboard's again; the wandb run keeps its own
         self.tb.flush()
         self.rows, self._plot["dirty"] = rows, bool(rows)
         return self
@@ -170,6 +182,8 @@ class RunLog:
         self.file.flush()
         self._scalars({"step": step, **values})
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, values)
         self.rows.append({"step": step, **values})
         self._plot["dirty"] = True
         p = self._plot
@@ -192,15 +206,19 @@ class RunLog:
         p.update(dirty=False, end=time.time(), took=time.time() - t0)
         return path
 
-    def videos(self, step: int, paths) -> None:
+    def videos(self, step: int, paths, mirror: bool = True) -> None:
         """The validation videos of `step` (samples/[<variant>/]step<N>_prompt<i>_seed<s>.mp4, read
-        back, scaled down) into tensorboard as animated GIFs, one tag per prompt (and variant)."""
+        back, scaled down) into tensorboard as animated GIFs, one tag per prompt (and variant), and
+        (`mirror`) the mp4 files to the wandb run under the same tags."""
         if self.tb is None:
             return
         for path in paths:
             tag = plots.video_tag(path, self.prompts)
             if tag is None:
                 continue
+            if mirror and self.wandb is not None:
+                i = int(re.search(r"_prompt(\d+)_", Path(path).name).group(1))
+                self.wandb.video(step, tag, path, self.prompts[i] if i < len(self.prompts) else "")
             try:
                 frames, fps = plots.read_video(path)
                 self.tb._get_file_writer().add_summary(plots.gif_summary(tag, frames, fps), step)
@@ -219,6 +237,94 @@ class RunLog:
             self.file.close()
             self.tb.close()
             self.file = self.tb = None
+
+
+WANDB_ID = "wandb_id"  # the run's wandb run id, beside config.json: a resumed run continues that wandb run
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+def wandb_module(cfg):
+    """The wandb module when cfg.wandb.enabled (None when not). Refused at once, in one line (a
+    ValueError: exit status 2): wandb enabled but not importable, or an unknown wandb.mode."""
+    w = cfg.get("wandb")
+    if w is None or not w.enabled:
+        return None
+    if w.mode not in WANDB_MODES:
+        raise ValueError(f"wandb.mode = {w.mode!r}: choose online, offline, disabled or '' (WANDB_MODE, else online)")
+    try:
+        import wandb  # optional: the `wandb` extra
+    except Exception as e:  # noqa: BLE001 - not installed, or an install that does not import
+        raise ValueError(f"wandb.enabled is set but wandb cannot be imported ({' '.join(str(e).split())}); install it "
+                         f"with pip install -e '.[wandb]', or set --config.wandb.enabled=False") from None
+    return wandb
+
+
+class WandbMirror:
+    """A run's records sent to Weights & Biases (configs/lora.py `wandb`; process 0 only): `start`
+    opens the wandb run, whose id is kept in run_dir/WANDB_ID (made on the first launch), resumed
+    with resume="allow", so every launch of a run logs to the one wandb run; `log` sends a row's
+    scalars at its step, `video` a validation video; `finish` ends the wandb run (exit code 0 when
+    the run is done; a stop marks it preempted)."""
+
+    def __init__(self, wandb, run, first_step: int = 0):
+        self.wandb, self.run, self.first_step = wandb, run, first_step
+        self.failed = False
+
+    @classmethod
+    def start(cls, wandb, cfg, run_dir: Path) -> "WandbMirror":
+        w = cfg.wandb
+        path = run_dir / WANDB_ID
+        run_id = path.read_text().strip() if path.is_file() else ""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", run_id):  # none yet (or damaged)
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+            _replace_text(path, run_id + "\n")
+        # read here, not once per process as wandb's settings are: each run (a test's too) gets its own
+        folder = w.dir or os.environ.get("WANDB_DIR") or str(run_dir)
+        mode = w.mode or os.environ.get("WANDB_MODE") or None
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            wb_run = wandb.init(project=w.project or None, entity=w.entity or None, name=w.name or run_dir.name,
+                                tags=list(w.tags) or None, mode=mode, dir=folder, id=run_id,
+                                resume="allow", config=json.loads(cfg.to_json()))
+        except Exception as e:  # noqa: BLE001 - not logged in, no network, a refused project: one line
+            raise ValueError(f"wandb could not start the run ({type(e).__name__}: {' '.join(str(e).split())}); log "
+                             f"in with `wandb login`, or log offline (--config.wandb.mode=offline or WANDB_MODE="
+                             f"offline), or set --config.wandb.enabled=False") from None
+        first = int(wb_run.starting_step or 0) if wb_run.resumed else 0
+        online = wb_run.settings.mode == "online"
+        where = wb_run.url if online else Path(wb_run.dir).parent  # (an offline run has no url: wandb warns)
+        log(f"wandb: run {run_id} ({'resumed' if wb_run.resumed else 'started'}"
+            f"{'' if online else f', {wb_run.settings.mode}'}): {where}")
+        return cls(wandb, wb_run, first)
+
+    def _send(self, step: int, data, what: str) -> None:
+        """Log data() (a dict) at `step`; a failure is told once and never stops the run."""
+        if step < self.first_step:
+            return  # the resumed wandb run holds this step already
+        try:
+            values = data()
+            if values:
+                self.run.log(values, step=step)
+        except Exception as e:  # noqa: BLE001 - the records on disk are complete; wandb goes without it
+            if not self.failed:
+                log(f"step {step}: {what} not sent to wandb ({type(e).__name__}: {e})")
+            self.failed = True
+
+    def log(self, step: int, values: dict) -> None:
+        self._send(step, lambda: {k: v for k, v in values.items() if isinstance(v, (int, float))}, "a row")
+
+    def video(self, step: int, tag: str, path, caption: str = "") -> None:
+        self._send(step, lambda: {tag: self.wandb.Video(str(path), caption=caption or None, format="mp4")},
+                   str(path))
+
+    def finish(self, status: int = 0, stopped: bool = False) -> None:
+        """End the wandb run (`status`: the exit status; `stopped`: by a signal, saved, to be resumed)."""
+        try:
+            if stopped:
+                self.run.mark_preempting()
+            self.run.finish(exit_code=status)  # wandb says where an offline run is and how to upload it
+        except Exception as e:  # noqa: BLE001 - a failing upload does not fail the run
+            log(f"wandb: the run did not finish cleanly ({type(e).__name__}: {e})")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -732,34 +838,49 @@ def write_loras(run: Run, step: int, final: bool = False) -> None:
     checkpoint.keep_loras removed; 0 keeps all); at the end (`final`) as lora.safetensors and
     lora_diffusers.safetensors. A sweep writes each variant's into variants/<name>/ (with the config
     of that LoRA alone). Every process takes part (the factors are gathered); process 0 writes."""
-    lora = multihost_utils.process_allgather(run.state["lora"], tiled=True)  # whole factors on every host
     sw = run.sweep
+    # the end-of-run export shows its progress: the gathering, then each file
+    bar = tqdm(total=1 + 2 * (1 if sw is None else sw.size), desc="exporting LoRA", unit="part",
+               dynamic_ncols=True, disable=not (final and run.main))
+    bar.set_postfix_str("gathering the factors")
+    lora = multihost_utils.process_allgather(run.state["lora"], tiled=True)  # whole factors on every host
+    bar.update(1)
     if sw is None:
         outputs = [(run.run_dir, run.run_dir.name, lora, run.targets, run.cfg, None)]
     else:
         outputs = [(run.run_dir / "variants" / name, f"{run.run_dir.name}-{name}", sweep_lib.unpad(sw, k, lora),
                     sw.targets[k], sw.configs[k], sw.configs[k]) for k, name in enumerate(sw.names)]
     if not run.main:
+        bar.close()
         return
-    for folder, stem, factors, targets, cfg, vcfg in outputs:
-        facts = about(run, step, cfg, targets)
-        if final:
-            genmo, diffusers = folder / "lora.safetensors", folder / "lora_diffusers.safetensors"
-        else:
-            genmo = folder / LORAS / f"{stem}-step{step:06d}.safetensors"
-            diffusers = genmo.with_name(f"{stem}-step{step:06d}.diffusers.safetensors")
-        genmo.parent.mkdir(parents=True, exist_ok=True)
-        lora_write.save_genmo(genmo, factors, targets, cfg=run.dit_cfg, about=facts)
-        lora_write.save_diffusers(diffusers, factors, targets, cfg=run.dit_cfg, about=facts)
-        if vcfg is not None:
-            _replace_text(folder / "config.json", vcfg.to_json(indent=2))
-        keep = run.cfg.checkpoint.get("keep_loras", 0)
-        if not final and keep > 0:
-            saved = sorted(genmo.parent.glob(f"{stem}-step*.safetensors"))
-            steps = sorted({p.name[len(stem) + 5:len(stem) + 11] for p in saved})
-            for old in steps[:-keep]:
-                for f in genmo.parent.glob(f"{stem}-step{old}*.safetensors"):
-                    f.unlink()
+    with bar:
+        for output in outputs:
+            _write_output(run, step, final, output, bar)
+
+
+def _write_output(run: Run, step: int, final: bool, output: tuple, bar) -> None:
+    """One LoRA's file pair (write_loras; `bar` counts the files)."""
+    folder, stem, factors, targets, cfg, vcfg = output
+    facts = about(run, step, cfg, targets)
+    if final:
+        genmo, diffusers = folder / "lora.safetensors", folder / "lora_diffusers.safetensors"
+    else:
+        genmo = folder / LORAS / f"{stem}-step{step:06d}.safetensors"
+        diffusers = genmo.with_name(f"{stem}-step{step:06d}.diffusers.safetensors")
+    genmo.parent.mkdir(parents=True, exist_ok=True)
+    for path, save in ((genmo, lora_write.save_genmo), (diffusers, lora_write.save_diffusers)):
+        bar.set_postfix_str(str(path.relative_to(run.run_dir)))
+        save(path, factors, targets, cfg=run.dit_cfg, about=facts)
+        bar.update(1)
+    if vcfg is not None:
+        _replace_text(folder / "config.json", vcfg.to_json(indent=2))
+    keep = run.cfg.checkpoint.get("keep_loras", 0)
+    if not final and keep > 0:
+        saved = sorted(genmo.parent.glob(f"{stem}-step*.safetensors"))
+        steps = sorted({p.name[len(stem) + 5:len(stem) + 11] for p in saved})
+        for old in steps[:-keep]:
+            for f in genmo.parent.glob(f"{stem}-step{old}*.safetensors"):
+                f.unlink()
 
 
 def export(run: Run) -> None:
@@ -784,7 +905,10 @@ def train(cfg) -> Path:
     Holds the run directory's lock throughout (runs.RunLock). remat='auto' is resolved here to the
     setting the compiler says fits (recorded in the run directory and its config.json). Raises Stopped
     (a stop signal; saved) or Diverged; a launch that fails before its first step leaves no run
-    directory it made."""
+    directory it made. Refused before anything is written: wandb enabled but not installed, a wrong
+    entry of validation.prompts."""
+    wandb = wandb_module(cfg)
+    prompts = validation_prompts(cfg.validation)
     placement.start(cfg.distributed)
     run_dir = Path(cfg.run_dir).absolute()
     fresh = not run_dir.exists()
@@ -800,26 +924,29 @@ def train(cfg) -> Path:
                     f"remat auto -> {choice.groups or choice.remat} (picked for these settings before: "
                     f"{REMAT_RECORD} in the run directory)")
             run = setup(cfg)
-            validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets, run.sweep)  # T5 comes and goes first
-            load_state(run)
-            step = int(run.state["step"])
-            records = RunLog(run.run_dir, run.main, prompts=cfg.validation.prompts)
-            # a checkpoint is saved before its step's validation runs, so a kill during that validation
-            # (the final one included) resumes from this step with the validation still to do
-            redo = step > 0 and validator.due(step) and not records.validated(step)
-            if jax.process_count() > 1:  # every process takes part in validation: one decision
-                redo = bool(multihost_utils.broadcast_one_to_all(np.int32(redo)))
-            records.open(step, redo_validation=redo)
-            started = True
-            try:
-                if redo:
-                    log(f"step {step}: the validation after this checkpoint did not finish; running it again")
-                    validate(run, validator, records, step)
-                run_steps(run, validator, records, signals)
-            finally:
-                records.close()
-                run.manager.close()
-            export(run)
+            # wandb first: a login or network problem is told before the models load
+            mirror = WandbMirror.start(wandb, cfg, run.run_dir) if wandb is not None and run.main else None
+            with _finishing(mirror):
+                validator = Validator(cfg, run.dit_cfg, run.heldout, run.targets, run.sweep)  # T5 comes and goes first
+                load_state(run)
+                step = int(run.state["step"])
+                records = RunLog(run.run_dir, run.main, prompts=[p.text for p in prompts], wandb=mirror)
+                # a checkpoint is saved before its step's validation runs, so a kill during that validation
+                # (the final one included) resumes from this step with the validation still to do
+                redo = step > 0 and validator.due(step) and not records.validated(step)
+                if jax.process_count() > 1:  # every process takes part in validation: one decision
+                    redo = bool(multihost_utils.broadcast_one_to_all(np.int32(redo)))
+                records.open(step, redo_validation=redo)
+                started = True
+                try:
+                    if redo:
+                        log(f"step {step}: the validation after this checkpoint did not finish; running it again")
+                        validate(run, validator, records, step)
+                    run_steps(run, validator, records, signals)
+                finally:
+                    records.close()
+                    run.manager.close()
+                export(run)
         except Interrupted as e:
             raise Stopped(f"stopped by {Signals.NAMES.get(e.args[0], e.args[0])} before any new step; "
                           f"rerun the same command to continue") from None
@@ -833,6 +960,21 @@ def train(cfg) -> Path:
             if fresh and not started and jax.process_index() == 0:  # failed before its first step
                 shutil.rmtree(run_dir, ignore_errors=True)  # made by this launch, which did nothing in it
     return run_dir
+
+
+@contextlib.contextmanager
+def _finishing(mirror: WandbMirror | None):
+    """Finish the wandb run (when there is one) however the body ends: done (0), stopped by a signal
+    (preempted, to be resumed), or failed (the exception's exit status, else 1)."""
+    try:
+        yield
+    except BaseException as e:
+        if mirror is not None:
+            stopped = isinstance(e, (Stopped, Interrupted, KeyboardInterrupt))
+            mirror.finish(Stopped.exit_status if stopped else getattr(e, "exit_status", 1), stopped=stopped)
+        raise
+    if mirror is not None:
+        mirror.finish(0)
 
 
 @contextlib.contextmanager
