@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import mochi_jax
+from docs_commands import documented_commands
 from mochi_jax.models import dit, lora
 from mochi_jax.configs import dit as dit_configs
 
@@ -160,28 +161,46 @@ def test_a_layer_without_axis_names_fails_loudly(monkeypatch):
         dit.logical_axes(cfg, targets)
 
 
+# What keeps the documented demo commands short here: (command, flags appended)
+SHORTER = {"mochi_jax.prepare": (), "mochi_jax.train": ("--config.steps=4", "--config.checkpoint.every=4",
+                                                        "--config.validation.every=0"),
+           "mochi_jax.sample": ("--config.sampling.steps=2",),
+           "mochi_jax.evaluate": ("--config.sampling.steps=2", "--config.seeds=0")}
+
+
+def demo_commands() -> dict[str, list[str]]:
+    """{command: argv} of the demo's documented commands (README.md, docs/): the first of each command
+    whose config is a ':demo' preset."""
+    out = {}
+    for _, _, argv in documented_commands():
+        if argv[0] in SHORTER and any(a.startswith("--config=") and a.endswith(":demo") for a in argv):
+            out.setdefault(argv[0], argv)
+    return out
+
+
 @pytest.mark.slow
-def test_commands_run_from_any_directory(tmp_path):
-    """From a folder outside the repository, the demo presets of train, prepare, sample and evaluate
-    run with the installed package (configs/ found through mochi_jax.configs)."""
+def test_the_documented_demo_commands_run_from_any_directory(tmp_path):
+    """The demo's prepare, train, sample and evaluate, as README.md and docs/ give them (made shorter by
+    SHORTER's flags), run from a folder outside the repository with the installed package (configs/
+    found through mochi_jax.configs), one after the other on the same demo folder."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("PYTHONPATH", None)
+    commands = demo_commands()
+    assert set(commands) == set(SHORTER), commands  # each command of the demo is documented
 
-    def run(*args):
-        r = subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+    def run(command):
+        argv = [*commands[command], *SHORTER[command]]
+        r = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=900)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert r.returncode == 0, " ".join(argv) + "\n" + r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
-    run("mochi_jax.prepare", "--config=configs/prepare.py:demo")
+    run("mochi_jax.prepare")
     assert (tmp_path / "runs/demo/cache/manifest.json").is_file() and (tmp_path / "runs/demo/clips").is_dir()
-    out = run("mochi_jax.train", "--config=configs/lora.py:demo", "--config.run_dir=runs/demo/run",
-              "--config.steps=4", "--config.checkpoint.every=4", "--config.validation.every=0")
+    out = run("mochi_jax.train")
     assert "done: 4 steps" in out and (tmp_path / "runs/demo/run/lora.safetensors").is_file()
     assert out.startswith("mochi_jax.train: devices: 1 x cpu (cpu)\n"), out[:300]  # what the run runs on
-    run("mochi_jax.sample", "--config=configs/sample.py:demo", "--config.sampling.steps=2",
-        "--config.loras=runs/demo/run")
+    run("mochi_jax.sample")
     assert list((tmp_path / "runs/demo/samples").glob("*.mp4"))
-    config = Path(dit_configs.__file__).with_name("eval.py")  # an absolute path works too
-    run("mochi_jax.evaluate", f"--config={config}:demo", "--config.sampling.steps=2", "--config.seeds=0")
-    assert (tmp_path / "runs/demo/eval/report.json").is_file()
+    run("mochi_jax.evaluate")
+    assert (tmp_path / "runs/demo/eval/report.json").is_file() and (tmp_path / "runs/demo/eval/report.html").is_file()
