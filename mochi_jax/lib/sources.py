@@ -52,6 +52,14 @@ def is_metadata_input(input_dir) -> bool:
     return p.suffix.lower() == ".jsonl" and p.is_file()
 
 
+def _text_of(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents (a byte-order mark dropped); a ValueError naming it otherwise."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable {what} ({e})") from e
+
+
 def read_metadata_input(path) -> tuple[dict[Path, tuple[str, str]], list[tuple[str, str]]]:
     """musubi-tuner's metadata as prepare's input: one JSON object per line, {"video_path": ...,
     "caption": ...} or {"image_path": ..., "caption": ...} (other keys ignored), the path absolute or
@@ -61,10 +69,7 @@ def read_metadata_input(path) -> tuple[dict[Path, tuple[str, str]], list[tuple[s
     both path keys, a path that is not a string, no caption string) raise one ValueError naming the
     file and every bad line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable metadata file ({e})") from e
+    text = _text_of(path, "metadata file")
     out: dict[Path, tuple[str, str]] = {}
     skipped, bad = [], []
     for n, line in enumerate(text.splitlines(), 1):
@@ -180,10 +185,7 @@ def read_captions_file(path: Path) -> tuple[dict[Path, tuple[str, str]], list[tu
     column, name a missing file, a file that is no video or image, or a file named twice."""
     path = Path(path)
     rows, skipped = [], []
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable captions file ({e})") from e
+    text = _text_of(path, "captions file")
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
         rows = [(reader.line_num, row) for row in reader]
