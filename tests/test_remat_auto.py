@@ -17,15 +17,22 @@ pytestmark = pytest.mark.usefixtures("shared_compilations")  # the second test's
 
 def test_ladder_runs_from_least_to_most_recomputation():
     ladder = remat.ladder(3)
-    assert ladder[0] == ("none", "") and ladder[-1] == ("full", "")
+    assert ladder[0] == ("none", "") and ladder[-1] == ("offload:residual_bf16", "")
     assert ladder[1:4] == [("full", "none:2,dots:1"), ("full", "none:1,dots:2"), ("dots", "")]
-    assert len(ladder) == 1 + 3 * 3  # 3 steps between each neighbouring pair of the 4 policies
+    assert ladder[9] == ("full", "")  # the last setting that keeps everything on the device
+    # past 'full', the block inputs go to pinned host memory: in float32, then rounded to bfloat16
+    assert ladder[10:] == [("full", "full:2,offload:residual:1"), ("full", "full:1,offload:residual:2"),
+                           ("offload:residual", ""), ("full", "offload:residual:2,offload:residual_bf16:1"),
+                           ("full", "offload:residual:1,offload:residual_bf16:2"), ("offload:residual_bf16", "")]
+    assert len(ladder) == 1 + 5 * 3  # 3 steps between each neighbouring pair of the 6 policies
     # with a fused attention kernel 'dots' keeps the kernel's residuals too, and 'save:attn' (matmuls
     # recomputed, attention kept) comes between it and 'full'
     for attention in ("cudnn", "splash"):
         fused = remat.ladder(2, attention)
         assert fused == [("none", ""), ("full", "none:1,dots:1"), ("dots", ""), ("full", "dots:1,save:attn:1"),
-                         ("save:attn", ""), ("full", "save:attn:1,full:1"), ("full", "")], fused
+                         ("save:attn", ""), ("full", "save:attn:1,full:1"), ("full", ""),
+                         ("full", "full:1,offload:residual:1"), ("offload:residual", ""),
+                         ("full", "offload:residual:1,offload:residual_bf16:1"), ("offload:residual_bf16", "")], fused
 
 
 def test_bisection_fits_and_a_larger_budget_never_recomputes_more():

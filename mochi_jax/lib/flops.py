@@ -34,16 +34,18 @@ def _recompute_share(policy: str, attention: str) -> tuple[bool, float]:
     """(matmuls recomputed?, share of the attention's forward recomputed) in a block's backward under a
     remat policy.
 
-    'full' recomputes the whole block forward. 'dots' keeps every matmul output and the attention
+    'full' recomputes the whole block forward, and so do 'offload:residual' and 'offload:residual_bf16' /
+    'save:residual_bf16', which keep only the block inputs as 'full' does, elsewhere (host memory,
+    bfloat16: copies, no FLOPs). 'dots' keeps every matmul output and the attention
     (on the fused kernels, cuDNN and splash, their output and softmax statistics: remat.remat_policy);
     'dots_no_batch' / 'offload_dots' keep only dots without batch dimensions (the weight matmuls, LoRA
     included), so the attention is recomputed. Name-based policies are counted coarsely: the matmuls
     are recomputed unless all four named matmul outputs are kept, the attention unless 'attn' is; on
     'xla' keeping 'attn' keeps its output only, and the backward recomputes QK^T (half its forward)
-    for the softmax probabilities."""
+    for the softmax probabilities; 'residual' among the names (the block inputs) changes nothing here."""
     remat_policy(policy)  # raises for an unknown policy
     if ":" in policy:  # save:<names> / offload:<names>: the named activations are kept, the rest recomputed
-        kept = set(policy.partition(":")[2].split("+"))
+        kept = set(policy.partition(":")[2].split("+"))  # 'residual', 'residual_bf16': the block inputs, kept by all
         attn = 1.0 if "attn" not in kept else (0.5 if attention == "xla" else 0.0)
         return not {"qkv", "proj", "mlp_in", "mlp_out"} <= kept, attn
     if policy in ("none", "dots"):
@@ -71,7 +73,8 @@ def flop_breakdown(cfg: DiTConfig, frames: int, height: int, width: int, remat: 
                           not depend on the LoRA): the same FLOPs as their forward; no weight gradients
                         + attention: 2 x its forward (dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q)
                         + LoRA: 2 x its forward (dh, db, da, dx)
-      recompute      Rb = Fb under 'full'; the attention's 4 S^2 D under 'dots_no_batch' / 'offload_dots';
+      recompute      Rb = Fb under 'full' and 'offload:residual' ('full' with the block inputs in host memory;
+                          also 'offload:residual_bf16'); the attention's 4 S^2 D under 'dots_no_batch' / 'offload_dots';
                           0 under 'none' and 'dots'; the matmuls but not the attention under 'save:attn'
                           (`_recompute_share`; `cfg.remat_groups` or a groups string: a policy per stacked block)
       outside blocks E = forward of the embedders (x_embedder, t5_yproj, timestep MLP, caption pool) and

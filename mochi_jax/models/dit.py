@@ -8,7 +8,15 @@ Every Dense declares the logical names of its kernel's dimensions where it is cr
 (`logical_axes` collects them for sharding), and the block's main activations carry checkpoint
 names for name-based remat policies (models/remat.py): 'qkv' (q/k/v projections), 'attn'
 (the attention: its output, or a fused kernel's output and softmax statistics), 'proj' (output
-projections), 'mlp_in' / 'mlp_out' (the SwiGLU's matmuls).
+projections), 'mlp_in' / 'mlp_out' (the SwiGLU's matmuls), and 'residual': a copy of the block's
+inputs (the residual streams x and y entering it), taken at its top, from which everything in the
+block is computed. Every policy but 'none' keeps a block's inputs for the backward pass (the scan
+stacks them: [blocks, B, N, 3072] float32, 24 GiB at 163 frames); a checkpointed function's inputs
+themselves cannot be offloaded, the named copy can: 'offload:residual' keeps it in pinned host memory
+and the inputs drop out of what the backward keeps ('full''s recomputation, the inputs on the host;
+'offload:residual+attn' etc. combine it). 'offload:residual_bf16' / 'save:residual_bf16' keep the
+stacked blocks' inputs in bfloat16 (remat.store_inputs: an exact forward, gradients from the
+rounded inputs). models/remat.py's docstring has the details.
 
 Call convention (the reference's tensors):
     latents  [B, C=12, T, H, W]   (DiT-space, i.e. normalised latents)
@@ -64,7 +72,9 @@ class DiTConfig:
     # attention='splash': q and kv tile (tokens, a multiple of 128) of the forward and backward
     # kernels; 512 as in MaxText, which pads Mochi's 11k-45k joint tokens by at most 511 (< 5 %).
     splash_block: int = 512
-    remat: str = "full"  # a key of remat.POLICIES, or save:<names> / offload:<names> (models/remat.py)
+    # a key of remat.POLICIES, or save:<names> / offload:<names> (models/remat.py), e.g. 'offload:residual':
+    # 'full' with every block's inputs in pinned host memory; 'offload:residual_bf16': in bfloat16
+    remat: str = "full"
     scan_layers: bool = True  # False: an unrolled Python loop (for tests and debugging)
     # A remat policy per consecutive group of the depth-1 stacked blocks, e.g. "dots:16,full:31"
     # (counts sum to depth-1); '' = `remat` for every block. Needs scan_layers.
@@ -281,6 +291,11 @@ class Block(_Base):
     def __call__(self, carry, c, y_mask, rope_cos, rope_sin):
         x, y = carry  # float32 residual streams [B, N, 3072], [B, L, 1536]
         x, y = constrain(x, TOKENS), constrain(y, TEXT)
+        # a named copy of the block's inputs, from which the block computes everything: the backward pass's
+        # recomputation starts from it, so a policy that offloads 'residual' keeps the block inputs in host
+        # memory and the inputs themselves are not kept (models/remat.py)
+        x = checkpoint_name(x, remat_lib.RESIDUAL_NAME)
+        y = checkpoint_name(y, remat_lib.RESIDUAL_NAME)
         cfg = self.cfg
         eps = cfg.norm_eps
         cdt = jnp.dtype(cfg.compute_dtype)
@@ -354,7 +369,8 @@ class MochiDiT(_Base):
 
         block_args = (c, t5_mask, *rope)
         n_sym = cfg.depth - 1
-        if cfg.scan_layers and (cfg.remat_groups or cfg.weights_on_host) and not self.is_initializing():
+        grouped = cfg.remat_groups or cfg.weights_on_host or remat_lib.residual_store(cfg.remat)
+        if cfg.scan_layers and grouped and not self.is_initializing():
             x, y = self._grouped_blocks((x, y), block_args)
         elif cfg.scan_layers:
             block = remat_lib.remat(Block, cfg.remat)
@@ -378,29 +394,39 @@ class MochiDiT(_Base):
         Each step reads its block's weights from the whole stack by index, inside the rematerialised
         body: a group's slice of the stack would be a copy of its weights (18.7 GiB for the 10 B model).
         cfg.weights_on_host: each step then copies its block's weights to the device memory (inside the
-        rematerialised body, so the backward fetches them again instead of keeping them)."""
+        rematerialised body, so the backward fetches them again instead of keeping them).
+        A group under 'offload:residual_bf16' / 'save:residual_bf16' runs its blocks in remat.store_inputs
+        instead of jax.checkpoint: an exact forward that keeps each block's visual-stream input in bfloat16
+        (the text stream's, L x text_width, under 0.3 % of the bytes at 163 frames, in float32)."""
         cfg = self.cfg
         params = self.variables["params"]["blocks"]
         lora = self.variables.get("lora", {}).get("blocks")
         rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         block = Block(cfg, tuple(self.lora_targets), parent=None)  # unbound: applied functionally
 
-        def run(carry, stack, lo, i):
+        # every array the body uses is an argument (none closed over): remat.store_inputs's custom_vjp
+        # gives cotangents to arguments only
+        def run(carry, stack, args, key, lo, i):
             p = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stack)
             if cfg.weights_on_host:
                 p = jax.tree_util.tree_map(lambda a: jax.device_put(a, jax.memory.Space.Device), p)
             variables = {"params": p, **({"lora": lo} if lo is not None else {})}
-            rngs = {"dropout": jax.random.fold_in(rng, i)} if rng is not None else {}
-            return block.apply(variables, carry, *block_args, rngs=rngs)[0]
+            rngs = {"dropout": jax.random.fold_in(key, i)} if key is not None else {}
+            return block.apply(variables, carry, *args, rngs=rngs)[0]
 
         start = 0
         groups = (remat_lib.parse_remat_groups(cfg.remat_groups, cfg.depth - 1) if cfg.remat_groups
                   else [(cfg.remat, cfg.depth - 1)])
         for policy, n in groups:
-            body = run if policy == "none" else jax.checkpoint(run, policy=remat_lib.remat_policy(policy),
-                                                               prevent_cse=False)
+            store = remat_lib.residual_store(policy)
+            if policy == "none":
+                body = run
+            elif store:  # the visual stream rounded; the text stream's inputs (< 1 % of the bytes) kept exact
+                body = remat_lib.store_inputs(run, *store, rounded=(True, False))
+            else:
+                body = jax.checkpoint(run, policy=remat_lib.remat_policy(policy), prevent_cse=False)
             lo = jax.tree_util.tree_map(lambda a: a[start:start + n], lora)  # small, and differentiated: sliced
-            carry, _ = jax.lax.scan(lambda c, x: (body(c, params, *x), None), carry,
+            carry, _ = jax.lax.scan(lambda c, x: (body(c, params, block_args, rng, *x), None), carry,
                                     (lo, jnp.arange(start, start + n)))
             start += n
         return carry
