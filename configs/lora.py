@@ -49,7 +49,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     # activation checkpointing of the DiT's blocks.
     c.model = common.model()
     # none | full | dots | dots_no_batch | offload_dots | save:<names> | offload:<names> | auto (the least
-    # recomputation whose compiled memory fits memory_budget_gb; mochi_jax/models/remat.py)
+    # recomputation whose compiled memory fits memory_budget_gb; mochi_jax/models/remat.py). Long clips on small
+    # cards: offload:residual keeps the blocks' inputs for the backward pass in pinned host memory (as 'full'
+    # otherwise), offload:residual_bf16 there rounded to bfloat16
     c.model.remat = "full"
     c.model.memory_budget_gb = 0.0  # remat='auto': GiB (2**30 bytes) per device; 0 = what the device reports it can hold
     c.model.remat_groups = ""  # a policy per consecutive block group, e.g. "dots:16,full:31"; '' = `remat` everywhere

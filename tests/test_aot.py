@@ -278,13 +278,17 @@ def test_the_ladder_of_settings_that_need_less_memory():
     from mochi_jax.configs import sample as sample_config
 
     full = lora_config.get_config()  # remat full, bf16 weights already
-    assert fit.ladder(full, "train") == [{"model.param_dtype": "int8"}, {"model.weights_on_host": True}]
+    offload = [{"model.remat": "offload:residual", "model.remat_groups": ""},
+               {"model.remat": "offload:residual_bf16", "model.remat_groups": ""}]
+    assert fit.ladder(full, "train") == [{"model.param_dtype": "int8"}, {"model.weights_on_host": True}, *offload]
     demo = lora_config.get_config("demo")  # remat none
     assert fit.ladder(demo, "train")[0] == {"model.remat": "full", "model.remat_groups": ""}
     assert fit.ladder(sample_config.get_config(), "sample") == [{"model.param_dtype": "int8"},
                                                               {"model.weights_on_host": True}]
     full.model.param_dtype, full.model.weights_on_host = "float8_e4m3fn", True
-    assert fit.ladder(full, "train") == [] and fit.ladder(full, "vae_encode") == []
+    assert fit.ladder(full, "train") == offload and fit.ladder(full, "vae_encode") == []
+    full.model.remat = "offload:residual_bf16"
+    assert fit.ladder(full, "train") == []
 
 
 @pytest.mark.slow

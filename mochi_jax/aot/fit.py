@@ -88,17 +88,24 @@ def ladder(cfg, what: str) -> list[dict]:
     """Settings that need less device memory than `cfg`'s, in the order they cost speed (each applied on
     top of the ones before): a training step's remat 'full' (recompute each block in the backward),
     then an int8 weight-only base (about half the bytes of bf16 weights), then the stacked blocks
-    waiting in pinned host memory (one block on the device at a time; PCIe traffic per step). The
-    ones the config already has are left out; prepare's programs have none."""
+    waiting in pinned host memory (one block on the device at a time; PCIe traffic per step), then
+    for a training step the blocks' inputs kept for the backward pass in pinned host memory
+    ('offload:residual', then rounded to bfloat16). The ones the config already has are left out;
+    prepare's programs have none."""
     if what not in ("train", "sample"):
         return []
     m, rungs = cfg.model, []
-    if what == "train" and (m.remat not in ("full", "auto") or m.remat_groups):
+    offloaded = str(m.get("remat", "")).startswith("offload:residual")
+    if what == "train" and not offloaded and (m.remat not in ("full", "auto") or m.remat_groups):
         rungs.append({"model.remat": "full", "model.remat_groups": ""})
     if m.param_dtype in ("bfloat16", "float16", "float32"):
         rungs.append({"model.param_dtype": "int8"})
     if not m.weights_on_host and m.scan_layers:
         rungs.append({"model.weights_on_host": True})
+    if what == "train" and not offloaded:
+        # the blocks' inputs kept for the backward pass in pinned host memory, then rounded to bfloat16
+        rungs += [{"model.remat": "offload:residual", "model.remat_groups": ""},
+                  {"model.remat": "offload:residual_bf16", "model.remat_groups": ""}]
     return rungs
 
 
