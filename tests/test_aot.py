@@ -186,6 +186,17 @@ def test_bad_input_is_one_line_and_exit_2(flags, words):
     assert "FIT" not in p.stdout
 
 
+@need_tpu
+def test_a_program_the_compiler_cannot_build_is_one_line_and_exit_2():
+    """TPU's compiler cannot slice host-held blocks one row at a time (model.weights_on_host): its refusal is
+    one line naming it, not a traceback."""
+    p = aot("--config=configs/lora.py", "--config.aot.target=v5e-1", "--config.aot.model=tiny",
+            "--config.model.weights_on_host=True")
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mochi_jax.aot: the TPU compiler refused the program: "), p.stderr
+
+
 # ----------------------------------------------------------------------------- in process
 
 

@@ -171,8 +171,9 @@ def measure(program: Program, target: targets_lib.Target, limit: int, limit_sour
     except Exception as e:  # noqa: BLE001 - only an out-of-memory refusal is an answer; the rest is re-raised
         report.compile_s = time.time() - t0
         sizes = parse_out_of_memory(str(e))
-        if sizes is None:
-            raise
+        if sizes is None:  # the compiler cannot build this program for the target at all: one line
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise BadInput(f"the {target.platform.upper()} compiler refused the program: {first[:300]}") from e
         report.total_bytes, report.limit_bytes, temporaries_only = sizes
         if temporaries_only:  # the arguments (weights, state, batch) are on the device too
             report.temp_bytes = report.total_bytes
