@@ -6,7 +6,8 @@ the 10 B base, the default rank-16 LoRA (configs/lora.py), 480x848 clips, on a C
     python benchmarks/aot_tables.py quant   # per GPU and base-weight setting (bf16, fp8, int8, host-streamed)
     python benchmarks/aot_tables.py remat   # one H100: memory, attention reruns and FLOPs per remat policy, remat=auto
     python benchmarks/aot_tables.py sample  # the released model's sharded sampler step per slice / GPU, FLOP floors
-    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant,remat,sample}.json
+    python benchmarks/aot_tables.py offload # long clips on small cards: the blocks' inputs in host memory, PCIe per step
+    python benchmarks/aot_tables.py show    # print the tables from benchmarks/results/aot_{gpu,tpu,gpu_quant,remat,sample,offload}.json
     python benchmarks/aot_tables.py tpu --smoke --results /tmp/aot   # one cell, a tiny model (the test)
 
 --results DIR: where the JSON files are read and written (default benchmarks/results/). --model: the DiT's
@@ -26,6 +27,11 @@ dots: the compiled memory, the attention forwards the backward loop reruns per b
 from the compiled program) and the step's FLOPs (mochi_jax/lib/flops.py) with its time at 800 TFLOP/s;
 and what remat='auto' picks within 40 GB at 37 frames and 60 GB at 85 (the issue's goals):
 benchmarks/results/aot_remat.json.
+Offload: one RTX 4090 with an fp8 base and host-streamed blocks at 37, 85 and 163 frames, remat full,
+offload:residual (the blocks' inputs kept for the backward in pinned host memory) and offload:residual_bf16,
+and one v5e chip (16 GB) at 85 frames with an int8 base on the chip: device and pinned-host GiB, the bytes that cross
+PCIe per step (the streamed blocks' weights and the offloaded inputs, each there and back) and their time at
+25 GB/s beside the step's FLOP time at 800 TFLOP/s: benchmarks/results/aot_offload.json.
 TPU: 'xla' attention by default, --attention=splash for the Pallas kernel,
 remat full, slices v5p-8 (4 chips), v6e-8 (8), v5e-16 (16); per slice the meshes fsdp=N (batch N),
 then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4, 8 until one fits
@@ -418,10 +424,65 @@ def show_sample(data: dict):
                                                                           for n, t in XDIT_L40_S.items()))
 
 
+# ----------------------------------------------------------------------------- offload: long clips, small cards
+
+PCIE_GBPS = 25  # host <-> device, GB/s (PCIe 4.0 x16 in practice)
+GENMO_H100_37_S = 1.67  # genmo's fine-tuner, 37 frames on one H100 (demos/fine_tuner/README.md)
+OFFLOAD_REMATS = {"full": "full", "offload": "offload:residual", "offload_bf16": "offload:residual_bf16"}
+OFFLOAD_CELLS = {  # key -> overrides: (target, base dtype, frames, remat)
+    **{f"rtx4090/fp8+host/{name}/{frames}": ("rtx4090", "float8_e4m3fn", frames, remat)
+       for frames in (37, 85, 163) for name, remat in OFFLOAD_REMATS.items()},
+    # a v5e chip (16 GB): TPU's compiler cannot slice the host-held blocks one row at a time (weights_on_host
+    # is refused), so the int8 base stays on the chip
+    **{f"v5e-1/int8/{name}/85": ("v5e-1", "int8", 85, remat) for name, remat in OFFLOAD_REMATS.items()},
+}
+
+
+def run_offload(args):
+    path = args.results / "aot_offload.json"
+    data = load(path)
+    data["setup"] = setup("10 B base (configs/dit.py 'mochi'), rank-16 LoRA on qkv_x/y, proj_x/y, AdamW; 480x848; "
+                          "batch 1; '+host': blocks in pinned host memory; the platform's attention (cuDNN, splash); "
+                          "autotuning off", args)
+    for key, (target, dtype, frames, remat) in OFFLOAD_CELLS.items():
+        if args.cells and key not in args.cells:
+            continue
+        cell(data, path, key, {"aot.target": target, "model.param_dtype": dtype, "model.weights_on_host": "+host" in key,
+                               "model.remat": remat, "aot.num_frames": 7 if args.smoke else frames,
+                               "aot.suggest": False, **model_overrides(args)}, args.redo)
+    show_offload(data)
+
+
+def show_offload(data: dict):
+    from mochi_jax.lib.flops import flops_per_step
+    from mochi_jax.models.dit import DiTConfig
+
+    print("\nLong clips on small cards (AOT; 480x848, batch 1; '+host': blocks in pinned host memory): device and "
+          "host memory, PCIe per step")
+    print(f"{'cell':34} {'device':>7} {'limit':>6} {'fits':>4} {'host':>6} {'PCIe GB':>7} {'PCIe s':>6} "
+          f"{'FLOP s':>6} {'sum s':>6}")
+    for key, r in data["cells"].items():
+        if "error" in r:
+            print(f"{key:34} error: {r['error']}")
+            continue
+        frames, remat = r["overrides"]["aot.num_frames"], r["overrides"]["model.remat"]
+        weights = r["inputs"].get("frozen weights in host memory", 0)
+        # each block's weights cross twice (the forward, the backward's recompute), the offloaded inputs
+        # twice (out in the forward, back in the backward)
+        crossing = 2 * weights + 2 * (r["host_bytes"] - weights)
+        pcie_s = crossing / (PCIE_GBPS * 1e9)
+        flop_s = flops_per_step(DiTConfig(attention="cudnn"), frames, 480, 848, remat) / (FLOOR_TFLOPS * 1e12)
+        print(f"{key:34} {r['total_bytes'] / GIB:7.2f} {r['limit_bytes'] / GIB:6.2f} {'yes' if r['fits'] else 'no':>4} "
+              f"{r['host_bytes'] / GIB:6.2f} {crossing / 1e9:7.1f} {pcie_s:6.2f} {flop_s:6.2f} {pcie_s + flop_s:6.2f}")
+    print(f"GiB per device and of pinned host memory; PCIe at {PCIE_GBPS} GB/s, not overlapped (an upper bound); "
+          f"FLOP s at {FLOOR_TFLOPS} TFLOP/s (an H100's floor); genmo's fine-tuner: {GENMO_H100_37_S} s per step at "
+          "37 frames on one H100")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("gpu", "tpu", "quant", "remat", "sample", "show"))
-    p.add_argument("--cells", type=lambda s: s.split(","), default=None, help="sample: the cells to measure")
+    p.add_argument("what", choices=("gpu", "tpu", "quant", "remat", "sample", "offload", "show"))
+    p.add_argument("--cells", type=lambda s: s.split(","), default=None, help="sample, offload: the cells to measure")
     p.add_argument("--settings", type=lambda s: s.split(","), default=tuple(QUANT_SETTINGS),
                    help="quant: base settings to measure, of " + ", ".join(QUANT_SETTINGS))
     p.add_argument("--gpus", type=lambda s: s.split(","), default=GPUS)
@@ -461,9 +522,14 @@ def main(argv=None):
         if args.smoke:
             args.cells = args.cells or [next(iter(SAMPLE_CELLS))]
         run_sample(args)
+    elif args.what == "offload":
+        if args.smoke:
+            args.cells = args.cells or [next(iter(OFFLOAD_CELLS))]
+        run_offload(args)
     else:
         for name, show in (("aot_gpu.json", show_gpu), ("aot_tpu.json", show_tpu), ("aot_gpu_quant.json", show_quant),
-                           ("aot_remat.json", show_remat), ("aot_sample.json", show_sample)):
+                           ("aot_remat.json", show_remat), ("aot_sample.json", show_sample),
+                           ("aot_offload.json", show_offload)):
             if (args.results / name).exists():
                 show(load(args.results / name))
     if args.what != "show":

@@ -296,6 +296,7 @@ def test_the_ladder_of_settings_that_need_less_memory():
     assert fit.ladder(demo, "train")[0] == {"model.remat": "full", "model.remat_groups": ""}
     assert fit.ladder(sample_config.get_config(), "sample") == [{"model.param_dtype": "int8"},
                                                               {"model.weights_on_host": True}]
+    assert fit.ladder(full, "train", "tpu") == [{"model.param_dtype": "int8"}, *offload]  # blocks stay on TPU chips
     full.model.param_dtype, full.model.weights_on_host = "float8_e4m3fn", True
     assert fit.ladder(full, "train") == offload and fit.ladder(full, "vae_encode") == []
     full.model.remat = "offload:residual_bf16"

@@ -8,6 +8,7 @@ reason (the `test` extra installs torch, diffusers, transformers, peft and libtp
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,8 +213,15 @@ def test_aot_tables_show(tmp_path):
     """`show` prints the README's tables from the committed JSON (nothing compiled, nothing written)."""
     stdout = run(tmp_path, "aot_tables", "show")
     for line in ("GPU: total per GPU", "TPU: the full-size train step per chip", "GPU memory (GiB per GPU",
-                 "Remat on one H100"):
+                 "Remat on one H100", "Long clips on small cards"):
         assert line in stdout
+    # the offload table: 163 frames on one RTX 4090 with the blocks' inputs in host memory, within 22 GiB,
+    # where remat full is not; PCIe bytes are the weights and inputs there and back
+    cells = json.loads((ROOT / "benchmarks/results/aot_offload.json").read_text())["cells"]
+    offload, full = cells["rtx4090/fp8+host/offload/163"], cells["rtx4090/fp8+host/full/163"]
+    assert offload["fits"] and offload["total_bytes"] < 22 * (1 << 30) < full["total_bytes"]
+    assert offload["host_bytes"] > full["host_bytes"] + 20 * (1 << 30)  # ~24 GiB of block inputs moved out
+    assert re.search(r"rtx4090/fp8\+host/offload/163 +8\.13 +17\.74 +yes +33\.12", stdout), stdout
 
 
 @need("libtpu")

@@ -84,14 +84,15 @@ def check(cfg, what: str = "") -> Report:
     return report
 
 
-def ladder(cfg, what: str) -> list[dict]:
+def ladder(cfg, what: str, platform: str = "cuda") -> list[dict]:
     """Settings that need less device memory than `cfg`'s, in the order they cost speed (each applied on
     top of the ones before): a training step's remat 'full' (recompute each block in the backward),
     then an int8 weight-only base (about half the bytes of bf16 weights), then the stacked blocks
     waiting in pinned host memory (one block on the device at a time; PCIe traffic per step), then
     for a training step the blocks' inputs kept for the backward pass in pinned host memory
     ('offload:residual', then rounded to bfloat16). The ones the config already has are left out;
-    prepare's programs have none."""
+    prepare's programs have none. On TPUs the blocks stay on the chips: the TPU compiler cannot slice
+    host-held stacked weights one block at a time."""
     if what not in ("train", "sample"):
         return []
     m, rungs = cfg.model, []
@@ -100,7 +101,7 @@ def ladder(cfg, what: str) -> list[dict]:
         rungs.append({"model.remat": "full", "model.remat_groups": ""})
     if m.param_dtype in ("bfloat16", "float16", "float32"):
         rungs.append({"model.param_dtype": "int8"})
-    if not m.weights_on_host and m.scan_layers:
+    if not m.weights_on_host and m.scan_layers and platform != "tpu":
         rungs.append({"model.weights_on_host": True})
     if what == "train" and not offloaded:
         # the blocks' inputs kept for the backward pass in pinned host memory, then rounded to bfloat16
@@ -115,7 +116,8 @@ def _try_ladder(cfg, what, build, target, devices, limit, source) -> list[dict]:
     roomy = (int(target.nominal_bytes * ROOMY_FRACTION) if target.platform == "cuda" and not cfg.aot.memory_gib
              and cfg.aot.gpu_memory_fraction < ROOMY_FRACTION else 0)
     tried, overrides = [], {}
-    for rung in ladder(cfg, what):
+    for rung in ladder(cfg, what, target.platform):
+        before = dict(overrides)
         overrides.update(rung)
         c = cfg.copy_and_resolve_references()
         for path, value in overrides.items():
@@ -129,6 +131,7 @@ def _try_ladder(cfg, what, build, target, devices, limit, source) -> list[dict]:
             r = measure(build(c, what, target, devices), target, limit, source)
         except BadInput as e:  # a setting this target or model refuses
             tried.append({"flags": flags, "total_bytes": 0, "fits": False, "error": str(e)})
+            overrides = before  # the next settings go on without it
             continue
         tried.append({"flags": flags, "total_bytes": r.total_bytes, "fits": r.fits,
                       "fits_at": ROOMY_FRACTION if not r.fits and roomy and r.total_bytes <= roomy else 0})
