@@ -70,3 +70,15 @@ def small_disk(tmp_path):
     yield make
     for d in mounted:
         subprocess.run(["umount", str(d)], check=False)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """wandb offline, its files in a folder of the test's (skipped without wandb: pip install -e '.[test]')."""
+    pytest.importorskip("wandb")
+    folder = tmp_path / "wandb_dir"
+    folder.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return folder

@@ -82,10 +82,14 @@ def test_auto_on_the_devices_at_hand_uses_compiled_memory(models, tmp_path, monk
     monkeypatch.setattr(remat, "choose", capture)
     roomy = trainer.resolve_auto_remat(_config(models, tmp_path, 1.0), SHAPE, TOKENS)
     assert (roomy.remat, roomy.groups) == ladder[0], roomy
-    mem = {s: captured["memory_of"](*s) for s in ladder}  # every setting's compiled bytes
-    assert mem[ladder[-1]] < mem[ladder[0]], mem
+    # every setting's compiled bytes up to 'full': past it the block inputs go to host memory, which on
+    # a CPU is the device's own (tests/test_remat_offload.py checks those), and choose never compiles
+    # them while 'full' fits, as at every budget below
+    full = ladder.index(("full", ""))
+    mem = {s: captured["memory_of"](*s) for s in ladder[:full + 1]}
+    assert mem[ladder[full]] < mem[ladder[0]], mem
     last = None
-    for budget in sorted(set(mem.values())):
+    for budget in sorted(v for v in set(mem.values()) if v >= mem[ladder[full]]):
         choice = real_choose(2, lambda r, g: mem[(r, g)], budget)
         i = ladder.index((choice.remat, choice.groups))
         assert choice.bytes <= budget and (last is None or i <= last), (budget, i, last)

@@ -21,11 +21,12 @@ from tensorboardX.proto import event_pb2
 
 from mochi_jax.configs import lora as lora_config
 from dit_ref import lora_delta64
+from wandb_records import all_of, history, offline_runs
 from mochi_jax import cli, demo, train
 from mochi_jax.aot import fit
 from mochi_jax.checkpoints import dit_config, runs
 from mochi_jax.checkpoints import lora_read, lora_write
-from mochi_jax.lib import trainer, training
+from mochi_jax.lib import plots, trainer, training
 from mochi_jax.lib.validation import Validator
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import sharding
@@ -622,3 +623,38 @@ def test_a_second_ctrl_c_quits_at_once():
         assert signals.signal == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_a_training_run_logs_to_wandb_and_its_resume_continues_the_same_wandb_run(demo_root, offline, monkeypatch):
+    """The demo for 4 steps, stopped by SIGTERM in step 3 and resumed: both launches log to the one
+    wandb run (two offline folders of one id), the loss at every step, the validation loss and video
+    at step 4; the stopped launch ends preempted (exit code 75), the resumed one done (0)."""
+    cfg = _cfg(demo_root, "run", steps=4, log_every=1)
+    cfg.checkpoint.every = 2
+    cfg.validation.every = 4
+    cfg.validation.sampling.update(dict(num_frames=7, steps=2))
+    cfg.wandb.enabled = True
+    with monkeypatch.context() as m:
+        _signal_at_step(m, 3)
+        with pytest.raises(trainer.Stopped):
+            train.train(cfg)
+    run_id = (Path(cfg.run_dir) / trainer.WANDB_ID).read_text().strip()
+    train.train(cfg)
+    assert (Path(cfg.run_dir) / trainer.WANDB_ID).read_text().strip() == run_id
+    first, second = offline_runs(offline)
+    assert [all_of(f, "run")[0].run_id for f in (first, second)] == [run_id, run_id]
+    assert all_of(first, "run")[0].display_name == "run"
+    assert [r["_step"] for r in history(first) if "loss" in r] == [1, 2, 3]
+    assert [e.exit_code for e in all_of(first, "exit")] == [75] and all_of(first, "preempting")
+    rows = history(second)
+    assert [r["_step"] for r in rows if "loss" in r] == [4]
+    last = rows[-1]
+    assert last["_step"] == 4 and np.isfinite(last["val_loss"])
+    tag = plots.video_tag("samples/step000004_prompt0_seed12345.mp4", cfg.validation.prompts)
+    assert last[f"{tag}/_type"] == "video-file" and (second / "files" / last[f"{tag}/path"]).is_file()
+    assert [e.exit_code for e in all_of(second, "exit")] == [0]
+    metrics = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged = {(r["_step"], k): v for f in (first, second) for r in history(f) for k, v in r.items()
+              if not k.startswith("_") and not k.startswith("val_video/")}
+    assert logged == {(r["step"], k): v for r in metrics for k, v in r.items() if k != "step"}  # the same scalars

@@ -675,7 +675,8 @@ class Signals:
         self.signal, self.interruptible, self.old = None, True, {}
 
     def _on_signal(self, signum, _frame):
-        signal.signal(signum, self.old.get(signum, signal.SIG_DFL))  # the next one takes the default action
+        # the next one takes Python's default action (SIGINT: KeyboardInterrupt), whatever handler came before
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         self.signal = signum
         if self.interruptible:
             raise Interrupted(signum)
