@@ -38,7 +38,7 @@ then fsdp=N/s x sequence=s (batch N/s, at least one clip per host) for s = 2, 4,
 (--frugal: the other way round, from the most sequence-parallel mesh until one does not fit, so a
 slice that cannot hold the clip costs one compile). --all measures every slice of every clip
 length; by default the search of a clip length stops at the first slice that fits. The tables in
-the README came from `tpu --frames 37 --all`, `tpu --frames 85`, `tpu --frames 163 --frugal` and
+docs/fit.md came from `tpu --frames 37 --all`, `tpu --frames 85`, `tpu --frames 163 --frugal` and
 `tpu --frames 85 --frugal --all --slices v6e-8,v5e-16`, and with `--attention=splash` from
 `--frames 163 --frugal --all`, `--frames 85 --frugal --all` and `--frames 37 --all`.
 

@@ -355,7 +355,7 @@ def child_torch(a) -> dict:
         return dict(status="skipped", reason=f"torch sees {'a' if cuda else 'no'} CUDA device while JAX ran on "
                     f"{a.expect_device}: the two sides would not share a device")
     dev = torch.device("cuda" if cuda else "cpu")
-    if not cuda:  # torch at 2 threads on a loaded 2-core machine runs 10x slower than at 1 (see README)
+    if not cuda:  # torch at 2 threads on a loaded 2-core machine runs 10x slower than at 1 (docs/benchmarks.md)
         torch.set_num_threads(a.torch_threads)
     dtype = getattr(torch, SIZES[a.size]["dtype"])
     cfg = dit_config(a.size, "full", "xla", a.depth)

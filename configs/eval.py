@@ -1,7 +1,7 @@
 """LoRA evaluation: `python -m mochi_jax.evaluate --config=configs/eval.py[:demo] --config.loras=a.safetensors,runs/b`.
 
 Presets:
-  default  the full model from converted weights in ckpt/ (README "Converting the official weights"),
+  default  the full model from converted weights in ckpt/ (docs/weights.md),
            the fine-tuner's validation settings (37 frames at 480x848, 64 steps, cfg 6.0), 4 seeds,
            a CLIP converted to ckpt/clip (`python tools/convert_weights.py clip <openai/clip-vit-base-patch32
            folder> ckpt/clip`) with its tokenizer files (vocab.json + merges.txt) in ckpt/clip_tokenizer.

@@ -66,7 +66,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         # 'normalized': z is normalised to the DiT's latent space before noising (consistent with
         # sampling). 'reference': the official script's exact formula (noise the raw VAE latents,
-        # normalise only the target). See README "Training objective".
+        # normalise only the target). See docs/training.md, "The step and the objective".
         formulation="normalized",
         caption_dropout=0.1,  # probability of zeroing a caption's T5 features and mask
         # the noise levels trained: 'uniform' (the official fine-tuner's), 'logit_normal' (sigmoid of a
@@ -117,7 +117,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         tags=[],  # the wandb run's tags, e.g. ["rank8", "style"]
         dir="",  # where wandb keeps its files (a wandb/ folder inside); '' = WANDB_DIR when set, else run_dir
     ))
-    # Several LoRAs trained together on the one frozen base (README "A LoRA search in one run"); each
+    # Several LoRAs trained together on the one frozen base (docs/search.md); each
     # variant is this config with its own `lora`, `optim` and `seed` (mochi_jax/checkpoints/runs.py
     # `sweep_variants`). Either a grid,
     # every combination of the non-empty lists:

@@ -12,7 +12,7 @@ setting the project refuses (ValueError and its kinds: LoraFormatError, Conversi
 CacheError, VideoError, TargetError, the config checks) and flags the config cannot take.
 Anything else is a bug and shows its traceback (so do user errors with MOCHI_JAX_TRACEBACK=1).
 An outcome that is neither (training stopped early by a signal, or diverged) is one line with its
-own exit status (the exception's `exit_status`; the statuses are listed in the README).
+own exit status (the exception's `exit_status`; the statuses are listed in the README and docs/training.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Every script in benchmarks/ runs as the README shows it: `python benchmarks/<script>.py`, here from a
+"""Every script in benchmarks/ runs as the docs show it: `python benchmarks/<script>.py`, here from a
 folder outside the repository and without PYTHONPATH, at its smallest setting (`--smoke`: a step or two
 at tiny shapes), its JSON written to a temporary folder (`--out`), never into benchmarks/results/. Each
-test checks that the JSON has the fields the README quotes from the committed results; the timings of a
+test checks that the JSON has the fields docs/ quotes from the committed results; the timings of a
 smoke run mean nothing. Scripts that need an absent compiler or reference library are skipped with the
 reason (the `test` extra installs torch, diffusers, transformers, peft and libtpu)."""
 
@@ -81,7 +81,7 @@ def test_every_script_is_run():
 def test_dit_step(tmp_path):
     res, _ = smoke(tmp_path, "dit_step")
     has(res, "device", "step", "compile_s", "compile_ratio_48_over_4")
-    # README: the speed-up against torch, at its thread count; compile time at depth 4 vs 48
+    # the docs: the speed-up against torch, at its thread count; compile time at depth 4 vs 48
     has(res["step"], "speedup", "torch_threads", "jax_median_s", "torch_median_s", "jax_compile_s", "tokens")
     assert res["step"]["speedup"] > 0 and set(res["compile_s"]) == {"4", "48"}
 
@@ -90,7 +90,7 @@ def test_dit_step(tmp_path):
 def test_train_step(tmp_path):
     res, _ = smoke(tmp_path, "train_step")
     has(res, "sides", "torch_best", "ratios", "batch", "latent_shape", "timed_steps", "load_average")
-    # README: the speed-up against the faster torch run, first-step losses on the same noise agreeing to
+    # the docs: the speed-up against the faster torch run, first-step losses on the same noise agreeing to
     # 1e-7, XLA's compiled footprint, and the compiler's host RSS (first step against after the model)
     has(res["ratios"], "steps_per_s", "rss_peak_lifetime", "first_loss_rel_diff")
     assert res["ratios"]["first_loss_rel_diff"] < 1e-4
@@ -104,7 +104,7 @@ def test_train_step(tmp_path):
 @need_torch
 def test_sample_step(tmp_path):
     res, _ = smoke(tmp_path, "sample_step")
-    # README: s per CFG step, ours vs MochiPipeline at its faster thread count, the speed-up, the final
+    # the docs: s per CFG step, ours vs MochiPipeline at its faster thread count, the speed-up, the final
     # latents' agreement
     has(res, "ours_step_median_s", "diffusers", "diffusers_best_threads", "speedup", "final_latents_rel_l2")
     has(res["diffusers"][str(res["diffusers_best_threads"])], "step_median_s", "loop_step_median_s")
@@ -133,7 +133,7 @@ def test_t5(tmp_path):
 @need("torch")
 def test_convert_memory(tmp_path):
     res, _ = smoke(tmp_path, "convert_memory", "--workdir", str(tmp_path / "work"))
-    # README: the conversion's peak host memory against the largest tensor and the checkpoint's size
+    # the docs: the conversion's peak host memory against the largest tensor and the checkpoint's size
     has(res, "checkpoint_bytes", "largest_source_tensor_bytes", "largest_output_leaf_bytes_bf16",
         "baseline_peak_rss_bytes", "convert_peak_rss_bytes", "convert_seconds")
     assert not (tmp_path / "work").exists()  # the generated checkpoint is removed
@@ -141,7 +141,7 @@ def test_convert_memory(tmp_path):
 
 def test_prepare_throughput(tmp_path):
     res, stdout = smoke(tmp_path, "prepare_throughput", "--work-dir", str(tmp_path / "work"))
-    # README's table: clips/s, speed-up and stage times per path; identical caches; the resize timing
+    # the docs' table: clips/s, speed-up and stage times per path; identical caches; the resize timing
     assert [r["workers"] for r in res["runs"]][0] == 0 and len(res["runs"]) >= 2
     for r in res["runs"]:
         has(r, "clips_per_s", "speedup", "stages", "steady_s", "load_1min")
@@ -168,7 +168,7 @@ def test_prepare_throughput(tmp_path):
 
 def test_quant_accuracy(tmp_path):
     res, stdout = smoke(tmp_path, "quant_accuracy")
-    # README's table per config and base: output error, LoRA loss start -> end, on the bf16 base, delta
+    # the docs' table per config and base: output error, LoRA loss start -> end, on the bf16 base, delta
     for r in res["configs"].values():  # --smoke leaves float8 out (int8's code, compiled once more)
         assert set(r["formats"]) == {"bfloat16", "int8", "bfloat16, LoRA seed 2"}
         for v in r["formats"].values():
@@ -180,7 +180,7 @@ def test_quant_accuracy(tmp_path):
 
 def test_scaling(tmp_path):
     res, _ = smoke(tmp_path, "scaling")
-    # README: FSDP's examples/s against data parallelism's, the 10 B model's analytical memory per device at
+    # the docs: FSDP's examples/s against data parallelism's, the 10 B model's analytical memory per device at
     # 37 / 85 / 163 frames, and the formula against XLA's compiled memory
     rows = res["weak_scaling"]["rows"]
     assert {"data1", "data2", "fsdp2"} <= set(rows)
@@ -194,7 +194,7 @@ def test_scaling(tmp_path):
 
 def test_sweep_cost(tmp_path):
     res, _ = smoke(tmp_path, "sweep_cost")  # the small size only: the full size needs the CUDA plugin, minutes
-    # README: per K the speed-up against K separate runs, and the memory of the sweep against K runs
+    # the docs: per K the speed-up against K separate runs, and the memory of the sweep against K runs
     assert set(res["small"]["sweeps"]) == {"1", "2"}  # --smoke: K = 1, 2
     for c in res["small"]["sweeps"].values():
         has(c, "s_per_step", "s_per_variant_step", "speedup", "sweep_bytes", "separate_side_by_side_bytes")
@@ -210,7 +210,7 @@ def test_sample_mesh(tmp_path):
 
 
 def test_aot_tables_show(tmp_path):
-    """`show` prints the README's tables from the committed JSON (nothing compiled, nothing written)."""
+    """`show` prints docs/fit.md's tables from the committed JSON (nothing compiled, nothing written)."""
     stdout = run(tmp_path, "aot_tables", "show")
     for line in ("GPU: total per GPU", "TPU: the full-size train step per chip", "GPU memory (GiB per GPU",
                  "Remat on one H100", "Long clips on small cards"):

@@ -81,7 +81,7 @@ def test_truncated_corrupt_and_pickled_files_are_refused(genmo_sd, tmp_path):
     last = max(header, key=lambda k: header[k]["data_offsets"][1])  # the tensor whose bytes were cut
     with pytest.raises(convert.ConversionError, match="trunc.safetensors.*truncated") as e:
         convert.convert_dit(tmp_path / "trunc.safetensors", tmp_path / "out", progress=False)
-    assert f"1 of its {len(header)} tensors do not fit: {last!r}" in str(e.value)  # the README promises the key
+    assert f"1 of its {len(header)} tensors do not fit: {last!r}" in str(e.value)  # docs/weights.md promises the key
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(convert.ConversionError, match="junk.safetensors.*not a valid safetensors"):
         convert.convert_dit(tmp_path / "junk.safetensors", tmp_path / "out", progress=False)

@@ -223,7 +223,7 @@ def test_diffusers_export_has_one_rank_and_leaves_out_zero_adapters(base, tmp_pa
     alpha (the first or the most common rank), so adapters of another rank come out rescaled
     while every key counts as loaded. save_diffusers pads every adapter to one rank with zeros
     (exact), which every release applies as alpha = rank: tests/harness/diffusers_releases.py
-    measures it with diffusers 0.32, 0.35 and 0.39 (README). Adapters and rank components that
+    measures it with diffusers 0.32, 0.35 and 0.39 (docs/loras.md). Adapters and rank components that
     add nothing are not written; our reader gives each layer back at its own rank."""
     cfg, _, params, _, _ = base("h3d8")
     tree, targets = random_lora(params, SPEC, seed=5)  # ranks 4, 3, 2 and 2

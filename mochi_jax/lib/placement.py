@@ -267,7 +267,7 @@ class Models:
         for what, path in (("VAE", cfg.vae), ("T5", cfg.t5), ("tokenizer", cfg.tokenizer)):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{what} not found at {path}: convert the weights with tools/convert_weights.py "
-                                        f"(see the README) or set --config.{what.lower()}=...")
+                                        f"(docs/weights.md) or set --config.{what.lower()}=...")
         self.tiled, self.batch = bool(cfg.tiled), int(cfg.text_batch_size)
         self.mesh = prepare_mesh(cfg)
         self._splits, self._t5 = {}, None

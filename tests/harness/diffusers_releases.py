@@ -1,5 +1,5 @@
 """Does every diffusers release with Mochi LoRAs apply our diffusers export exactly? Run by hand
-(CI installs one diffusers); the README quotes its table.
+(CI installs one diffusers); docs/loras.md quotes its table.
 
     PYTHONPATH=. python tests/harness/diffusers_releases.py /tmp/d032/bin/python /tmp/d035/bin/python ...
 
