@@ -60,6 +60,16 @@ def _text_of(path: Path, what: str) -> str:
         raise ValueError(f"{path}: unreadable {what} ({e})") from e
 
 
+def _json_lines(text: str):
+    """(line number from 1, the line, its JSON value or the JSONDecodeError) of each non-blank line."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, line, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, line, e
+
+
 def read_metadata_input(path) -> tuple[dict[Path, tuple[str, str]], list[tuple[str, str]]]:
     """musubi-tuner's metadata as prepare's input: one JSON object per line, {"video_path": ...,
     "caption": ...} or {"image_path": ..., "caption": ...} (other keys ignored), the path absolute or
@@ -72,13 +82,9 @@ def read_metadata_input(path) -> tuple[dict[Path, tuple[str, str]], list[tuple[s
     text = _text_of(path, "metadata file")
     out: dict[Path, tuple[str, str]] = {}
     skipped, bad = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(f"line {n}: not JSON ({e.msg} at column {e.colno})")
+    for n, line, row in _json_lines(text):
+        if isinstance(row, json.JSONDecodeError):
+            bad.append(f"line {n}: not JSON ({row.msg} at column {row.colno})")
             continue
         keys = [k for k in MUSUBI_FILE_KEYS if isinstance(row, dict) and k in row]
         if not isinstance(row, dict) or len(keys) != 1:
@@ -190,13 +196,9 @@ def read_captions_file(path: Path) -> tuple[dict[Path, tuple[str, str]], list[tu
         reader = csv.DictReader(io.StringIO(text))
         rows = [(reader.line_num, row) for row in reader]
     elif path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.append((f"{path}:{n}", f"unreadable metadata row: {e}"))
+        for n, _, row in _json_lines(text):
+            if isinstance(row, json.JSONDecodeError):
+                skipped.append((f"{path}:{n}", f"unreadable metadata row: {row}"))
                 continue
             rows.append((n, row))
     else:
