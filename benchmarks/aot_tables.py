@@ -85,12 +85,7 @@ def measure(overrides: dict) -> dict:
     overrides = dict(overrides)
     cfg = (sample if overrides.pop("config", "lora") == "sample" else lora).get_config()
     cfg.aot.model = "mochi"  # the released model's shapes, whatever ckpt/ holds
-    for key, value in overrides.items():
-        *path, leaf = key.split(".")
-        node = cfg
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    cfg = fit.with_overrides(cfg, overrides)
     try:
         report = fit.check(cfg)
     except ValueError as e:  # fit.BadInput and the config's own checks

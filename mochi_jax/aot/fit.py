@@ -110,6 +110,18 @@ def ladder(cfg, what: str, platform: str = "cuda") -> list[dict]:
     return rungs
 
 
+def with_overrides(cfg, overrides: dict):
+    """A copy of `cfg` with {'model.remat': 'full', ...} set, as --config.<path>=<value> flags would."""
+    c = cfg.copy_and_resolve_references()
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
 def _try_ladder(cfg, what, build, target, devices, limit, source) -> list[dict]:
     """Compile `ladder(cfg, what)`'s settings one on top of the other until one fits: what each needs. On a
     GPU checked at JAX's default memory share, each also says whether it fits in 95 % of the card."""
@@ -119,13 +131,7 @@ def _try_ladder(cfg, what, build, target, devices, limit, source) -> list[dict]:
     for rung in ladder(cfg, what, target.platform):
         before = dict(overrides)
         overrides.update(rung)
-        c = cfg.copy_and_resolve_references()
-        for path, value in overrides.items():
-            *parents, leaf = path.split(".")
-            node = c
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+        c = with_overrides(cfg, overrides)
         flags = [f"--config.{k}={v}" for k, v in overrides.items() if not (k == "model.remat_groups" and not v)]
         try:
             r = measure(build(c, what, target, devices), target, limit, source)
