@@ -1,10 +1,12 @@
-"""The full 10 B LoRA train step on one accelerator: mochi_jax vs diffusers + PEFT, in one timed script.
+"""The full 10 B LoRA train step and one full render on one accelerator: mochi_jax vs diffusers (+ PEFT), in one
+timed script.
 
-    python benchmarks/gpu_step.py                      # on a GPU host; ends within --budget (480 s)
+    python benchmarks/gpu_step.py                      # on a GPU host; ends within --budget (540 s)
     python benchmarks/gpu_step.py --size small         # a 3-block 'small' DiT on CPU (what the test runs)
     python benchmarks/gpu_step.py --policies dots_no_batch,dots:16,full:31 --frames 37,85,61   # 'full' always runs
     python benchmarks/gpu_step.py --policies full@int8,full@host,full@float8_e4m3fn+host --frames 37,85  # the 24 GB settings
     python benchmarks/gpu_step.py --wheels wheels      # no diffusers on the host: use these carried wheels
+    python benchmarks/gpu_step.py --frames '' --render-frames 37,85   # renders only
 
 What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's peak memory cannot be reset):
   ours   `mochi_jax.lib.training.make_train_step` with `make_optimizer` (configs/lora.py's AdamW) and `init_state`,
@@ -23,7 +25,16 @@ What runs, each (frames, side, remat policy) in a FRESH subprocess (a device's p
          (the same layers: diffusers splits qkv into three adapters), gradient checkpointing, LoRA in fp32,
          the same loss and AdamW. Runs where torch, diffusers and peft import and torch sees the device
          JAX used; without diffusers the script prints the wheels to carry and records why it skipped.
-Per run: compile time (ours: lower + compile), first step, median and min s/step over --steps (>= 10) after
+  render (policy 'render', both sides, at --render-frames: 37; small: 7) one video of --render-steps (64) Euler
+         steps with classifier-free guidance 6.0 (configs/sample.py's; the DiT runs prompt and negative prompt as a
+         batch of 2) from random T5 features (256 tokens, 64 of the prompt's valid, the negative prompt's EOS alone;
+         T5 itself is not run on either side), then the tiled VAE decode (the released VAE, random weights, 256x256
+         pixel tiles overlapping by 64) to frames on the host. Ours: what `python -m mochi_jax.sample` runs
+         (`sampling.placement` on a one-device mesh, `sampling.denoise`, `sampling.decode_frames`); theirs:
+         diffusers' MochiPipeline with prompt_embeds, the VAE's enable_tiling with the same tiles, output_type 'np'.
+         A 2-step render first (ours compiles there); then the timed one: denoise s, decode s, their sum (render_s),
+         peak device memory, and the DiT passes' TFLOP/s (`mochi_jax.lib.flops.sampler_flops`).
+Per train run: compile time (ours: lower + compile), first step, median and min s/step over --steps (>= 10) after
 --warmup steps, peak device memory (`memory_stats()['peak_bytes_in_use']`; torch: max_memory_allocated and
 reserved; host peak RSS on CPU), XLA's memory_analysis, and achieved TFLOP/s = FLOPs / median from
 `mochi_jax.lib.flops.flops_per_step` (matmuls + attention: forward, input gradients, LoRA gradients, recompute),
@@ -32,8 +43,8 @@ XLA's own count is recorded too: `compiled.cost_analysis()` of the step that run
 and cuDNN attention counts 0: compare with `flop_breakdown(..., as_xla_counts=True)`), and with --xla-check
 (default at --size small) the pre-optimisation cost analysis of the same step with the blocks unrolled.
 
-Time budget: the runs go in order of importance (37 full, 37 <policy>, torch 37, 85 full, ...: --frames
-gives the order) and each one is first estimated: process start and weight init + compile + (warmup + steps)
+Time budget: the runs go in order of importance (37 full, torch 37, the renders, 37 <policy>, 85 full, torch 85,
+...: --frames gives the order) and each one is first estimated: process start and weight init + compile + (warmup + steps)
 x FLOPs / rate, priors until the first run of a side is measured, then that side's measured overheads and
 rate. A run whose estimate does not fit what is left of --budget is skipped, and one that overruns is killed;
 both are recorded with the reason.
@@ -41,17 +52,21 @@ both are recorded with the reason.
 Output: a table on stdout and one JSON file (--out, default benchmarks/results/gpu_step.json, at --size small
 gpu_step_small.json; rewritten after every run, so a killed script still leaves what it measured):
   benchmark, size, budget_s, total_wall_s, settings {frames, policies, steps, warmup, height, width,
-  text_tokens, batch, dtype, lora_rank, attention}, model {preset, DiTConfig fields, params}, device {platform,
+  text_tokens, batch, dtype, lora_rank, attention, render {frames, steps, guidance, prompt_tokens, tiled_decode,
+  vae}}, model {preset, DiTConfig fields, params}, device {platform,
   kind, peak_tflops, memory_bytes} (from the first run of ours), versions, diffusers {available, version,
-  reason, missing, wheels}, flops {frames: {policy: flop_breakdown}}, anchors (published and FLOP floors),
+  reason, missing, wheels}, flops {frames: {policy: flop_breakdown}}, render_flops {frames: {total, steps}},
+  anchors (published: the official fine-tuner's H100 steps, mochi-xdit's L40 renders; FLOP floors),
   runs [{side 'jax' | 'torch', frames, policy, status 'ok' | 'skipped' | 'failed' | 'timeout', reason,
   estimate_s, wall_s, and when ok: compile_s (jax), setup_s, first_step_s, warmup_times_s, step_times_s,
   median_s, min_s, steps, peak_bytes (device; None on CPU), memory {peak_bytes_after_setup, host_peak_rss,
   jax: device_bytes_limit, xla {temp, argument, output, alias} / torch: peak_reserved_bytes}, flops, tflops,
   frac_peak, floor_s, loss_first, loss_last, lora_params, versions, jax: params, attention, xla {compiled_flops,
   model_as_xla_counts, compiled_ratio, unrolled {policy: {lowered_flops, model_flops, ratio}}, check_s},
-  torch: lora_layers, threads}],
-  ratios [{frames, policy, jax_median_s, torch_median_s, speedup, memory_ratio}], skipped [{side, frames,
+  torch: lora_layers, threads}; a render: steps, guidance, setup_s, warmup_denoise_s, warmup_decode_s, render_s,
+  denoise_s, decode_s, step_s, flops, tflops, frac_peak, floor_s, peak_bytes, memory, video_shape, video_mean],
+  ratios [{frames, policy, jax_median_s, torch_median_s, speedup, memory_ratio}], render_ratios [{frames,
+  jax_render_s, torch_render_s, speedup, denoise_speedup, decode_speedup, memory_ratio}], skipped [{side, frames,
   policy, reason}].
 """
 
@@ -78,11 +93,21 @@ sys.path.insert(0, str(REPO))
 GB = 1e9
 SIZES = {
     # the real model at the official fine-tuner's resolution; --frames order = importance
-    "full": dict(preset="mochi", frames="37,85,61", height=480, width=848, text_tokens=256, dtype="bfloat16"),
+    # renders: the released VAE, tiled as `sample` decodes (256x256 pixel tiles, 64 overlap), a 64-token prompt
+    "full": dict(preset="mochi", frames="37,85,61", height=480, width=848, text_tokens=256, dtype="bfloat16",
+                 render_frames="37", prompt_tokens=64, vae={}),
     # CPU smoke size: the 'small' preset's widths (512 visual, 256 text) with 3 of its 8 blocks (a scan of 2
-    # and the last block: every code path) at 64x96, float32 (XLA:CPU emulates bf16 matmuls)
-    "small": dict(preset="small", frames="7,13", height=64, width=96, text_tokens=16, dtype="float32", depth=3),
+    # and the last block: every code path) at 64x96, float32 (XLA:CPU emulates bf16 matmuls); renders decode
+    # with a narrow VAE in 32x48 tiles (so 64x96 still takes several)
+    "small": dict(preset="small", frames="7,13", height=64, width=96, text_tokens=16, dtype="float32", depth=3,
+                  render_frames="7", prompt_tokens=12,
+                  vae=dict(encoder_channels=(32, 32, 64, 64), decoder_channels=(32, 64, 64, 64),
+                           layers_per_block=(1, 1, 1, 1, 1), tile_size=(32, 48), tile_overlap=(8, 8))),
 }
+# A render run's policy name (both sides): one video, 64 Euler steps with classifier-free guidance at configs/sample.py's
+# scale (the DiT runs the prompt and the negative prompt as a batch of 2), then the tiled VAE decode to frames on the host
+RENDER = "render"
+RENDER_GUIDANCE = 6.0
 LORA_RANK = 16
 # diffusers' MochiAttention names of the same layers (qkv_x = to_q|to_k|to_v, qkv_y = add_{q,k,v}_proj, proj_x =
 # to_out.0, proj_y = to_add_out), anchored to the blocks' attn1: a bare "to_q" would also catch the caption pooler
@@ -112,6 +137,11 @@ REMAT_PICKS = REPO / "benchmarks" / "results" / "aot_remat.json"
 # the achieved FLOP/s. GPU ('full') priors are deliberately a little pessimistic.
 PRIORS = {"full": {"jax": (60.0, 100.0, 400e12), "torch": (45.0, 0.0, 300e12)},
           "small": {"jax": (15.0, 20.0, 3e9), "torch": (15.0, 0.0, 3e9)}}
+# Seconds of one VAE decode of a render before any has run (a render decodes twice: warm-up and timed); the
+# untiled decode of 37 frames at 480x848 is 271 TFLOP (XLA's count), the tiled one ~2.4x that in 15 overlapping tiles
+DECODE_PRIOR = {"full": 15.0, "small": 10.0}
+# Published: mochi-xdit (xDiT) renders 49 frames at 848x480 in 394 s on one L40, 74 s on six (CFG parallel x ring)
+XDIT_L40 = dict(frames=49, height=480, width=848, gpus={"1": 394.0, "6": 74.0})
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -341,31 +371,39 @@ def child_jax(a) -> dict:
 # ----------------------------------------------------------------------------- diffusers + PEFT (a child)
 
 
-def child_torch(a) -> dict:
-    t_start = time.perf_counter()
+def torch_setup(a):
+    """(device, dtype) of a torch run, seeded, with torch's CPU threads set; or a 'skipped' result when torch
+    does not see the device JAX ran on."""
     import torch
-    from diffusers import MochiTransformer3DModel
-    from peft import LoraConfig
-
-    from mochi_jax.lib.flops import flop_breakdown
-    from mochi_jax.models import vae as vae_lib
 
     cuda = torch.cuda.is_available()
     if (a.expect_device == "gpu") != cuda:
         return dict(status="skipped", reason=f"torch sees {'a' if cuda else 'no'} CUDA device while JAX ran on "
                     f"{a.expect_device}: the two sides would not share a device")
-    dev = torch.device("cuda" if cuda else "cpu")
     if not cuda:  # torch at 2 threads on a loaded 2-core machine runs 10x slower than at 1 (docs/benchmarks.md)
         torch.set_num_threads(a.torch_threads)
-    dtype = getattr(torch, SIZES[a.size]["dtype"])
-    cfg = dit_config(a.size, "full", "xla", a.depth)
     torch.manual_seed(0)
+    return torch.device("cuda" if cuda else "cpu"), getattr(torch, SIZES[a.size]["dtype"])
+
+
+def torch_dit(cfg, text_tokens: int):
+    """diffusers' MochiTransformer3DModel of `cfg`'s size, on the meta device (no memory yet)."""
+    import torch
+    from diffusers import MochiTransformer3DModel
+
     with torch.device("meta"):
-        model = MochiTransformer3DModel(
+        return MochiTransformer3DModel(
             patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
             num_layers=cfg.depth, pooled_projection_dim=cfg.text_width, in_channels=cfg.in_channels,
-            text_embed_dim=cfg.t5_dim, time_embed_dim=cfg.time_embed_dim, max_sequence_length=a.text_tokens)
-    # materialise every parameter on the device in the run dtype (no fp32 copy): the same init as ours
+            text_embed_dim=cfg.t5_dim, time_embed_dim=cfg.time_embed_dim, max_sequence_length=text_tokens)
+
+
+def materialise(model, dev, dtype):
+    """Every parameter of a meta-device model made on `dev` in `dtype` (no fp32 copy), frozen, with ours'
+    init (`random_params`, `random_vae_params`): biases 0, other vectors 1, pos_frequencies N(0, 0.02^2),
+    the rest N(0, 1/fan_in); meta buffers zero."""
+    import torch
+
     for mod in list(model.modules()):
         for name, p in list(mod._parameters.items()):
             if p is None:
@@ -383,6 +421,22 @@ def child_torch(a) -> dict:
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_meta:
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=dev)
+    return model
+
+
+def child_torch(a) -> dict:
+    t_start = time.perf_counter()
+    import torch
+    from peft import LoraConfig
+
+    from mochi_jax.lib.flops import flop_breakdown
+    from mochi_jax.models import vae as vae_lib
+
+    if isinstance(setup := torch_setup(a), dict):
+        return setup
+    (dev, dtype), cfg = setup, dit_config(a.size, "full", "xla", a.depth)
+    cuda = dev.type == "cuda"
+    model = materialise(torch_dit(cfg, a.text_tokens), dev, dtype)
     model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=PEFT_TARGETS))
     lora = [p for p in model.parameters() if p.requires_grad]
     for p in lora:  # LoRA factors and their optimizer state in fp32, like ours
@@ -440,6 +494,182 @@ def child_torch(a) -> dict:
         versions={"torch": torch.__version__, "diffusers": importlib.metadata.version("diffusers"),
                   "peft": importlib.metadata.version("peft")},
     )
+
+
+# ----------------------------------------------------------------------------- one render (a child per side)
+
+
+def text_inputs(text_tokens: int, t5_dim: int, prompt_tokens: int):
+    """Random T5 features (float32) and masks of a prompt (its first `prompt_tokens` tokens valid) and of
+    the empty negative prompt (EOS alone): ((feats [1, L, D], mask [1, L]), same for the negative)."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    feats = rng.standard_normal((2, 1, text_tokens, t5_dim)).astype(np.float32)
+    mask = np.zeros((2, 1, text_tokens), bool)
+    mask[0, 0, :prompt_tokens], mask[1, 0, :1] = True, True
+    return (feats[0], mask[0]), (feats[1], mask[1])
+
+
+def vae_config(size: str):
+    """The render's VAEConfig: the size's architecture and tiles, weights and convolutions in its dtype."""
+    from mochi_jax.models.vae import VAEConfig
+
+    dtype = SIZES[size]["dtype"]
+    return VAEConfig(**SIZES[size]["vae"], param_dtype=dtype, compute_dtype=dtype)
+
+
+def random_vae_params(cfg, sharding, seed: int = 3):
+    """Random VAE weights made by one jit from abstract shapes in cfg.param_dtype, with `materialise`'s init."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from mochi_jax.models import vae as vae_lib
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        jax.eval_shape(lambda k: vae_lib.init(k, cfg), jax.random.PRNGKey(0)))
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def init(key):
+        out = []
+        for i, (path, s) in enumerate(leaves):
+            if len(s.shape) == 1:
+                out.append(jnp.full(s.shape, 0.0 if getattr(path[-1], "key", "") == "bias" else 1.0, dtype))
+            else:
+                std = math.prod(s.shape[:-1]) ** -0.5
+                out.append((jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32) * std).astype(dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(seed))
+
+
+def render_result(a, side: str, setup_s: float, warm: tuple, times: tuple, flops: float, peak_tf, frames, **extra):
+    """A render run's JSON: warm (the first call's denoise of two steps, its decode) and times (denoise, decode) in s;
+    video_mean: the frames' mean in [0, 1] (ours are uint8, diffusers' 'np' output floats)."""
+    denoise_s, decode_s = times
+    return dict(status="ok", side=side, frames=a.frames, policy=RENDER, steps=a.render_steps,
+                guidance=RENDER_GUIDANCE, setup_s=setup_s, warmup_denoise_s=warm[0], warmup_decode_s=warm[1],
+                render_s=denoise_s + decode_s, denoise_s=denoise_s, decode_s=decode_s,
+                step_s=denoise_s / a.render_steps, flops=flops, tflops=flops / denoise_s / 1e12,
+                frac_peak=flops / denoise_s / 1e12 / peak_tf if peak_tf else None,
+                floor_s=flops / (FLOOR_TFLOPS * 1e12), video_shape=list(frames.shape),
+                video_mean=float(frames.astype("float64").mean() / (255 if frames.dtype == "uint8" else 1)), **extra)
+
+
+def child_jax_render(a) -> dict:
+    """One render as `python -m mochi_jax.sample` makes it: the DiT placed by `sampling.placement` on a one-device
+    mesh, `sampling.denoise` (64 steps, guidance), `sampling.decode_frames` (tiled) to uint8 frames on the host.
+    A 2-step render first compiles the step and the decoder (its times are the warm-up's)."""
+    t_start = time.perf_counter()
+    import jax
+
+    from mochi_jax.lib import sampling
+    from mochi_jax.lib.flops import sampler_flops
+    from mochi_jax.models import sharding as sharding_lib
+    from mochi_jax.models import vae as vae_lib
+    from mochi_jax.models.dit import param_count
+
+    dev = jax.devices()[0]
+    attention = a.attention if a.attention != "auto" else ("cudnn" if dev.platform == "gpu" else "xla")
+    cfg = dit_config(a.size, "none", attention, a.depth)  # no gradients: remat plays no part
+    place = sampling.placement(cfg, (), sharding_lib.make_mesh({"data": 1}, [dev]))
+    params = jax.block_until_ready(random_params(cfg, (), place.params))
+    vcfg = vae_config(a.size)
+    vparams = jax.block_until_ready(random_vae_params(vcfg, place.replicated))
+    cond, uncond = text_inputs(a.text_tokens, cfg.t5_dim, a.prompt_tokens)
+    shape = sampling.latent_shape(a.frames, a.height, a.width)
+    sigmas = sampling.sigma_schedule(a.render_steps)
+    setup_s = time.perf_counter() - t_start
+
+    def render(sig):
+        t0 = time.perf_counter()
+        z = jax.block_until_ready(sampling.denoise(cfg, params, sampling.initial_noise([0], shape), cond, uncond,
+                                                   sig, RENDER_GUIDANCE))
+        t1 = time.perf_counter()
+        frames = sampling.decode_frames(vcfg, vparams, z, tiled=True)
+        return frames, (t1 - t0, time.perf_counter() - t1)
+
+    _, warm = render(sigmas[:3])
+    frames, times = render(sigmas)
+    stats = dev.memory_stats() or {}
+    peak_tf = a.peak_tflops or (peak_tflops(dev.device_kind) if dev.platform == "gpu" else None)
+    flops = sampler_flops(cfg, a.frames, a.height, a.width, a.render_steps, True, a.text_tokens)
+    return render_result(
+        a, "jax", setup_s, warm, times, flops, peak_tf, frames, attention=attention,
+        peak_bytes=stats.get("peak_bytes_in_use"),
+        memory=dict(device_bytes_limit=stats.get("bytes_limit"), host_peak_rss=host_peak_rss()),
+        params=param_count(params), vae_params=vae_lib.param_count(vparams),
+        device=dict(platform=dev.platform, kind=dev.device_kind, peak_tflops=peak_tf,
+                    memory_bytes=stats.get("bytes_limit")),
+        versions={"jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib")})
+
+
+def child_torch_render(a) -> dict:
+    """One render with diffusers' MochiPipeline (no text encoder: the same T5 features as ours given as
+    prompt_embeds), the VAE tiled with ours' tiles (enable_tiling), output_type 'np' (frames on the host).
+    A 2-step call first; the timed call's last step callback (after a device sync) splits denoise and decode."""
+    t_start = time.perf_counter()
+    import torch
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+
+    from mochi_jax.lib.flops import sampler_flops
+
+    if isinstance(setup := torch_setup(a), dict):
+        return setup
+    (dev, dtype), cfg, vcfg = setup, dit_config(a.size, "none", "xla", a.depth), vae_config(a.size)
+    cuda = dev.type == "cuda"
+    model = materialise(torch_dit(cfg, a.text_tokens), dev, dtype).eval()
+    with torch.device("meta"):
+        vae = AutoencoderKLMochi(
+            encoder_block_out_channels=vcfg.encoder_channels, decoder_block_out_channels=vcfg.decoder_channels,
+            latent_channels=vcfg.latent_channels, layers_per_block=vcfg.layers_per_block,
+            temporal_expansions=vcfg.temporal_expansions, spatial_expansions=vcfg.spatial_expansions,
+            add_attention_block=vcfg.encoder_attention)
+    vae = materialise(vae, dev, dtype).eval()
+    (th, tw), (oh, ow) = vcfg.tile_size, vcfg.tile_overlap
+    vae.enable_tiling(tile_sample_min_height=th, tile_sample_min_width=tw, tile_sample_stride_height=th - oh,
+                      tile_sample_stride_width=tw - ow)
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=vae, text_encoder=None,
+                         tokenizer=None, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    (feats, mask), (nfeats, nmask) = (
+        (torch.from_numpy(f).to(dev, dtype), torch.from_numpy(m).to(dev)) for f, m in
+        text_inputs(a.text_tokens, cfg.t5_dim, a.prompt_tokens))
+    if cuda:
+        torch.cuda.synchronize()
+    setup_s = time.perf_counter() - t_start
+    marks = []
+
+    def mark(_pipe, i, _t, _kwargs):
+        if i == _pipe.num_timesteps - 1:
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+        return {}
+
+    def render(steps):
+        marks.clear()
+        t0 = time.perf_counter()
+        video = pipe(prompt_embeds=feats, prompt_attention_mask=mask, negative_prompt_embeds=nfeats,
+                     negative_prompt_attention_mask=nmask, height=a.height, width=a.width, num_frames=a.frames,
+                     num_inference_steps=steps, guidance_scale=RENDER_GUIDANCE, output_type="np",
+                     generator=torch.Generator(device=dev).manual_seed(0), callback_on_step_end=mark).frames
+        return video, (marks[0] - t0, time.perf_counter() - marks[0])
+
+    _, warm = render(2)  # diffusers' schedule needs 2 steps at least
+    frames, times = render(a.render_steps)
+    kind = torch.cuda.get_device_name(dev) if cuda else "cpu"
+    peak_tf = a.peak_tflops or (peak_tflops(kind) if cuda else None)
+    flops = sampler_flops(cfg, a.frames, a.height, a.width, a.render_steps, True, a.text_tokens)
+    return render_result(
+        a, "torch", setup_s, warm, times, flops, peak_tf, frames,
+        peak_bytes=torch.cuda.max_memory_allocated(dev) if cuda else None,
+        memory=dict(peak_reserved_bytes=torch.cuda.max_memory_reserved(dev) if cuda else None,
+                    host_peak_rss=host_peak_rss()),
+        threads=None if cuda else torch.get_num_threads(),
+        versions={"torch": torch.__version__, "diffusers": importlib.metadata.version("diffusers")})
 
 
 # ----------------------------------------------------------------------------- the parent: plan, run, report
@@ -525,19 +755,22 @@ class Planner:
         self.prior, self.seen, self.n = PRIORS[size], {}, warmup + steps
 
     def learn(self, r: dict, wall: float):
+        if r["policy"] == RENDER:  # the train steps' overheads and rates stand for a render's too
+            return
         busy = sum(r["warmup_times_s"]) + sum(r["step_times_s"]) + r.get("compile_s", 0.0)
         s = self.seen.setdefault(r["side"], {"rate": {}})
         s["overhead"], s["compile"] = max(wall - busy, 0.0), r.get("compile_s", 0.0)
         s["rate"][r["policy"]] = s["rate"]["any"] = r["flops"] / r["median_s"]
 
-    def estimate(self, side: str, policy: str, flops: float) -> float:
+    def estimate(self, side: str, policy: str, flops: float, n: int | None = None, extra_s: float = 0.0) -> float:
+        """Seconds of a run of `n` steps (default warmup + steps) of `flops` each, plus `extra_s`."""
         overhead, compile_s, rate = self.prior[side]
         if side in self.seen:
             s = self.seen[side]
             overhead, compile_s, rate = s["overhead"], s["compile"], s["rate"].get(policy, s["rate"]["any"])
         elif side == "torch" and "jax" in self.seen:  # no torch number yet: assume 3/4 of our rate
             rate = 0.75 * self.seen["jax"]["rate"]["any"]
-        return 1.1 * (overhead + compile_s + self.n * flops / rate)
+        return 1.1 * (overhead + compile_s + (n or self.n) * flops / rate + extra_s)
 
 
 def run_child(args, side: str, frames: int, policy: str, timeout: float, env: dict) -> dict:
@@ -547,7 +780,8 @@ def run_child(args, side: str, frames: int, policy: str, timeout: float, env: di
                "--result", str(res), "--size", args.size, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--height", str(args.height), "--width", str(args.width), "--text-tokens", str(args.text_tokens),
                "--attention", args.attention, "--expect-device", args.expect_device,
-               "--torch-threads", str(args.torch_threads)]
+               "--torch-threads", str(args.torch_threads), "--render-steps", str(args.render_steps),
+               "--prompt-tokens", str(args.prompt_tokens)]
         cmd += ["--depth", str(args.depth)] if args.depth else []
         cmd += ["--xla-check"] if args.xla_check else []
         cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
@@ -568,27 +802,40 @@ def fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
+def not_ok(r: dict, name: str) -> bool:
+    """Print a report row for a run that did not run (status and reason); True if so."""
+    if r["status"] != "ok":
+        print(f"  {r['frames']:6d} {name:28s} {r['status']}: {r.get('reason', '')[:100]}")
+    return r["status"] != "ok"
+
+
+def peak_cell(r: dict) -> str:
+    """Peak device memory in GB, or (CPU: no device statistics) the process's peak host RSS, marked '*'."""
+    peak = r["peak_bytes"] or r["memory"].get("host_peak_rss")
+    return fmt(peak and peak / GB, ".1f") + ("" if r["peak_bytes"] else "*")
+
+
 def report(res: dict):
     st = res["settings"]
     order = {p: i for i, p in enumerate(st["policies"])}
-    runs = sorted(res["runs"], key=lambda r: (r["frames"], r["side"] != "jax", order.get(r["policy"], 0)))
+    runs = sorted((r for r in res["runs"] if r["policy"] != RENDER),
+                  key=lambda r: (r["frames"], r["side"] != "jax", order.get(r["policy"], 0)))
     params = res["model"].get("params")
     size = ("" if not params else f" ({params / 1e9:.2f} B params)" if params >= 1e9
             else f" ({params / 1e6:.1f} M params)")
+    if not runs:
+        report_renders(res)
+        return
     print(f"\nLoRA train step: {res['model']['preset']} DiT, depth {res['model']['depth']}{size}", end="")
     print(f", rank {st['lora_rank']}, batch 1 at {st['height']}x{st['width']}, {st['text_tokens']} text tokens, "
           f"{st['dtype']}, on {res['device'].get('kind', '?')}; median of {st['steps']} steps after {st['warmup']}")
     print(f"  {'frames':>6s} {'side':28s} {'compile s':>9s} {'s/step':>8s} {'min s':>8s} {'peak GB':>7s} "
           f"{'TFLOP':>8s} {'TFLOP/s':>8s} {'% peak':>6s} {'floor s':>7s}")
     for r in runs:
-        name = f"ours, remat {r['policy']}" if r["side"] == "jax" else "diffusers+PEFT, checkpoint"
-        if r["status"] != "ok":
-            print(f"  {r['frames']:6d} {name:28s} {r['status']}: {r.get('reason', '')[:100]}")
+        if not_ok(r, name := f"ours, remat {r['policy']}" if r["side"] == "jax" else "diffusers+PEFT, checkpoint"):
             continue
-        peak = r["peak_bytes"] or r["memory"].get("host_peak_rss")
-        peak = fmt(peak and peak / GB, ".1f") + ("" if r["peak_bytes"] else "*")
         print(f"  {r['frames']:6d} {name:28s} {fmt(r.get('compile_s'), '9.1f'):>9s} {r['median_s']:8.4g} "
-              f"{r['min_s']:8.4g} {peak:>7s} {r['flops'] / 1e12:8.4g} {r['tflops']:8.3g} "
+              f"{r['min_s']:8.4g} {peak_cell(r):>7s} {r['flops'] / 1e12:8.4g} {r['tflops']:8.3g} "
               f"{fmt(r['frac_peak'] and 100 * r['frac_peak'], '6.1f'):>6s} {r['floor_s']:7.3g}")
     if any(r["status"] == "ok" and not r["peak_bytes"] for r in runs):
         print("  * no device memory statistics (CPU): the process's peak host RSS instead")
@@ -605,13 +852,45 @@ def report(res: dict):
         if str(f) in res["flops"] and res["size"] == "full":
             print(f"  {f} frames, the official fine-tuner as published (H100 SXM, full checkpointing): {s} s/step, "
                   f"{gb} GB")
+    report_renders(res)
+
+
+def report_renders(res: dict):
+    r = res["settings"]["render"]
+    runs = sorted((x for x in res["runs"] if x["policy"] == RENDER), key=lambda x: (x["frames"], x["side"] != "jax"))
+    if not runs:
+        return
+    st = res["settings"]
+    print(f"\nRender: one video, {r['steps']} steps, guidance {r['guidance']} (DiT batch 2), {st['height']}x{st['width']}, "
+          f"{st['text_tokens']} text tokens ({r['prompt_tokens']} valid), tiled VAE decode to frames on the host, "
+          f"{st['dtype']}, on {res['device'].get('kind', '?')}")
+    print(f"  {'frames':>6s} {'side':28s} {'warm-up s':>9s} {'render s':>8s} {'denoise s':>9s} {'s/step':>7s} "
+          f"{'decode s':>8s} {'peak GB':>7s} {'TFLOP/s':>8s} {'floor s':>7s}")
+    for x in runs:
+        if not_ok(x, name := "ours, sample's path" if x["side"] == "jax" else "diffusers MochiPipeline"):
+            continue
+        print(f"  {x['frames']:6d} {name:28s} {x['warmup_denoise_s'] + x['warmup_decode_s']:9.1f} "
+              f"{x['render_s']:8.2f} {x['denoise_s']:9.2f} {x['step_s']:7.3f} {x['decode_s']:8.2f} {peak_cell(x):>7s} "
+              f"{x['tflops']:8.3g} {x['floor_s']:7.3g}")
+    print("  warm-up: a 2-step render first (ours: compiles the step and the decoder); TFLOP/s: the DiT passes' "
+          f"FLOP model / denoise s; floor s: those FLOPs at {FLOOR_TFLOPS:.0f} TFLOP/s")
+    for q in res["render_ratios"]:
+        mem = f", {q['memory_ratio']:.2f}x its peak memory" if q["memory_ratio"] else ""
+        print(f"  {q['frames']} frames: ours renders in {q['jax_render_s']:.1f} s, {q['speedup']:.2f}x the speed of "
+              f"diffusers' MochiPipeline ({q['torch_render_s']:.1f} s; denoise {q['denoise_speedup']:.2f}x, decode "
+              f"{q['decode_speedup']:.2f}x){mem}")
+    if res["size"] == "full":
+        x = res["anchors"]["xdit_l40_render"]
+        print(f"  published: mochi-xdit renders {x['frames']} frames at {x['width']}x{x['height']} in "
+              f"{x['gpus']['1']:.0f} s on one L40, {x['gpus']['6']:.0f} s on six")
 
 
 def parent(args):
     t0 = time.perf_counter()
-    from mochi_jax.lib.flops import flop_breakdown
+    from mochi_jax.lib.flops import flop_breakdown, sampler_flops
 
-    frames = [int(f) for f in args.frames.split(",")]
+    frames = [int(f) for f in args.frames.split(",") if f.strip()]
+    render_frames = [int(f) for f in args.render_frames.split(",") if f.strip()]
     cfg_full = dit_config(args.size, "full", "cudnn" if args.attention == "auto" else args.attention, args.depth)
     if args.attention == "auto" and args.size == "small":
         cfg_full = dataclasses.replace(cfg_full, attention="xla")
@@ -641,27 +920,38 @@ def parent(args):
                settings=dict(frames=frames, policies=policies, steps=args.steps, warmup=args.warmup,
                              height=args.height, width=args.width, text_tokens=args.text_tokens, batch=1,
                              dtype=SIZES[args.size]["dtype"], lora_rank=LORA_RANK, attention=args.attention,
-                             peft_targets=PEFT_TARGETS, optimizer=OPTIM),
+                             peft_targets=PEFT_TARGETS, optimizer=OPTIM,
+                             render=dict(frames=render_frames, steps=args.render_steps, guidance=RENDER_GUIDANCE,
+                                         prompt_tokens=args.prompt_tokens, tiled_decode=True,
+                                         vae=dict(SIZES[args.size]["vae"]))),
                model=dict(preset=SIZES[args.size]["preset"], params=None, **dataclasses.asdict(cfg_full)),
-               device={}, versions={}, diffusers=diff, flops={}, runs=[], ratios=[], skipped=[],
+               device={}, versions={}, diffusers=diff, flops={}, render_flops={}, runs=[], ratios=[],
+               render_ratios=[], skipped=[],
                anchors=dict(official_h100={str(f): dict(s_per_step=s, gb=gb) for f, (s, gb) in OFFICIAL.items()},
-                            floor_tflops=FLOOR_TFLOPS))
+                            floor_tflops=FLOOR_TFLOPS, xdit_l40_render=XDIT_L40))
     picks, unresolved = auto_picks(args.size), []
-    plan = []
-    for f in frames:
+    # in order of importance: the first clip length's 'full' against diffusers + PEFT, the renders, then the rest
+    renders = [(side, f, RENDER) for f in render_frames for side in ("jax", "torch")]
+    plan = [] if frames else renders
+    for i, f in enumerate(frames):
+        ours = []
         for p in policies:
             if p != "auto":
-                plan.append(("jax", f, p))
+                ours.append(("jax", f, p))
             elif f in picks:
-                plan.append(("jax", f, picks[f]))
+                ours.append(("jax", f, picks[f]))
             else:
                 unresolved.append(f)
-        plan.append(("torch", f, "gradient checkpointing"))
+        theirs = ("torch", f, "gradient checkpointing")
+        plan += [ours[0], theirs, *renders, *ours[1:]] if i == 0 else [*ours, theirs]
     plan = list(dict.fromkeys(plan))  # an 'auto' pick may be a policy already listed
     res["settings"]["auto"] = {str(f): picks.get(f) for f in frames} if "auto" in policies else {}
     for f in frames:
         res["flops"][str(f)] = {p: flop_breakdown(cfg_full, f, args.height, args.width, remat_of(p), None,
-                                                  args.text_tokens) for side, g, p in plan if side == "jax" and g == f}
+                                                  args.text_tokens) for side, g, p in plan if side == "jax" and g == f and p != RENDER}
+    res["render_flops"] = {str(f): dict(total=sampler_flops(cfg_full, f, args.height, args.width, args.render_steps,
+                                                           True, args.text_tokens), steps=args.render_steps)
+                           for f in render_frames}
     res["anchors"]["floor_s"] = {str(f): {p: b["total"] / (FLOOR_TFLOPS * 1e12) for p, b in v.items()}
                                  for f, v in ((int(k), v) for k, v in res["flops"].items())}
     for f in unresolved:
@@ -678,8 +968,12 @@ def parent(args):
 
     for side, f, p in plan:
         entry = dict(side=side, frames=f, policy=p)
-        flops = res["flops"][str(f)]["full" if side == "torch" else p]["total"]
-        est, left = planner.estimate(side, p, flops), args.budget - (time.perf_counter() - t0)
+        if p == RENDER:  # a 2-step render, then the timed one; each decodes once
+            est = planner.estimate(side, p, res["render_flops"][str(f)]["total"] / args.render_steps,
+                                   args.render_steps + 2, 2 * DECODE_PRIOR[args.size])
+        else:
+            est = planner.estimate(side, p, res["flops"][str(f)]["full" if side == "torch" else p]["total"])
+        left = args.budget - (time.perf_counter() - t0)
         if side == "torch" and not diff["available"]:
             entry.update(status="skipped", reason=diff["reason"])
         elif side == "torch" and not args.expect_device:
@@ -700,9 +994,9 @@ def parent(args):
                     res["versions"].update(entry["versions"])
                 elif side == "torch":
                     res["versions"].update(entry["versions"])
-            print(f"[gpu_step]   {entry['status']} in {wall:.0f} s"
-                  + (f": {entry['median_s']:.3f} s/step" if entry["status"] == "ok" else f": {entry['reason'][:300]}"),
-                  flush=True)
+            done = (f": {entry['reason'][:300]}" if entry["status"] != "ok" else f": {entry['render_s']:.2f} s per video"
+                    if p == RENDER else f": {entry['median_s']:.3f} s/step")
+            print(f"[gpu_step]   {entry['status']} in {wall:.0f} s{done}", flush=True)
         entry["estimate_s"] = est
         entry.pop("cfg", None)
         entry.pop("device", None)
@@ -713,8 +1007,14 @@ def parent(args):
 
     ok = {(r["side"], r["frames"], r["policy"]): r for r in res["runs"] if r["status"] == "ok"}
     for (side, f, p), r in ok.items():
-        t = ok.get(("torch", f, "gradient checkpointing"))
-        if side == "jax" and t:
+        t = ok.get(("torch", f, RENDER if p == RENDER else "gradient checkpointing"))
+        if side == "jax" and t and p == RENDER:
+            res["render_ratios"].append(dict(
+                frames=f, jax_render_s=r["render_s"], torch_render_s=t["render_s"],
+                speedup=t["render_s"] / r["render_s"], denoise_speedup=t["denoise_s"] / r["denoise_s"],
+                decode_speedup=t["decode_s"] / r["decode_s"],
+                memory_ratio=r["peak_bytes"] / t["peak_bytes"] if r["peak_bytes"] and t["peak_bytes"] else None))
+        elif side == "jax" and t:
             res["ratios"].append(dict(frames=f, policy=p, jax_median_s=r["median_s"], torch_median_s=t["median_s"],
                                       speedup=t["median_s"] / r["median_s"],
                                       memory_ratio=(r["peak_bytes"] / t["peak_bytes"]
@@ -734,7 +1034,7 @@ def main():
                          "benchmarks/results/aot_remat.json), comma-separated")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per run (>= 10)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first, >= 1 (the first one is reported)")
-    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole script")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
     ap.add_argument("--out", help="the JSON file (default benchmarks/results/gpu_step.json; --size small: "
                                    "gpu_step_small.json, so a CPU run never overwrites a GPU result)")
     ap.add_argument("--attention", default="auto", choices=("auto", "cudnn", "xla"),
@@ -745,7 +1045,10 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip diffusers + PEFT")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch's CPU threads (CPU runs only)")
     ap.add_argument("--wheels", help="a folder of wheels (diffusers and deps) to use when diffusers is missing")
-    for flag in ("height", "width", "text-tokens", "depth"):
+    ap.add_argument("--render-frames", help="clip lengths of the renders, comma-separated, '' for none (full: 37; "
+                                            "small: 7)")
+    ap.add_argument("--render-steps", type=int, default=64, help="denoising steps of a render")
+    for flag in ("height", "width", "text-tokens", "prompt-tokens", "depth"):
         ap.add_argument(f"--{flag}", type=int)
     # internal: one run in this process
     ap.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -754,7 +1057,9 @@ def main():
     ap.add_argument("--expect-device", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     s = SIZES[a.size]
-    a.frames = a.frames or s["frames"]
+    a.frames = s["frames"] if a.frames is None else a.frames
+    a.render_frames = s["render_frames"] if a.render_frames is None else a.render_frames
+    a.prompt_tokens = a.prompt_tokens or s["prompt_tokens"]
     a.out = a.out or str(REPO / "benchmarks" / "results" / f"gpu_step{'' if a.size == 'full' else '_small'}.json")
     a.height, a.width = a.height or s["height"], a.width or s["width"]
     a.text_tokens = a.text_tokens or s["text_tokens"]
@@ -764,7 +1069,9 @@ def main():
         print(f"[gpu_step] note: --steps {a.steps} < 10; medians over fewer steps are noisier", flush=True)
     if a.child:
         a.frames = int(a.frames)
-        r = (child_jax if a.child == "jax" else child_torch)(a)
+        render = a.policy == RENDER
+        r = {"jax": child_jax_render if render else child_jax, "torch": child_torch_render if render else child_torch}[
+            a.child](a)
         Path(a.result).write_text(json.dumps(r))
         return
     parent(a)

@@ -49,7 +49,8 @@ def test_small_run_on_cpu(tmp_path):
     assert res["device"]["platform"] == "cpu" and res["model"]["params"] > 0
     assert res["total_wall_s"] <= res["budget_s"]
     runs = {(r["side"], r["policy"]): r for r in res["runs"]}
-    assert set(runs) == {("jax", "full"), ("jax", "auto"), ("jax", "save:attn"), ("torch", "gradient checkpointing")}
+    assert set(runs) == {("jax", "full"), ("jax", "auto"), ("jax", "save:attn"), ("torch", "gradient checkpointing"),
+                         ("jax", "render"), ("torch", "render")}
     # remat='auto''s picks are recorded for the full-size model only
     assert runs["jax", "auto"]["status"] == "skipped" and "aot_remat.json" in runs["jax", "auto"]["reason"]
 
@@ -88,6 +89,22 @@ def test_small_run_on_cpu(tmp_path):
         assert t["status"] == "skipped" and t["reason"]
     assert "diffusers+PEFT" in stdout and "ours, remat full" in stdout
 
+    # one render per side: 64 steps with guidance, then the tiled decode (several tiles at 64x96) to host frames
+    assert res["settings"]["render"]["frames"] == [7] and res["settings"]["render"]["steps"] == 64
+    for side in ("jax", "torch") if TORCH else ("jax",):
+        r = runs[side, "render"]
+        assert r["status"] == "ok", r.get("reason")
+        assert r["video_shape"] == [1, 7, 64, 96, 3] and 0 < r["video_mean"] < 1
+        assert r["render_s"] == pytest.approx(r["denoise_s"] + r["decode_s"]) and r["decode_s"] > 0
+        assert r["step_s"] == pytest.approx(r["denoise_s"] / 64) and r["warmup_denoise_s"] > 0
+        assert r["flops"] == res["render_flops"]["7"]["total"] > 0 and r["tflops"] > 0
+    assert runs["jax", "render"]["params"] == res["model"]["params"] and runs["jax", "render"]["vae_params"] > 0
+    if TORCH:
+        (q,) = res["render_ratios"]
+        assert q["frames"] == 7 and q["speedup"] > 0 and q["denoise_speedup"] > 0 and q["decode_speedup"] > 0
+        assert "diffusers MochiPipeline" in stdout and "x the speed of diffusers' MochiPipeline" in stdout
+    assert "Render: one video, 64 steps" in stdout and "ours, sample's path" in stdout
+
 
 def test_flop_model_full_size():
     """The issue's figures: ~4.7e14 FLOP at 37 frames without recompute, ~6.7e14 with full recompute,
@@ -124,9 +141,24 @@ def test_budget_skips_everything(tmp_path):
     res, stdout = _run(tmp_path, "--budget", "1", "--policies", "dots_no_batch,dots:1,full:1,full@int8+host",
                        timeout=120)
     assert res["settings"]["policies"] == ["full", "dots_no_batch", "dots:1,full:1", "full@int8+host"]
-    assert len(res["runs"]) == 2 * 5 and all(r["status"] == "skipped" and r["reason"] for r in res["runs"])
-    assert len(res["skipped"]) == 10 and all(r["estimate_s"] > 1 for r in res["runs"] if r["side"] == "jax")
+    # two clip lengths x (4 of ours + diffusers), and a render per side at 7 frames
+    assert len(res["runs"]) == 2 * 5 + 2 and all(r["status"] == "skipped" and r["reason"] for r in res["runs"])
+    assert len(res["skipped"]) == 12 and all(r["estimate_s"] > 1 for r in res["runs"] if r["side"] == "jax")
     assert "skipped" in stdout
+    # in order of importance: the first clip length's 'full' against diffusers, then the renders
+    order = [(r["side"], r["frames"], r["policy"]) for r in res["runs"]]
+    assert order[:5] == [("jax", 7, "full"), ("torch", 7, "gradient checkpointing"), ("jax", 7, "render"),
+                         ("torch", 7, "render"), ("jax", 7, "dots_no_batch")]
+
+
+def test_renders_only(tmp_path):
+    """--frames '' times renders alone, at each --render-frames length (skipped here: a 1 s budget)."""
+    res, stdout = _run(tmp_path, "--frames", "", "--render-frames", "7,13", "--budget", "1", timeout=120)
+    assert [(r["side"], r["frames"], r["policy"]) for r in res["runs"]] == [
+        ("jax", 7, "render"), ("torch", 7, "render"), ("jax", 13, "render"), ("torch", 13, "render")]
+    assert res["flops"] == {} and set(res["render_flops"]) == {"7", "13"}
+    assert res["render_flops"]["13"]["total"] > res["render_flops"]["7"]["total"]
+    assert "LoRA train step" not in stdout and "Render: one video" in stdout
 
 
 def test_auto_runs_the_recorded_picks(tmp_path):
@@ -140,7 +172,7 @@ def test_auto_runs_the_recorded_picks(tmp_path):
     assert set(gpu_step.auto_picks("full")) == {37, 85}
     res, _ = _run(tmp_path, "--budget", "1", "--policies", "auto", timeout=120)
     assert sorted((r["frames"], r["policy"]) for r in res["runs"] if r["side"] == "jax") == [
-        (7, "auto"), (7, "full"), (13, "auto"), (13, "full")]
+        (7, "auto"), (7, "full"), (7, "render"), (13, "auto"), (13, "full")]
 
 
 def test_base_settings_of_a_policy():
