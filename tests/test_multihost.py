@@ -27,14 +27,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two(demo_root, run_dir, steps):
+def _run_two(demo_root, run_dir, steps, *extra, status=0):
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "harness" / "multihost_check.py"), str(i), str(port),
-                               str(demo_root), str(run_dir), str(steps)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+                               str(demo_root), str(run_dir), str(steps), *map(str, extra)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-5000:]
+        assert p.returncode == status, out[-5000:]
     return outs
 
 
@@ -43,16 +47,20 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     root = tmp_path / "demo"
     demo.ensure(lora_config.demo(lora_config.get_config(), str(root)))
     run = tmp_path / "run"
-    outs = _run_two(root, run, steps=2)
-    assert all("with 4 devices: done" in o for o in outs)
+    # SIGTERM reaches process 1 alone, after it saved step 2: both processes stop after the same step
+    # (the next one), save it together and exit with Stopped's status 75
+    outs = _run_two(root, run, 4, 2, status=75)
     assert "mesh {'data': 4" in outs[0] and "2 process(es)" in outs[0]
-    outs = _run_two(root, run, steps=4)  # resumes from step 2 in 2-process mode
-    assert "resumed from" in outs[0] and "at step 2" in outs[0]
+    assert "PROCESS 1: stopped by SIGTERM after step 3" in outs[1], outs[1][-3000:]
+    assert "PROCESS 0: stopped by SIGTERM on another process after step 3" in outs[0], outs[0][-3000:]
+    outs = _run_two(root, run, steps=4)  # resumes from step 3 in 2-process mode
+    assert all("with 4 devices: done" in o for o in outs)
+    assert "resumed from" in outs[0] and "at step 3" in outs[0]
 
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]  # process 0 alone writes, once per step
     assert all(np.isfinite(x["loss"]) for x in lines)
-    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3, 4]
     # the checkpoint written by two processes restores in this single-device process and equals
     # the LoRA file process 0 exported from the gathered factors
     factors, targets = runs.load_run_lora(run)

@@ -667,12 +667,14 @@ class Signals:
     """SIGTERM and SIGINT over a whole run (`with Signals() as signals:`): the signal is recorded;
     in the training loop the step under way ends, is saved, and the run stops (Stopped); while
     `interruptible` (set-up, loading, a validation, which a resume redoes) it raises Interrupted at
-    once. A second signal while saving takes the default action (SIGINT: KeyboardInterrupt)."""
+    once. A second signal while saving takes the default action (SIGINT: KeyboardInterrupt).
+    With several processes the loop stops when any of them has a signal (`agreed`), all after the
+    same step, and their validations run to the end (they take part in each other's collectives)."""
 
     NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
     def __init__(self):
-        self.signal, self.interruptible, self.old = None, True, {}
+        self.signal, self.interruptible, self.old, self.elsewhere = None, True, {}, None
 
     def _on_signal(self, signum, _frame):
         # the next one takes Python's default action (SIGINT: KeyboardInterrupt), whatever handler came before
@@ -683,7 +685,19 @@ class Signals:
 
     @property
     def name(self) -> str:
+        if self.signal is None and self.elsewhere is not None:
+            return f"{self.NAMES.get(self.elsewhere, self.elsewhere)} on another process"
         return self.NAMES.get(self.signal, str(self.signal))
+
+    def agreed(self) -> bool:
+        """Stop now? This process's signal; with several processes, any process's, so that every one
+        of them stops after the same step (one all-gather of a number per call)."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        signals = np.asarray(multihost_utils.process_allgather(np.int32(self.signal or 0)))
+        if self.signal is None and signals.any():
+            self.elsewhere = int(signals[np.flatnonzero(signals)[0]])
+        return bool(signals.any())
 
     def __enter__(self) -> "Signals":
         if threading.current_thread() is threading.main_thread():  # Python takes signals on the main thread only
@@ -782,18 +796,22 @@ def run_steps(run: Run, validator: Validator, metrics: RunLog, signals: Signals 
                     bar.set_postfix(loss=f"{vals['loss']:.4f}", lr=f"{vals['lr']:.2e}")
                 else:
                     bar.set_postfix_str("loss " + " ".join(f"{n} {vals[f'variant/{n}/loss']:.4f}" for n in names))
-            saved = step % cfg.checkpoint.every == 0 or step == cfg.steps or signals.signal is not None
+            stop = signals.agreed()
+            saved = step % cfg.checkpoint.every == 0 or step == cfg.steps or stop
             if saved:
                 save(run, step)
-            if validator.due(step) and signals.signal is None:
-                signals.interruptible = True  # a stop signal ends the validation at once; a resume redoes it
+            if validator.due(step) and not stop:
+                # alone, a stop signal ends the validation at once (a resume redoes it); with several
+                # processes it waits for the validation's end
+                signals.interruptible = jax.process_count() == 1
                 try:
                     validate(run, validator, metrics, step)
                 except Interrupted:
                     log(f"step {step}: {signals.name} during the validation; it runs again on resume")
                 finally:
                     signals.interruptible = False
-            if signals.signal is not None:
+                stop = signals.agreed()
+            if stop:
                 if not saved:
                     save(run, step)
                 run.manager.wait_until_finished()
