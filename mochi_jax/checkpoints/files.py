@@ -75,6 +75,8 @@ def write_atomically(path, data: bytes | str | Callable) -> Path:
                 data(f)
             else:
                 f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new one
         os.replace(tmp, path)
     except OSError as e:
         raise _named(e, path) from e

@@ -48,7 +48,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from mochi_jax.checkpoints import dit_config, load_dit, lora_read, lora_write, runs
-from mochi_jax.checkpoints.files import as_disk_error, writable_dir
+from mochi_jax.checkpoints.files import as_disk_error, writable_dir, write_atomically
 from mochi_jax.lib import placement
 from mochi_jax.lib import plots
 from mochi_jax.lib import program as program_lib
@@ -66,16 +66,6 @@ from mochi_jax.models.dit import MochiDiT
 def log(msg: str):
     if jax.process_index() == 0:  # multi-host: one voice
         print(f"[mochi_jax.train {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write `path` atomically: a temporary file in the same folder, renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _row(line: bytes) -> dict | None:
@@ -149,7 +139,7 @@ class RunLog:
             damaged = read.count(None)
             if damaged:
                 log(f"{path}: {damaged} damaged line{'s' if damaged > 1 else ''} (torn by a kill?) dropped")
-            _replace_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+            write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
         self._save_progress()
         self.file = open(path, "a")
         # event files are named by the second they are opened in; the suffix keeps two launches
@@ -168,7 +158,7 @@ class RunLog:
 
     def _save_progress(self):
         if self.main:
-            _replace_text(self.run_dir / "progress.json", json.dumps(self.progress) + "\n")
+            write_atomically(self.run_dir / "progress.json", json.dumps(self.progress) + "\n")
 
     def _scalars(self, row: dict):
         for k, v in row.items():
@@ -277,7 +267,7 @@ class WandbMirror:
         run_id = path.read_text().strip() if path.is_file() else ""
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", run_id):  # none yet (or damaged)
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
-            _replace_text(path, run_id + "\n")
+            write_atomically(path, run_id + "\n")
         # read here, not once per process as wandb's settings are: each run (a test's too) gets its own
         folder = w.dir or os.environ.get("WANDB_DIR") or str(run_dir)
         mode = w.mode or os.environ.get("WANDB_MODE") or None
@@ -406,7 +396,7 @@ def setup(cfg) -> Run:
     if broken and jax.process_count() > 1:
         multihost_utils.sync_global_devices("mochi_jax.train: incomplete checkpoints removed")
     if main:
-        _replace_text(run_dir / "config.json", cfg.to_json(indent=2))
+        write_atomically(run_dir / "config.json", cfg.to_json(indent=2))
     return Run(cfg, run_dir, main, mesh, dit_cfg, targets, model, optimizer, shardings, step_fn=parts.step,
                loader=loader, heldout=heldout, manager=runs.checkpoint_manager(ckpt_dir, cfg.checkpoint.keep),
                removed=broken, sweep=sweep)
@@ -459,7 +449,7 @@ def resolve_auto_remat(cfg, latent, tokens: int) -> remat_lib.Choice:
 
     choice = remat_lib.choose(dit_cfg.depth - 1, memory_of, budget, dit_cfg.attention)
     if jax.process_index() == 0:
-        _replace_text(record, json.dumps({"remat": choice.remat, "groups": choice.groups, "bytes": choice.bytes,
+        write_atomically(record, json.dumps({"remat": choice.remat, "groups": choice.groups, "bytes": choice.bytes,
                                           "for": key}, indent=1) + "\n")
     return choice
 
@@ -892,7 +882,7 @@ def _write_output(run: Run, step: int, final: bool, output: tuple, bar) -> None:
         save(path, factors, targets, cfg=run.dit_cfg, about=facts)
         bar.update(1)
     if vcfg is not None:
-        _replace_text(folder / "config.json", vcfg.to_json(indent=2))
+        write_atomically(folder / "config.json", vcfg.to_json(indent=2))
     keep = run.cfg.checkpoint.get("keep_loras", 0)
     if not final and keep > 0:
         saved = sorted(genmo.parent.glob(f"{stem}-step*.safetensors"))
