@@ -119,6 +119,29 @@ def test_sample_and_eval_fit_checks_shard_the_sampler_over_the_command_mesh(tmp_
     assert "base and 0 LoRA(s) stacked" in out and "DiT batch 4" in out
 
 
+@need_tpu
+def test_the_validation_fit_check_takes_the_largest_shape_and_the_sweeps_loras(tmp_path):
+    """--config.aot.what=sample on a training config compiles the validation renders as the trainer makes them:
+    one batch per clip shape (the largest: 2 videos of 19 frames, not 3 of the default 13), and a sweep's LoRAs
+    all rendered together from the same noise."""
+    prompts = '["a cat", {"prompt": "a dog", "num_frames": 19}, {"prompt": "a fox", "num_frames": 19}]'
+    reports = {}
+    for preset in ("demo", "sweep_demo"):
+        out = tmp_path / f"{preset}.json"
+        p = aot(f"--config=configs/lora.py:{preset}", "--config.aot.what=sample", "--config.aot.target=v5e-1",
+                f"--config.validation.prompts={prompts}", f"--config.aot.json={out}", timeout=300)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "clip     2 x 19 frames 48x80" in p.stdout and "the largest of 2 shapes: 2 of 3 prompts" in p.stdout
+        reports[preset] = json.loads(out.read_text()), p.stdout
+    (one, _), (sweep, out) = reports["demo"], reports["sweep_demo"]
+    assert "x 3 LoRAs of the sweep rendered together" in out
+    # the sweep's stacked LoRAs (ranks 2, 4, 4 padded to the union's rank 4): three times the demo's rank-4 LoRA
+    assert sweep["inputs"]["LoRA"] == 3 * one["inputs"]["LoRA"] > 0
+    p = aot("--config=configs/lora.py:demo", "--config.aot.what=sample", "--config.aot.target=v5e-1",
+            '--config.validation.prompts=[{"prompt": "a cat", "num_frames": 20}]', timeout=300)
+    assert p.returncode == 2 and "validation.prompts[0]['num_frames'] must be 6k+1" in p.stderr, p.stderr
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -35,6 +35,7 @@ from mochi_jax.configs import prepare as prepare_config
 from mochi_jax.lib import placement, sampling
 from mochi_jax.lib import variants as variants_lib
 from mochi_jax.lib import sweep as sweep_lib
+from mochi_jax.lib import validation as validation_lib
 from mochi_jax.lib.program import Program, abstract, mesh_layout
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import remat as remat_lib
@@ -316,16 +317,31 @@ def _lora_program(cfg, what, target, devices) -> Program:
             picked = f"remat    auto -> {choice.describe()}"
         program = train_program(cfg, dit_cfg, devices(), clip, aot.text_tokens, target.num_hosts)
     else:
-        v, s = cfg.validation, cfg.validation.sampling
+        s = cfg.validation.sampling
         dit_cfg = dataclasses.replace(dit_cfg, remat="none", remat_groups="")  # sampling keeps nothing for a backward
-        clip, src = _clip(aot, s.num_frames, s.height, s.width, "config.validation.sampling")
-        targets = lora_lib.targets_from_config(cfg.lora.to_dict())
+        try:
+            groups = validation_lib.by_shape(validation_lib.validation_prompts(cfg.validation))
+            sweep = sweep_lib.from_config(cfg, dit_cfg)
+        except ValueError as e:  # a wrong validation prompt or sweep
+            raise BadInput(str(e)) from e
+        # validation renders one batch per clip shape: the one whose videos hold the most latents together
+        group = max(groups, key=lambda g: len(g) * math.prod(sampling.latent_shape(*g[0].shape)), default=None)
+        shape, batch = (group[0].shape, len(group)) if group else ((s.num_frames, s.height, s.width), 1)
+        clip, src = _clip(aot, *shape, "config.validation.prompts" if group else "config.validation.sampling")
+        # a sweep renders all its LoRAs together, from the same noise
+        targets = sweep.union if sweep else lora_lib.targets_from_config(cfg.lora.to_dict())
+        k = sweep.size if sweep else 0
         mesh = sharding_lib.make_mesh(cfg.mesh.to_dict(), devices())
-        batch = max(1, len(v.prompts))
         program = sampling.sampler_program(dit_cfg, targets, batch, sampling.latent_shape(*clip), aot.text_tokens,
-                                           s.guidance > 1.0, sampling.placement(dit_cfg, targets, mesh))
-        program.details += [_sampler_line(batch, clip, s.guidance),
-                            "         (the train state, resident meanwhile, is not counted)"]
+                                           s.guidance > 1.0, sampling.placement(dit_cfg, targets, mesh, bool(k)), k)
+        total = sum(map(len, groups))
+        which = ("validation.prompts is empty: one video" if not groups else
+                 f"one batch per clip shape; the largest of {len(groups)} shapes: {batch} of {total} prompts"
+                 if len(groups) > 1 else f"one batch of its {total} prompt(s)")
+        program.details += [_sampler_line(batch, clip, s.guidance)
+                            + (f"; x {k} LoRAs of the sweep rendered together" if k else ""),
+                            f"         (validation renders {which}; the train state, resident meanwhile, is not "
+                            "counted)"]
     program.details.insert(0, f"model    {arch_src}: depth {dit_cfg.depth}, width {dit_cfg.width}, {m.param_dtype} "
                               f"weights" + (" (blocks in pinned host memory)" if dit_cfg.weights_on_host else "")
                               + f", attention {_attention(m, dit_cfg)}, remat {m.remat}"
