@@ -63,6 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mochi_jax.aot import targets  # noqa: E402
+from mochi_jax.stderr import dropping_stderr  # noqa: E402
 
 targets.compile_only_environment()  # before jax is imported (here and in every child process)
 
@@ -79,8 +80,9 @@ def measure(overrides: dict) -> dict:
     """One cell: configs/lora.py (or, with 'config': 'sample', configs/sample.py) with `overrides`
     ({'model.remat': 'full', ...}), checked by fit.check."""
 
-    from mochi_jax.configs import lora, sample
-    from mochi_jax.aot import fit
+    with dropping_stderr(targets.GPU_COMPILER_NOISE):  # the CUDA plugin, when installed, looks for a driver
+        from mochi_jax.configs import lora, sample
+        from mochi_jax.aot import fit
 
     overrides = dict(overrides)
     cfg = (sample if overrides.pop("config", "lora") == "sample" else lora).get_config()
