@@ -195,6 +195,32 @@ def test_missing_diffusers_names_the_wheels(monkeypatch, capsys):
         gpu_step.parse_policies("dots:10", 47)
 
 
+# what a GPU host with jax, flax, optax, orbax, torch, transformers and peft lacks: our children must not need it
+NOT_ON_A_BARE_GPU_HOST = ("ml_collections", "grain", "tensorboardX", "imageio", "imageio_ffmpeg", "sentencepiece",
+                          "matplotlib", "PIL", "diffusers", "wandb")
+
+
+def test_our_runs_import_only_what_a_bare_gpu_host_has():
+    """The jax children (train step and render) import with the tokenizer, video, config and logging
+    packages unavailable: the GPU host runs them without carried wheels."""
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {NOT_ON_A_BARE_GPU_HOST!r}:
+            raise ImportError("not on the GPU host: " + name)
+sys.meta_path.insert(0, Block())
+sys.path[:0] = [{str(REPO)!r}, {str(SCRIPT.parent)!r}]
+import gpu_step
+from mochi_jax.lib import flops, sampling, training
+from mochi_jax.models import dit, lora, sharding, vae
+assert gpu_step.dit_config("full", "full", "cudnn").depth == 48 and gpu_step.vae_config("full").latent_channels == 12
+"""
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
 def test_presets_without_ml_collections(monkeypatch):
     """The GPU host may lack ml_collections: the presets are then read from configs/dit.py's source."""
     want = gpu_step.preset("mochi")

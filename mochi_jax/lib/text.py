@@ -23,7 +23,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece
 
 from mochi_jax.models.t5 import T5Config, T5Encoder
 from mochi_jax.checkpoints.t5 import load_t5
@@ -64,6 +63,8 @@ class T5Tokenizer:
     def __init__(self, path, max_length: int = MAX_LENGTH, extra_ids: int = 100):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        import sentencepiece  # here: importing the sampler (which imports this module) needs no tokenizer backend
+
         self.path = find_spiece(path)
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         self.max_length = max_length

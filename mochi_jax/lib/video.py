@@ -40,9 +40,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageOps
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -172,12 +170,20 @@ def _nonempty(path) -> Path:
     return path
 
 
+def _ffmpeg():
+    """imageio_ffmpeg (its ffmpeg binary), imported on first use: the sampler imports this module, and
+    rendering to arrays needs neither ffmpeg nor Pillow (imported in the image functions)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg
+
+
 def _open(path, probe: bool = False):
     """(frame generator positioned after the metadata, metadata) or VideoError. probe=True: only the
     metadata (ffmpeg is asked for 0 frames and closed at once), as (None, metadata)."""
     path = _nonempty(path)
     try:
-        gen = imageio_ffmpeg.read_frames(str(path), output_params=["-frames:v", "0"] if probe else None)
+        gen = _ffmpeg().read_frames(str(path), output_params=["-frames:v", "0"] if probe else None)
         meta = next(gen)
     except Exception as e:  # ffmpeg's messages are long; keep the first line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -196,7 +202,7 @@ def _ffmpeg_frames(path: Path, graph: str, size, count: int):
     numbered as `read_frames` numbers them (the same image2pipe output, so the same frame rate
     handling). VideoError when ffmpeg gives no frame and fails, or its output ends mid-frame."""
     h, w = size
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-nostats", "-loglevel", "error", "-i", str(path),
+    cmd = [_ffmpeg().get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-nostats", "-loglevel", "error", "-i", str(path),
            "-vf", graph, "-frames:v", str(count), "-f", "image2pipe", "-pix_fmt", "rgb24", "-vcodec", "rawvideo", "-"]
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a stream of decode errors cannot block ffmpeg
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
@@ -391,6 +397,8 @@ def read_clip(path, num_frames: int, fps: float = 30, size=(480, 848), upscale: 
 def load_image(path) -> np.ndarray:
     """An image file (.jpg .png .webp, ...) as uint8 [H, W, 3] RGB, turned upright by its EXIF
     orientation (alpha dropped), or VideoError ('zero-byte', 'unreadable') naming it."""
+    from PIL import Image, ImageOps
+
     path = _nonempty(path)
     try:
         with Image.open(path) as im:
@@ -429,7 +437,7 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.mp4'}")
     try:
         # ffmpeg's own errors are not printed: a failed write is found below and named in one line
-        writer = imageio_ffmpeg.write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, quality=quality,
+        writer = _ffmpeg().write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, quality=quality,
                                              codec="libx264", macro_block_size=1, ffmpeg_log_level="fatal")
         try:
             writer.send(None)
@@ -473,6 +481,8 @@ def _whole_mp4(path: Path) -> bool:
 
 def write_image(path, frame) -> Path:
     """Write one uint8 [H, W, 3] frame as an image (format from the suffix, e.g. .png), atomically."""
+    from PIL import Image
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
