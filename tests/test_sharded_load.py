@@ -10,7 +10,7 @@ from mochi_jax import checkpoints as convert
 
 SCRIPT = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

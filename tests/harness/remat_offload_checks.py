@@ -20,7 +20,7 @@ import sys
 
 if __name__ == "__main__":  # before jax is imported
     if sys.argv[1:] == ["mesh"]:
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
     elif sys.argv[1:] == ["tpu"]:
         from mochi_jax.aot import targets as _targets
