@@ -43,9 +43,9 @@ XLA's own count is recorded too: `compiled.cost_analysis()` of the step that run
 and cuDNN attention counts 0: compare with `flop_breakdown(..., as_xla_counts=True)`), and with --xla-check
 (default at --size small) the pre-optimisation cost analysis of the same step with the blocks unrolled.
 
-Time budget: the runs go in order of importance (37 full, torch 37, the renders, 37 <policy>, 85 full, torch 85,
-...: --frames gives the order) and each one is first estimated: process start and weight init + compile + (warmup + steps)
-x FLOPs / rate, priors until the first run of a side is measured, then that side's measured overheads and
+Time budget: the runs go in order of importance (37 full, torch 37, the renders, 37 <policy>, 85 full,
+torch 85, ...: --frames gives the order) and each one is first estimated: process start and weight init +
+compile + (warmup + steps) x FLOPs / rate, priors until the first run of a side is measured, then that side's measured overheads and
 rate. A run whose estimate does not fit what is left of --budget is skipped, and one that overruns is killed;
 both are recorded with the reason.
 
@@ -104,8 +104,9 @@ SIZES = {
                   vae=dict(encoder_channels=(32, 32, 64, 64), decoder_channels=(32, 64, 64, 64),
                            layers_per_block=(1, 1, 1, 1, 1), tile_size=(32, 48), tile_overlap=(8, 8))),
 }
-# A render run's policy name (both sides): one video, 64 Euler steps with classifier-free guidance at configs/sample.py's
-# scale (the DiT runs the prompt and the negative prompt as a batch of 2), then the tiled VAE decode to frames on the host
+# A render run's policy name (both sides): one video, 64 Euler steps with classifier-free guidance at
+# configs/sample.py's scale (the DiT runs the prompt and the negative prompt as a batch of 2), then the tiled
+# VAE decode to frames on the host
 RENDER = "render"
 RENDER_GUIDANCE = 6.0
 LORA_RANK = 16
@@ -802,6 +803,11 @@ def fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
+def memory_ratio(ours: dict, theirs: dict) -> float | None:
+    """Our peak device memory over theirs (None on CPU: no device statistics)."""
+    return ours["peak_bytes"] / theirs["peak_bytes"] if ours["peak_bytes"] and theirs["peak_bytes"] else None
+
+
 def not_ok(r: dict, name: str) -> bool:
     """Print a report row for a run that did not run (status and reason); True if so."""
     if r["status"] != "ok":
@@ -861,8 +867,8 @@ def report_renders(res: dict):
     if not runs:
         return
     st = res["settings"]
-    print(f"\nRender: one video, {r['steps']} steps, guidance {r['guidance']} (DiT batch 2), {st['height']}x{st['width']}, "
-          f"{st['text_tokens']} text tokens ({r['prompt_tokens']} valid), tiled VAE decode to frames on the host, "
+    print(f"\nRender: one video, {r['steps']} steps, guidance {r['guidance']} (DiT batch 2), "
+          f"{st['height']}x{st['width']}, {st['text_tokens']} text tokens ({r['prompt_tokens']} valid), tiled VAE decode to frames on the host, "
           f"{st['dtype']}, on {res['device'].get('kind', '?')}")
     print(f"  {'frames':>6s} {'side':28s} {'warm-up s':>9s} {'render s':>8s} {'denoise s':>9s} {'s/step':>7s} "
           f"{'decode s':>8s} {'peak GB':>7s} {'TFLOP/s':>8s} {'floor s':>7s}")
@@ -948,7 +954,8 @@ def parent(args):
     res["settings"]["auto"] = {str(f): picks.get(f) for f in frames} if "auto" in policies else {}
     for f in frames:
         res["flops"][str(f)] = {p: flop_breakdown(cfg_full, f, args.height, args.width, remat_of(p), None,
-                                                  args.text_tokens) for side, g, p in plan if side == "jax" and g == f and p != RENDER}
+                                                  args.text_tokens)
+                                for side, g, p in plan if side == "jax" and g == f and p != RENDER}
     res["render_flops"] = {str(f): dict(total=sampler_flops(cfg_full, f, args.height, args.width, args.render_steps,
                                                            True, args.text_tokens), steps=args.render_steps)
                            for f in render_frames}
@@ -994,9 +1001,11 @@ def parent(args):
                     res["versions"].update(entry["versions"])
                 elif side == "torch":
                     res["versions"].update(entry["versions"])
-            done = (f": {entry['reason'][:300]}" if entry["status"] != "ok" else f": {entry['render_s']:.2f} s per video"
-                    if p == RENDER else f": {entry['median_s']:.3f} s/step")
-            print(f"[gpu_step]   {entry['status']} in {wall:.0f} s{done}", flush=True)
+            if entry["status"] != "ok":
+                done = entry["reason"][:300]
+            else:
+                done = f"{entry['render_s']:.2f} s per video" if p == RENDER else f"{entry['median_s']:.3f} s/step"
+            print(f"[gpu_step]   {entry['status']} in {wall:.0f} s: {done}", flush=True)
         entry["estimate_s"] = est
         entry.pop("cfg", None)
         entry.pop("device", None)
@@ -1012,13 +1021,10 @@ def parent(args):
             res["render_ratios"].append(dict(
                 frames=f, jax_render_s=r["render_s"], torch_render_s=t["render_s"],
                 speedup=t["render_s"] / r["render_s"], denoise_speedup=t["denoise_s"] / r["denoise_s"],
-                decode_speedup=t["decode_s"] / r["decode_s"],
-                memory_ratio=r["peak_bytes"] / t["peak_bytes"] if r["peak_bytes"] and t["peak_bytes"] else None))
+                decode_speedup=t["decode_s"] / r["decode_s"], memory_ratio=memory_ratio(r, t)))
         elif side == "jax" and t:
             res["ratios"].append(dict(frames=f, policy=p, jax_median_s=r["median_s"], torch_median_s=t["median_s"],
-                                      speedup=t["median_s"] / r["median_s"],
-                                      memory_ratio=(r["peak_bytes"] / t["peak_bytes"]
-                                                    if r["peak_bytes"] and t["peak_bytes"] else None)))
+                                      speedup=t["median_s"] / r["median_s"], memory_ratio=memory_ratio(r, t)))
     save()
     report(res)
     print(f"wrote {out} ({res['total_wall_s']:.0f} s of a {args.budget:.0f} s budget)")

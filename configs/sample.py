@@ -1,8 +1,8 @@
 """Sampling: `python -m mochi_jax.sample --config=configs/sample.py[:demo] --config.prompt="..."`.
 
 Presets:
-  default  the full model from converted weights in ckpt/ (see docs/weights.md): 37 frames at 480x848, 64 steps, cfg 6.0, seed 12345 (the fine-tuner's
-           validation settings; diffusers' default cfg is 4.5).
+  default  the full model from converted weights in ckpt/ (see docs/weights.md): 37 frames at 480x848,
+           64 steps, cfg 6.0, seed 12345 (the fine-tuner's validation settings; diffusers' default cfg is 4.5).
   demo     the demo's tiny random models (made on first use under runs/demo): 13 frames at 48x80.
 LoRAs: --config.loras="style.safetensors:0.8,subject.safetensors" (path[:strength], strength 1 by
 default; genmo / ComfyUI, kohya or diffusers files, or a training run directory).

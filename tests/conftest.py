@@ -8,8 +8,9 @@ import pytest
 # Tests run on the CPU; keep XLA from grabbing every core of a 2-core CI machine twice over.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' programs are tiny and compile far more than they run: LLVM at -O0 compiles them in about two thirds
-# of the time. It changes the machine code only (XLA's HLO passes, the buffers and the arithmetic stay the same);
-# the pytest-xdist workers and the commands tests run inherit it (a command that sets XLA_FLAGS itself does not).
+# of the time. It changes the machine code only (XLA's HLO passes and the buffers stay the same; a result may differ
+# in its last bits from an -O2 build, as between CPUs); the pytest-xdist workers and the commands tests run inherit
+# it (a harness that adds its device count to XLA_FLAGS keeps it).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 # reference harnesses (PyTorch reference runners, subprocess checks) live in tests/harness/

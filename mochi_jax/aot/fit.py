@@ -335,9 +335,12 @@ def _lora_program(cfg, what, target, devices) -> Program:
         program = sampling.sampler_program(dit_cfg, targets, batch, sampling.latent_shape(*clip), aot.text_tokens,
                                            s.guidance > 1.0, sampling.placement(dit_cfg, targets, mesh, bool(k)), k)
         total = sum(map(len, groups))
-        which = ("validation.prompts is empty: one video" if not groups else
-                 f"one batch per clip shape; the largest of {len(groups)} shapes: {batch} of {total} prompts"
-                 if len(groups) > 1 else f"one batch of its {total} prompt(s)")
+        if not groups:
+            which = "validation.prompts is empty: one video"
+        elif len(groups) == 1:
+            which = f"one batch of its {total} prompt(s)"
+        else:
+            which = f"one batch per clip shape; the largest of {len(groups)} shapes: {batch} of {total} prompts"
         program.details += [_sampler_line(batch, clip, s.guidance)
                             + (f"; x {k} LoRAs of the sweep rendered together" if k else ""),
                             f"         (validation renders {which}; the train state, resident meanwhile, is not "

@@ -450,7 +450,7 @@ def resolve_auto_remat(cfg, latent, tokens: int) -> remat_lib.Choice:
     choice = remat_lib.choose(dit_cfg.depth - 1, memory_of, budget, dit_cfg.attention)
     if jax.process_index() == 0:
         write_atomically(record, json.dumps({"remat": choice.remat, "groups": choice.groups, "bytes": choice.bytes,
-                                          "for": key}, indent=1) + "\n")
+                                             "for": key}, indent=1) + "\n")
     return choice
 
 

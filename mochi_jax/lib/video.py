@@ -438,7 +438,7 @@ def write_mp4(path, frames, fps: float = 30, quality: float = 8) -> Path:
     try:
         # ffmpeg's own errors are not printed: a failed write is found below and named in one line
         writer = _ffmpeg().write_frames(str(tmp), (w + w % 2, h + h % 2), fps=fps, quality=quality,
-                                             codec="libx264", macro_block_size=1, ffmpeg_log_level="fatal")
+                                        codec="libx264", macro_block_size=1, ffmpeg_log_level="fatal")
         try:
             writer.send(None)
             for frame in frames:
