@@ -47,6 +47,12 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     root = tmp_path / "demo"
     demo.ensure(lora_config.demo(lora_config.get_config(), str(root)))
     run = tmp_path / "run"
+    # SIGTERM reaches process 1 alone during set-up: both processes finish setting up, then stop
+    # before the first step with Stopped's status 75 (rather than process 1 leaving the other to wait)
+    outs = _run_two(root, run, 4, 0, status=75)
+    assert "PROCESS 1: stopped by SIGTERM before any new step" in outs[1], outs[1][-3000:]
+    assert "PROCESS 0: stopped by SIGTERM on another process before any new step" in outs[0], outs[0][-3000:]
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()
     # SIGTERM reaches process 1 alone, after it saved step 2: both processes stop after the same step
     # (the next one), save it together and exit with Stopped's status 75
     outs = _run_two(root, run, 4, 2, status=75)

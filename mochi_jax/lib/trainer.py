@@ -658,13 +658,15 @@ class Signals:
     in the training loop the step under way ends, is saved, and the run stops (Stopped); while
     `interruptible` (set-up, loading, a validation, which a resume redoes) it raises Interrupted at
     once. A second signal while saving takes the default action (SIGINT: KeyboardInterrupt).
-    With several processes the loop stops when any of them has a signal (`agreed`), all after the
-    same step, and their validations run to the end (they take part in each other's collectives)."""
+    With several processes nothing is interrupted (each process takes part in the others'
+    collectives): set-up and validations run to their end, and the run stops when any process has
+    a signal (`agreed`), every process at the same point (before the first step, or after a step)."""
 
     NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
     def __init__(self):
-        self.signal, self.interruptible, self.old, self.elsewhere = None, True, {}, None
+        self.signal, self.old, self.elsewhere = None, {}, None
+        self.interruptible = jax.process_count() == 1
 
     def _on_signal(self, signum, _frame):
         # the next one takes Python's default action (SIGINT: KeyboardInterrupt), whatever handler came before
@@ -951,14 +953,15 @@ def train(cfg) -> Path:
                     if redo:
                         log(f"step {step}: the validation after this checkpoint did not finish; running it again")
                         validate(run, validator, records, step)
+                    if signals.agreed():  # with several processes, a signal to any of them during set-up
+                        raise Interrupted(signals.signal or signals.elsewhere)
                     run_steps(run, validator, records, signals)
                 finally:
                     records.close()
                     run.manager.close()
                 export(run)
-        except Interrupted as e:
-            raise Stopped(f"stopped by {Signals.NAMES.get(e.args[0], e.args[0])} before any new step; "
-                          f"rerun the same command to continue") from None
+        except Interrupted:
+            raise Stopped(f"stopped by {signals.name} before any new step; rerun the same command to continue") from None
         except Exception as e:
             failed = as_disk_error(e, run_dir)
             if failed is e:

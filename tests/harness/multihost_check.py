@@ -1,8 +1,9 @@
 """One process of a 2-process training run on CPU (tests/test_multihost.py starts two): each
 process has 2 simulated devices, joins through jax.distributed on localhost, reads its share of
 the demo clips and trains on a (data=4) mesh spanning both processes. A sixth argument N makes
-process 1 alone send itself SIGTERM once it has saved step N (a stop that reaches one host); a
-stopped run exits with Stopped's status."""
+process 1 alone send itself SIGTERM (a stop that reaches one host) once it has saved step N, or
+with N = 0 during set-up, once it has loaded the run's state; a stopped run exits with Stopped's
+status."""
 
 import os
 import signal
@@ -32,6 +33,14 @@ if term_after is not None and pid == "1":
             os.kill(os.getpid(), signal.SIGTERM)
 
     trainer.save = save_then_term
+    loaded_one = trainer.load_state
+
+    def load_then_term(run):
+        loaded_one(run)
+        if term_after == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.load_state = load_then_term
 
 cfg = lora_config.demo(lora_config.get_config(), demo_root)
 cfg.run_dir = run_dir
