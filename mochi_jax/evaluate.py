@@ -22,6 +22,8 @@ reference videos and a style probe. Outputs under cfg.out_dir:
 
 Rendering runs over the device mesh of cfg.mesh (lib/sampling.py: the weights sharded, batches or
 tokens split); with several processes (one per host) every process renders and process 0 writes.
+SIGTERM or Ctrl-C stops it with status 75 (lib/stopping.py): alone at once, with several processes
+all of them before the next batch; what is finished stays in .parts for the rerun.
 
 The pieces: `check_inputs` (everything that can be wrong with the inputs: paths, prompt file, CLIP
 weights, a LoRA that does not fit the base, a run without checkpoint, references, before anything
@@ -50,6 +52,7 @@ from mochi_jax.lib.clip import Scorer
 from mochi_jax.lib.metrics import video_metrics
 from mochi_jax.lib.report import (contact_sheet, file_slug, json_safe, poster_of, print_deltas, summarize, thumbnails,
                                   training_curves, write_curves, write_html, write_markdown)
+from mochi_jax.lib.stopping import Interrupted, Signals, Stopped
 from mochi_jax.lib.text import TextEncoder, read_prompts
 from mochi_jax.lib.variants import denoise_variants, load_variants, stack_adapters
 from mochi_jax.lib.video import VIDEO_SUFFIXES, VideoReader, evenly_spaced, read_clip, write_image, write_mp4
@@ -156,10 +159,11 @@ PARTS = ".parts"  # under out_dir: each finished (prompt, seeds) batch's records
 
 
 def render_key(cfg, inp: Inputs) -> str:
-    """A fingerprint of everything a render depends on: the settings (but the output folder) and the
-    LoRA factors themselves (a retrained run under the same path is a different LoRA)."""
-    h = hashlib.sha256(json.dumps(json_safe({k: v for k, v in cfg.to_dict().items() if k != "out_dir"}),
-                                  sort_keys=True, default=str).encode())
+    """A fingerprint of everything a render depends on: the settings (but the output folder and how
+    the processes of several hosts join, e.g. the coordinator's port) and the LoRA factors
+    themselves (a retrained run under the same path is a different LoRA)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out_dir", "distributed")}
+    h = hashlib.sha256(json.dumps(json_safe(settings), sort_keys=True, default=str).encode())
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(inp.stacked)[0], key=lambda x: str(x[0])):
         h.update(str(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -187,17 +191,27 @@ class Parts:
 
     def load(self, p: int, start: int):
         """(records, {(seed, variant index): thumbnails}) of a finished batch, or None (the same
-        answer in every process: process 0's)."""
+        answer in every process: process 0's). Only process 0 reads the batch (the other processes
+        get ([], {}): they write nothing, and their out_dir need not be process 0's)."""
         path = self._path(p, start)
         done = path.is_file() if self.main else False
         if jax.process_count() > 1:
             done = bool(multihost_utils.broadcast_one_to_all(np.int32(done)))
         if not done:
             return None
+        if not self.main:
+            return [], {}
         with np.load(path) as z:
             records = json.loads(str(z["records"]))
             thumbs = {tuple(json.loads(k)): list(z[k]) for k in z.files if k != "records"}
         return records, thumbs
+
+    def finished(self, batches) -> int:
+        """How many of `batches` are finished (process 0's count, in every process)."""
+        n = sum(self._path(*b).is_file() for b in batches) if self.main else 0
+        if jax.process_count() > 1:
+            n = int(multihost_utils.broadcast_one_to_all(np.int32(n)))
+        return n
 
     def save(self, p: int, start: int, records: list, thumbs: dict) -> None:
         if not self.main:
@@ -206,10 +220,31 @@ class Parts:
         write_atomically(self._path(p, start), lambda f: np.savez(f, records=json.dumps(records), **arrays))
 
 
-def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]:
+def decode_and_score(cfg, inp: Inputs, vae, z, p: int, seeds: list, out_dir: Path, main: bool) -> tuple[list, dict]:
+    """Decode the latents z [K variants, B, ...] of prompt `p` and `seeds`, write each video and its
+    poster (`main`: process 0), score them; returns (video records, {(seed, variant index): thumbnails})."""
+    s, prompt = cfg.sampling, inp.prompts[p]
+    recs, th = [], {}
+    for k, v in enumerate(inp.variants):
+        frames = sampling.decode_frames(*vae, z[k], tiled=s.tiled_decode)
+        for seed, clip in zip(seeds, frames):
+            video = out_dir / "videos" / file_slug(v.name) / f"{p + 1:02d}_{file_slug(prompt.lower())}_seed{seed}.mp4"
+            if main:
+                write_mp4(video, clip, fps=s.fps)
+                write_image(out_dir / poster_of(str(video.relative_to(out_dir))), clip[0])
+            scores = video_metrics(clip, inp.scorer.images(clip), inp.text_emb[p], inp.ref_emb, inp.style_emb)
+            recs.append(json_safe({"variant": v.name, "prompt_index": p, "prompt": prompt, "seed": seed,
+                                   "video": str(video.relative_to(out_dir)), "metrics": scores}))
+            th[(seed, k)] = thumbnails(clip, cfg.sheet_frames, cfg.sheet_height)
+    return recs, th
+
+
+def render_and_score(cfg, inp: Inputs, out_dir: Path, signals: Signals | None = None) -> tuple[list, list, dict]:
     """Render every (prompt, seeds batch) for all variants over the mesh of cfg.mesh, write the mp4s
     and contact sheets (process 0), score every video; batches finished by an earlier run with the
-    same settings are taken from out_dir/.parts. Returns (records, sheet paths, timing)."""
+    same settings are taken from out_dir/.parts. A stop signal (`signals`) raises Stopped: alone at
+    once, with several processes before the next batch. Returns (records, sheet paths, timing): in
+    process 0 every video's record, in the others those they rendered."""
     m, s = cfg.model, cfg.sampling
     dit_cfg = inp.dit_cfg
     parts = Parts(out_dir, render_key(cfg, inp))
@@ -219,63 +254,59 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path) -> tuple[list, list, dict]
     if len(todo) < len(batches):
         print(f"evaluate: {len(batches) - len(todo)} of {len(batches)} batches already rendered in {parts.dir}",
               flush=True)
-    if todo:  # load the models only for what is left
-        text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
-        feats, mask = (np.asarray(x) for x in text(inp.prompts + [s.negative_prompt],
-                                                   zero_empty=s.zero_empty_negative))
-        del text  # T5 is freed before the DiT is loaded
-        _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, shardings=inp.place.params, **dit_cfg.settings())
-        stacked = jax.device_put(inp.stacked, inp.place.lora)
-        vae_cfg, vae_params = load_vae(m.vae, shardings=inp.place.replicated, **vae_settings(m))
-        print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
-              f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, "
-              f"cfg {s.guidance}, {'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}; "
-              + sampling.describe_mesh(inp.place.mesh, sampling.dit_rows(cfg.batch_size, s.guidance),
-                                       dit_cfg.num_heads), flush=True)
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)
     sigmas = sampling.sigma_schedule(s.steps, s.threshold_noise)
     records, sheets, denoise_s, first_call_s, n_calls = [], [], 0.0, None, 0
-    for p, prompt in enumerate(inp.prompts):
-        thumbs = {}
-        for start in range(0, len(inp.seeds), cfg.batch_size):
-            batch = inp.seeds[start:start + cfg.batch_size]
-            if done[(p, start)] is not None:
-                recs, th = done[(p, start)]
+    try:
+        if todo:  # load the models only for what is left
+            text = TextEncoder.load(m.t5, m.tokenizer, **t5_settings(m))
+            feats, mask = (np.asarray(x) for x in text(inp.prompts + [s.negative_prompt],
+                                                       zero_empty=s.zero_empty_negative))
+            del text  # T5 is freed before the DiT is loaded
+            _, params = load_dit(m.dit, dtype=dit_cfg.param_dtype, shardings=inp.place.params, **dit_cfg.settings())
+            stacked = jax.device_put(inp.stacked, inp.place.lora)
+            vae_cfg, vae_params = load_vae(m.vae, shardings=inp.place.replicated, **vae_settings(m))
+            print(f"evaluating {len(inp.variants) - 1} LoRA(s) against the base on {len(inp.prompts)} prompt(s) x "
+                  f"{len(inp.seeds)} seed(s): {s.num_frames} frames at {s.height}x{s.width}, {s.steps} steps, "
+                  f"cfg {s.guidance}, "
+                  f"{'all variants in one vmapped call' if cfg.batch_loras else 'one variant at a time'}; "
+                  + sampling.describe_mesh(inp.place.mesh, sampling.dit_rows(cfg.batch_size, s.guidance),
+                                           dit_cfg.num_heads), flush=True)
+        for p, prompt in enumerate(inp.prompts):
+            thumbs = {}
+            for start in range(0, len(inp.seeds), cfg.batch_size):
+                batch = inp.seeds[start:start + cfg.batch_size]
+                if done[(p, start)] is not None:
+                    recs, th = done[(p, start)]
+                    records += recs
+                    thumbs.update(th)
+                    continue
+                if signals is not None and signals.agreed():  # every process stops here, before the same batch
+                    raise Interrupted(signals.signal)
+                padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
+                n = len(padded)
+                cond = (np.repeat(feats[p:p + 1], n, 0), np.repeat(mask[p:p + 1], n, 0))
+                uncond = (np.repeat(feats[-1:], n, 0), np.repeat(mask[-1:], n, 0))
+                t0 = time.time()
+                z = sampling.to_host(denoise_variants(dit_cfg, params, stacked, inp.targets,
+                                                      sampling.initial_noise(padded, shape), cond, uncond, sigmas,
+                                                      s.guidance, batched=cfg.batch_loras))
+                dt = time.time() - t0
+                first_call_s = dt if first_call_s is None else first_call_s
+                denoise_s, n_calls = denoise_s + dt, n_calls + 1
+                recs, th = decode_and_score(cfg, inp, (vae_cfg, vae_params), z, p, batch, out_dir, parts.main)
+                parts.save(p, start, recs, th)
                 records += recs
                 thumbs.update(th)
-                continue
-            padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
-            n = len(padded)
-            cond = (np.repeat(feats[p:p + 1], n, 0), np.repeat(mask[p:p + 1], n, 0))
-            uncond = (np.repeat(feats[-1:], n, 0), np.repeat(mask[-1:], n, 0))
-            t0 = time.time()
-            z = sampling.to_host(denoise_variants(dit_cfg, params, stacked, inp.targets,
-                                                  sampling.initial_noise(padded, shape), cond, uncond, sigmas,
-                                                  s.guidance, batched=cfg.batch_loras))
-            dt = time.time() - t0
-            first_call_s = dt if first_call_s is None else first_call_s
-            denoise_s, n_calls = denoise_s + dt, n_calls + 1
-            recs, th = [], {}
-            for k, v in enumerate(inp.variants):
-                frames = sampling.decode_frames(vae_cfg, vae_params, z[k], tiled=s.tiled_decode)
-                for seed, clip in zip(batch, frames):
-                    video = out_dir / "videos" / file_slug(v.name) / f"{p + 1:02d}_{file_slug(prompt.lower())}_seed{seed}.mp4"
-                    if parts.main:
-                        write_mp4(video, clip, fps=s.fps)
-                        write_image(out_dir / poster_of(str(video.relative_to(out_dir))), clip[0])
-                    scores = video_metrics(clip, inp.scorer.images(clip), inp.text_emb[p], inp.ref_emb, inp.style_emb)
-                    recs.append(json_safe({"variant": v.name, "prompt_index": p, "prompt": prompt, "seed": seed,
-                                           "video": str(video.relative_to(out_dir)), "metrics": scores}))
-                    th[(seed, k)] = thumbnails(clip, cfg.sheet_frames, cfg.sheet_height)
-            parts.save(p, start, recs, th)
-            records += recs
-            thumbs.update(th)
-            print(f"prompt {p + 1}/{len(inp.prompts)}, seeds {batch}: {dt:.1f}s", flush=True)
-        rows = [(f"{v.name}  seed {sd}", thumbs[(sd, k)]) for sd in inp.seeds for k, v in enumerate(inp.variants)]
-        sheet = out_dir / "sheets" / f"{p + 1:02d}_{file_slug(prompt.lower())}.png"
-        if parts.main:
-            contact_sheet(rows, sheet)
-        sheets.append(str(sheet.relative_to(out_dir)))
+                print(f"prompt {p + 1}/{len(inp.prompts)}, seeds {batch}: {dt:.1f}s", flush=True)
+            sheet = out_dir / "sheets" / f"{p + 1:02d}_{file_slug(prompt.lower())}.png"
+            if parts.main:
+                contact_sheet([(f"{v.name}  seed {sd}", thumbs[(sd, k)])
+                               for sd in inp.seeds for k, v in enumerate(inp.variants)], sheet)
+            sheets.append(str(sheet.relative_to(out_dir)))
+    except Interrupted:  # alone: at once; several processes: where they agreed to stop
+        raise Stopped(f"stopped by {signals.name} with {parts.finished(batches)} of {len(batches)} batches rendered "
+                      f"(kept in {parts.dir}); rerun the same command to render the rest") from None
     steady = (denoise_s - first_call_s) / (n_calls - 1) if n_calls > 1 else None
     timing = {"denoise_s": denoise_s, "denoise_calls": n_calls, "first_call_s": first_call_s, "steady_call_s": steady,
               "batches_resumed": len(batches) - len(todo)}
@@ -296,15 +327,29 @@ def write_posters(records, out_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-def run(cfg) -> dict:
-    """Check the inputs, render base + LoRAs, score, write the report; returns report.json's dict."""
+def run(cfg) -> dict | None:
+    """Check the inputs, render base + LoRAs, score, write the report; returns report.json's dict
+    (process 0; the other processes of several hosts None). Raises Stopped on SIGTERM or SIGINT
+    (see the module docstring)."""
     placement.start(cfg.get("distributed"))  # several hosts: joined before any device is used
     demo.ensure(cfg)
+    with Signals() as signals:
+        try:
+            return _run(cfg, signals)
+        except Interrupted:
+            raise Stopped(f"stopped by {signals.name}; the finished batches are kept in {Path(cfg.out_dir) / PARTS}; "
+                          f"rerun the same command to continue") from None
+
+
+def _run(cfg, signals: Signals) -> dict | None:
     t_start = time.time()
     inp = check_inputs(cfg)
     out_dir = writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     t_inputs = time.time() - t_start
-    records, sheets, timing = render_and_score(cfg, inp, out_dir)
+    records, sheets, timing = render_and_score(cfg, inp, out_dir, signals)
+    if jax.process_index() != 0:  # the report is process 0's
+        print(f"process {jax.process_index()}: rendered; process 0 writes the report", flush=True)
+        return None
     names = list(records[0]["metrics"])
     summary, deltas = summarize(records, inp.variants, inp.prompts, names)
     report = json_safe({
@@ -316,14 +361,11 @@ def run(cfg) -> dict:
         "curves": training_curves(inp.variants),
         "timing": {"validate_s": t_inputs, **timing, "total_s": time.time() - t_start},
     })
-    if jax.process_index() == 0:  # one writer
-        write_atomically(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
-        write_markdown(report, out_dir / "report.md")
-        write_posters(records, out_dir)
-        curves = write_curves(report["curves"], out_dir)
-        write_html(report, out_dir / "report.html")
-    else:
-        curves = []
+    write_atomically(out_dir / "report.json", json.dumps(report, indent=1) + "\n")
+    write_markdown(report, out_dir / "report.md")
+    write_posters(records, out_dir)
+    curves = write_curves(report["curves"], out_dir)
+    write_html(report, out_dir / "report.html")
     print_deltas(report)
     print(f"wrote {out_dir / 'report.json'}, {out_dir / 'report.md'}, {len(sheets)} contact sheet(s), "
           f"{len(records)} videos (posters: {out_dir / 'posters'}/)"

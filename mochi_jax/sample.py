@@ -10,6 +10,8 @@ and fsdp axes where they divide them, else the visual tokens; then decodes with 
 Videos are written as <out_dir>/<prompt slug>_seed<seed>.mp4 (with a prompt file,
 <out_dir>/<n>_<prompt slug>_seed<seed>.mp4, n the prompt's number in the file). Deterministic for a seed, on any mesh and
 batch size. With several processes (one per host) every process renders and process 0 writes.
+SIGTERM or Ctrl-C stops it with status 75 (lib/stopping.py): alone at once, with several processes
+all of them before the next batch; the videos written so far stay.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mochi_jax.checkpoints import dit_config, load_dit, load_vae, t5_settings, v
 from mochi_jax.checkpoints.files import writable_dir
 from mochi_jax.checkpoints.runs import load_loras
 from mochi_jax.lib import placement, sampling
+from mochi_jax.lib.stopping import Interrupted, Signals, Stopped
 from mochi_jax.lib.text import TextEncoder, read_prompts
 from mochi_jax.lib.video import write_mp4
 from mochi_jax.models import sharding as sharding_lib
@@ -51,8 +54,9 @@ def jobs_of(n_prompts: int, seeds: list[int], batch_size: int) -> list[list[tupl
     return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
 
 
-def render(cfg):
-    """Yield (file name stem, seed, uint8 frames [F, H, W, 3]) for cfg.num_videos seeds of every prompt."""
+def render(cfg, signals: Signals | None = None):
+    """Yield (file name stem, seed, uint8 frames [F, H, W, 3]) for cfg.num_videos seeds of every prompt;
+    before each batch, a stop signal to any process (`signals`) raises Interrupted."""
     m, s = cfg.model, cfg.sampling
     t0 = time.time()
     shape = sampling.latent_shape(s.num_frames, s.height, s.width)  # validate before loading anything
@@ -82,6 +86,8 @@ def render(cfg):
 
     seeds = [cfg.seed + i for i in range(cfg.num_videos)]
     for batch in jobs_of(len(prompts), seeds, cfg.batch_size):
+        if signals is not None and signals.agreed():
+            raise Interrupted(signals.signal)
         padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
         rows = [p for p, _ in padded]
         cond = (feats[rows], mask[rows])
@@ -94,17 +100,24 @@ def render(cfg):
 
 
 def run(cfg) -> list[Path]:
-    """Render and write every video (process 0 writes); returns the paths."""
+    """Render and write every video (process 0 writes); returns the paths. Raises Stopped on SIGTERM
+    or SIGINT (see the module docstring)."""
     placement.start(cfg.get("distributed"))  # several hosts: joined before any device is used
     demo.ensure(cfg)
     writable_dir(cfg.out_dir)  # a read-only or misplaced output folder fails now, not after rendering
     paths = []
-    for stem, seed, frames in render(cfg):
-        path = Path(cfg.out_dir) / f"{stem}_seed{seed}.mp4"
-        if jax.process_index() == 0:
-            write_mp4(path, frames, fps=cfg.sampling.fps)
-            print(f"wrote {path}", flush=True)
-        paths.append(path)
+    with Signals() as signals:
+        try:
+            for stem, seed, frames in render(cfg, signals):
+                path = Path(cfg.out_dir) / f"{stem}_seed{seed}.mp4"
+                if jax.process_index() == 0:
+                    with signals.deferred():  # counted below once written
+                        write_mp4(path, frames, fps=cfg.sampling.fps)
+                    print(f"wrote {path}", flush=True)
+                paths.append(path)
+        except Interrupted:
+            raise Stopped(f"stopped by {signals.name} after writing {len(paths)} video(s) to {cfg.out_dir}; "
+                          f"a rerun renders every video again") from None
     return paths
 
 

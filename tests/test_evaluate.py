@@ -4,6 +4,8 @@ before anything is rendered."""
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import jax
@@ -20,6 +22,7 @@ from mochi_jax.lib import cache, sampling
 from mochi_jax.lib import report as report_lib
 from mochi_jax.demo import write_demo_clip, write_demo_models
 from mochi_jax.models.lora import LoraTarget
+from mochi_jax.lib.stopping import Stopped
 from mochi_jax.lib.video import evenly_spaced, write_mp4
 
 ALL_METRICS = ["clip_t", "clip_score", "consecutive_consistency", "subject_consistency", "flicker", "clip_i",
@@ -239,3 +242,29 @@ def test_killed_evaluation_resumes_without_rendering_twice(setup, monkeypatch):
     calls.clear()  # other settings: nothing is taken from the parts
     other = evaluate.run(eval_ref.eval_config(root, models, [loras["a"]], out="resume", seeds="0,2"))
     assert len(calls) == 4 and other["timing"]["batches_resumed"] == 0
+
+
+@pytest.mark.slow
+def test_a_stop_signal_keeps_the_finished_batches(setup, monkeypatch):
+    """SIGTERM while the second batch renders: Stopped (exit status 75) at once, the first batch kept
+    in .parts, and the rerun renders the three others only."""
+    root, models, loras = setup
+    calls, real = [], evaluate.denoise_variants
+
+    def denoise_term_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "denoise_variants", denoise_term_at_second)
+    cfg = eval_ref.eval_config(root, models, [loras["a"]], out="signal")
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM with 1 of 4 batches rendered \(kept in .*signal/\.parts\); "
+                                      r"rerun the same command to render the rest"):
+        evaluate.run(cfg)
+    out = Path(cfg.out_dir)
+    assert len(list((out / evaluate.PARTS).glob("*.npz"))) == 1 and not (out / "report.json").exists()
+    calls.clear()
+    monkeypatch.setattr(evaluate, "denoise_variants", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = evaluate.run(eval_ref.eval_config(root, models, [loras["a"]], out="signal"))
+    assert len(calls) == 3 and report["timing"]["batches_resumed"] == 1 and len(report["videos"]) == 8

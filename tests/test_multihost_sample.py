@@ -3,6 +3,7 @@ jax.distributed (gloo collectives on CPU), 2 devices each, one mesh over all fou
 writes, and the files equal those of one process."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -35,16 +36,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(command, root, outs):
-    """Run `command` in len(outs) processes, process i writing to outs[i]."""
+def _run(command, root, outs, term_at=None, status=0):
+    """Run `command` in len(outs) processes, process i writing to outs[i]; with `term_at`, process 1
+    gets SIGTERM as its term_at-th denoising call starts."""
     port = _free_port()
+    env = dict(os.environ, TERM_AT=str(term_at or ""))
     procs = [subprocess.Popen([sys.executable, str(HARNESS), command, str(i), str(len(outs)), str(port),
                                str(root / "models"), str(out), str(root)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i, out in enumerate(outs)]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
+                              stderr=subprocess.STDOUT, text=True, env=env) for i, out in enumerate(outs)]
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-5000:]
-    assert f"of {len(outs)} with {2 * len(outs)} devices: done" in logs[0], logs[0][-3000:]
+        assert p.returncode == status, log[-5000:]
+    if status == 0:
+        assert f"of {len(outs)} with {2 * len(outs)} devices: done" in logs[0], logs[0][-3000:]
     return logs
 
 
@@ -73,9 +81,16 @@ def test_sample_over_two_processes_writes_each_video_once_as_one_process(root):
 
 @pytest.mark.slow
 def test_evaluate_over_two_processes_writes_one_report_as_one_process(root):
+    """... also when SIGTERM reaches one process mid-run: both stop before the next batch (status 75),
+    and the rerun renders only the batches left."""
     one, two, other = root / "eval_one", root / "eval_two", root / "eval_two_p1"
     _run("evaluate", root, [one])
-    _run("evaluate", root, [two, other])
+    logs = _run("evaluate", root, [two, other], term_at=2, status=75)  # 4 batches: 2 prompts x 2 seeds
+    assert "PROCESS 1: stopped by SIGTERM with 2 of 4 batches rendered" in logs[1], logs[1][-3000:]
+    assert "PROCESS 0: stopped by SIGTERM on another process with 2 of 4 batches rendered" in logs[0], logs[0][-3000:]
+    assert len(list((two / ".parts").glob("*.npz"))) == 2 and not (two / "report.json").exists()
+    logs = _run("evaluate", root, [two, other])
+    assert "2 of 4 batches already rendered" in logs[0]
     assert _files(other) == []
     assert _files(two) == _files(one)
     a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))

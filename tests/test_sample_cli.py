@@ -1,6 +1,8 @@
 """`python -m mochi_jax.sample`: prompt -> mp4 with several LoRAs at their own strengths, deterministic,
 bad LoRA files refused before rendering."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from mochi_jax.checkpoints import lora_format, lora_write
 from mochi_jax.demo import write_demo_models
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.checkpoints import load_dit
+from mochi_jax.lib.stopping import Stopped
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,3 +145,34 @@ def test_prompt_file_renders_every_prompt_with_models_loaded_once(setup, tmp_pat
     with pytest.raises(ValueError, match="holds no prompts"):
         (tmp_path / "empty.txt").write_text("# nothing\n")
         list(sample.render(_cfg(root, prompt_file=str(tmp_path / "empty.txt"))))
+
+
+def test_a_stop_signal_ends_sampling_keeping_the_videos_written(setup, tmp_path, monkeypatch):
+    """SIGTERM while the second batch renders stops at once with Stopped (exit status 75), the first
+    batch's video written; one that arrives while a video is being written lets it finish and stops
+    before the next batch."""
+    root, _ = setup
+    calls, real, handler = [], sample.sampling.denoise, signal.getsignal(signal.SIGTERM)
+
+    def denoise_term_at_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(sample.sampling, "denoise", denoise_term_at_second)
+    out = tmp_path / "rendering"
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM after writing 1 video\(s\) to .*rendering; a rerun"):
+        sample.run(_cfg(root, prompt="a cat", num_videos=3, batch_size=1, out_dir=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["a_cat_seed12345.mp4"]
+    assert Stopped.exit_status == 75
+
+    calls.clear()
+    monkeypatch.setattr(sample.sampling, "denoise", lambda *a, **k: calls.append(1) or real(*a, **k))
+    write_one = sample.write_mp4
+    monkeypatch.setattr(sample, "write_mp4", lambda *a, **k: (write_one(*a, **k), os.kill(os.getpid(), signal.SIGTERM)))
+    out = tmp_path / "writing"
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM after writing 1 video\(s\)"):
+        sample.run(_cfg(root, prompt="a cat", num_videos=3, batch_size=1, out_dir=str(out)))
+    assert len(calls) == 1 and sorted(p.name for p in out.iterdir()) == ["a_cat_seed12345.mp4"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's own handler is gone

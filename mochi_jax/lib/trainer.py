@@ -34,9 +34,7 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import string
-import threading
 import time
 from pathlib import Path
 
@@ -56,6 +54,7 @@ from mochi_jax.lib import sweep as sweep_lib
 from mochi_jax.lib import training
 from mochi_jax.lib.cache import Cache, open_datasets
 from mochi_jax.lib.data import make_loader
+from mochi_jax.lib.stopping import Interrupted, Signals, Stopped
 from mochi_jax.lib.validation import Validator, is_validation_row, validation_prompts
 from mochi_jax.models import lora as lora_lib
 from mochi_jax.models import remat as remat_lib
@@ -647,63 +646,6 @@ def save(run: Run, step: int) -> None:
     # orbax writes) is every process's position
     runs.save_checkpoint(run.manager, step, run.state, run.loader.get_state())
     write_loras(run, step)
-
-
-class Interrupted(BaseException):
-    """A stop signal arrived during work a resume redoes anyway (set-up, loading, validation)."""
-
-
-class Signals:
-    """SIGTERM and SIGINT over a whole run (`with Signals() as signals:`): the signal is recorded;
-    in the training loop the step under way ends, is saved, and the run stops (Stopped); while
-    `interruptible` (set-up, loading, a validation, which a resume redoes) it raises Interrupted at
-    once. A second signal while saving takes the default action (SIGINT: KeyboardInterrupt).
-    With several processes nothing is interrupted (each process takes part in the others'
-    collectives): set-up and validations run to their end, and the run stops when any process has
-    a signal (`agreed`), every process at the same point (before the first step, or after a step)."""
-
-    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
-
-    def __init__(self):
-        self.signal, self.old, self.elsewhere = None, {}, None
-        self.interruptible = jax.process_count() == 1
-
-    def _on_signal(self, signum, _frame):
-        # the next one takes Python's default action (SIGINT: KeyboardInterrupt), whatever handler came before
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-        self.signal = signum
-        if self.interruptible:
-            raise Interrupted(signum)
-
-    @property
-    def name(self) -> str:
-        if self.signal is None and self.elsewhere is not None:
-            return f"{self.NAMES.get(self.elsewhere, self.elsewhere)} on another process"
-        return self.NAMES.get(self.signal, str(self.signal))
-
-    def agreed(self) -> bool:
-        """Stop now? This process's signal; with several processes, any process's, so that every one
-        of them stops after the same step (one all-gather of a number per call)."""
-        if jax.process_count() == 1:
-            return self.signal is not None
-        signals = np.asarray(multihost_utils.process_allgather(np.int32(self.signal or 0)))
-        if self.signal is None and signals.any():
-            self.elsewhere = int(signals[np.flatnonzero(signals)[0]])
-        return bool(signals.any())
-
-    def __enter__(self) -> "Signals":
-        if threading.current_thread() is threading.main_thread():  # Python takes signals on the main thread only
-            self.old = {sig: signal.signal(sig, self._on_signal) for sig in self.NAMES}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-class Stopped(Exception):
-    """The run stopped early on a signal, its state saved: rerun the same command to continue."""
-    exit_status = 75  # sysexits' EX_TEMPFAIL: try again
 
 
 class Diverged(FloatingPointError):

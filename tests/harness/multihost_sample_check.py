@@ -3,9 +3,13 @@ two, or one alone for the reference): each process has 2 simulated devices and j
 jax.distributed on localhost; the command's mesh spans every process's devices.
 
     multihost_sample_check.py <sample|evaluate> <process id> <processes> <port> <models> <out dir> [<eval root>]
+
+With TERM_AT=N in the environment, process 1 sends itself SIGTERM as its N-th denoising call starts
+(a stop that reaches one host); a stopped command exits with Stopped's status.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +24,19 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
 
 from mochi_jax import evaluate, sample  # noqa: E402
+from mochi_jax.lib import sampling  # noqa: E402
+from mochi_jax.lib.stopping import Stopped  # noqa: E402
+
+if os.environ.get("TERM_AT") and pid == 1:
+    term_at, calls, denoise_one = int(os.environ["TERM_AT"]), [], sampling.denoise
+
+    def denoise_term(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return denoise_one(*args, **kwargs)
+
+    sampling.denoise = denoise_term
 
 models = Path(models)
 if command == "sample":
@@ -40,5 +57,9 @@ cfg.out_dir = out
 cfg.mesh.update(dict(data=1, fsdp=-1))
 if nproc > 1:
     cfg.distributed.update(dict(enabled=True, coordinator=f"localhost:{port}", num_processes=nproc, process_id=pid))
-(sample.run if command == "sample" else evaluate.run)(cfg)
+try:
+    (sample.run if command == "sample" else evaluate.run)(cfg)
+except Stopped as e:
+    print(f"PROCESS {jax.process_index()}: {e}", flush=True)
+    sys.exit(e.exit_status)
 print(f"PROCESS {jax.process_index()} of {jax.process_count()} with {jax.device_count()} devices: done", flush=True)
