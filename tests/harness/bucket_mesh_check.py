@@ -4,11 +4,11 @@ jax is imported): the trainer on a cache of several latent shapes with global ba
 trainer's log and one RESULT line: the shape of every global batch the loader planned and the step
 metrics."""
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+from simulated import cpu_devices
+
+cpu_devices(4)
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -13,8 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harnesses
 pid, port, demo_root, run_dir, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 term_after = int(sys.argv[6]) if len(sys.argv) > 6 else None
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+
+from simulated import cpu_devices  # noqa: E402
+
+cpu_devices(2)
 
 import jax  # noqa: E402
 

@@ -16,8 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harnesses
 command, pid, nproc, port, models, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], \
     sys.argv[6]
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+
+from simulated import cpu_devices  # noqa: E402
+
+cpu_devices(2)
 
 import jax  # noqa: E402
 

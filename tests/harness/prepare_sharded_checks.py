@@ -5,8 +5,9 @@ line of measurements; the test asserts on them."""
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+from simulated import cpu_devices
+
+cpu_devices(8)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the harnesses
 

@@ -15,13 +15,13 @@ compile-only TPU) must be set before jax is imported, and the helpers it shares 
 Each prints one line, RESULT <json>; the test asserts on it.
 """
 
-import os
 import sys
 
 if __name__ == "__main__":  # before jax is imported
     if sys.argv[1:] == ["mesh"]:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        from simulated import cpu_devices
+
+        cpu_devices(8)
     elif sys.argv[1:] == ["tpu"]:
         from mochi_jax.aot import targets as _targets
 

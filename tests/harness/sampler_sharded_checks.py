@@ -4,11 +4,11 @@ LoRAs) on device meshes against one device, where the weights sit, what the step
 that the fit check's program (`sampler_program`) lowers to what `denoise` runs. Prints one JSON
 line of measurements; the test asserts on them."""
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+from simulated import cpu_devices
+
+cpu_devices(8)
 
 import functools  # noqa: E402
 import json  # noqa: E402

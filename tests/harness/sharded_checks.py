@@ -5,11 +5,11 @@ and a checkpoint restored onto other meshes. Prints one JSON line of measurement
 them. Each distinct step program compiles once (seconds each on the CPU): the memory check and the
 checkpoint reuse the meshes' runs."""
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+from simulated import cpu_devices
+
+cpu_devices(8)
 
 import json  # noqa: E402
 import tempfile  # noqa: E402

@@ -6,8 +6,9 @@ attention='xla' on one device, for the attention op (output and q/k/v gradients)
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+from simulated import cpu_devices
+
+cpu_devices(8)
 
 import json  # noqa: E402
 

@@ -2,11 +2,11 @@
 and targets) on a mesh against one device, and the compiled step's arguments (the base's shards
 once). Prints one JSON line; the test asserts on it."""
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
+from simulated import cpu_devices
+
+cpu_devices(8)
 
 import json  # noqa: E402
 
