@@ -281,8 +281,8 @@ def render_and_score(cfg, inp: Inputs, out_dir: Path, signals: Signals | None = 
                     records += recs
                     thumbs.update(th)
                     continue
-                if signals is not None and signals.agreed():  # every process stops here, before the same batch
-                    raise Interrupted(signals.signal)
+                if signals is not None:
+                    signals.stop_point()  # every process stops here, before the same batch
                 padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
                 n = len(padded)
                 cond = (np.repeat(feats[p:p + 1], n, 0), np.repeat(mask[p:p + 1], n, 0))

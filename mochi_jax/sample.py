@@ -86,8 +86,8 @@ def render(cfg, signals: Signals | None = None):
 
     seeds = [cfg.seed + i for i in range(cfg.num_videos)]
     for batch in jobs_of(len(prompts), seeds, cfg.batch_size):
-        if signals is not None and signals.agreed():
-            raise Interrupted(signals.signal)
+        if signals is not None:
+            signals.stop_point()
         padded = batch + [batch[-1]] * (cfg.batch_size - len(batch))  # one compiled batch shape
         rows = [p for p, _ in padded]
         cond = (feats[rows], mask[rows])

@@ -4,10 +4,10 @@
 Interrupted at once, in work that a rerun redoes anyway; the command then raises Stopped (exit
 status 75: rerun to continue). Where stopping at once would lose work (a training step and its
 checkpoint), or with several processes, where each takes part in the others' collectives and none
-may leave alone, the command asks `signals.agreed()` at the points where it can stop (after a
-training step, between render batches): every process gets the same answer, so all of them stop
-at the same point. A second signal takes Python's default action (SIGINT: KeyboardInterrupt).
-The trainer, `sample` and `evaluate` use it.
+may leave alone, the command asks `signals.agreed()` (or calls `signals.stop_point()`) at the
+points where it can stop (after a training step, before the first one, between render batches):
+every process gets the same answer, so all of them stop at the same point. A second signal takes
+Python's default action (SIGINT: KeyboardInterrupt). The trainer, `sample` and `evaluate` use it.
 """
 
 from __future__ import annotations
@@ -73,6 +73,12 @@ class Signals:
         if self.signal is None and signals.any():
             self.elsewhere = int(signals[np.flatnonzero(signals)[0]])
         return bool(signals.any())
+
+    def stop_point(self) -> None:
+        """A point where the command can stop: raises Interrupted when `agreed()` says stop (with
+        several processes, every one of them raises here together)."""
+        if self.agreed():
+            raise Interrupted(self.signal or self.elsewhere)
 
     def __enter__(self) -> "Signals":
         # Python takes signals on the main thread only. This also replaces the SIGTERM handler that

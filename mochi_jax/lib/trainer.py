@@ -895,15 +895,15 @@ def train(cfg) -> Path:
                     if redo:
                         log(f"step {step}: the validation after this checkpoint did not finish; running it again")
                         validate(run, validator, records, step)
-                    if signals.agreed():  # with several processes, a signal to any of them during set-up
-                        raise Interrupted(signals.signal or signals.elsewhere)
+                    signals.stop_point()  # with several processes, a signal to any of them during set-up
                     run_steps(run, validator, records, signals)
                 finally:
                     records.close()
                     run.manager.close()
                 export(run)
         except Interrupted:
-            raise Stopped(f"stopped by {signals.name} before any new step; rerun the same command to continue") from None
+            raise Stopped(f"stopped by {signals.name} before any new step; "
+                          f"rerun the same command to continue") from None
         except Exception as e:
             failed = as_disk_error(e, run_dir)
             if failed is e:
