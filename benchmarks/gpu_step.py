@@ -45,9 +45,9 @@ and cuDNN attention counts 0: compare with `flop_breakdown(..., as_xla_counts=Tr
 
 Time budget: the runs go in order of importance (37 full, torch 37, the renders, 37 <policy>, 85 full,
 torch 85, ...: --frames gives the order) and each one is first estimated: process start and weight init +
-compile + (warmup + steps) x FLOPs / rate, priors until the first run of a side is measured, then that side's measured overheads and
-rate. A run whose estimate does not fit what is left of --budget is skipped, and one that overruns is killed;
-both are recorded with the reason.
+compile + (warmup + steps) x FLOPs / rate, priors until the first run of a side is measured, then that
+side's measured overheads and rate. A run whose estimate does not fit what is left of --budget is
+skipped, and one that overruns is killed; both are recorded with the reason.
 
 Output: a table on stdout and one JSON file (--out, default benchmarks/results/gpu_step.json, at --size small
 gpu_step_small.json; rewritten after every run, so a killed script still leaves what it measured):
@@ -868,7 +868,8 @@ def report_renders(res: dict):
         return
     st = res["settings"]
     print(f"\nRender: one video, {r['steps']} steps, guidance {r['guidance']} (DiT batch 2), "
-          f"{st['height']}x{st['width']}, {st['text_tokens']} text tokens ({r['prompt_tokens']} valid), tiled VAE decode to frames on the host, "
+          f"{st['height']}x{st['width']}, {st['text_tokens']} text tokens ({r['prompt_tokens']} valid), "
+          f"tiled VAE decode to frames on the host, "
           f"{st['dtype']}, on {res['device'].get('kind', '?')}")
     print(f"  {'frames':>6s} {'side':28s} {'warm-up s':>9s} {'render s':>8s} {'denoise s':>9s} {'s/step':>7s} "
           f"{'decode s':>8s} {'peak GB':>7s} {'TFLOP/s':>8s} {'floor s':>7s}")
